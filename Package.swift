@@ -1,0 +1,106 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "npu-supervisor",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "npu-supervisord", targets: ["npu-supervisord"]),
+        .executable(name: "npu-supervisorctl", targets: ["npu-supervisorctl"]),
+        .executable(name: "npu-worker", targets: ["npu-worker"]),
+        .library(name: "NPUClient", targets: ["NPUClient"]),
+        .library(name: "WorkerKit", targets: ["WorkerKit"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
+    ],
+    targets: [
+        // Tiny C shim: what Glibc's Swift module does not expose (posix_spawn extras, environ, pidfd).
+        .target(name: "CSupport"),
+        // libsystemd (sd_notify, sd_listen_fds, sd_journal_sendv), found with pkg-config.
+        .systemLibrary(
+            name: "CSystemd", pkgConfig: "libsystemd",
+            providers: [.apt(["libsystemd-dev"])]),
+        // Frames and message types shared by the daemon, workers, clients and the CLI.
+        .target(
+            name: "WireProtocol",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: strict),
+        // Pure logic: config model, state machine, restart policy, health aggregation. No syscalls, no clock.
+        .target(name: "SupervisorCore", swiftSettings: strict),
+        .target(
+            name: "SystemdSupport",
+            dependencies: [
+                "CSystemd",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        .target(
+            name: "SupervisorRuntime",
+            dependencies: [
+                "CSupport", "WireProtocol", "SupervisorCore", "SystemdSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "TOMLKit", package: "TOMLKit"),
+            ],
+            swiftSettings: strict),
+        .target(
+            name: "WorkerKit",
+            dependencies: ["WireProtocol", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: strict),
+        .target(
+            name: "NPUClient",
+            dependencies: [
+                "WireProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "npu-supervisord",
+            dependencies: [
+                "SupervisorRuntime", "SupervisorCore", "SystemdSupport",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "npu-supervisorctl",
+            dependencies: [
+                "NPUClient", "WireProtocol", "SupervisorRuntime",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "npu-worker",
+            dependencies: [
+                "WorkerKit", "WireProtocol", "CSupport",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strict),
+        .testTarget(
+            name: "WireProtocolTests",
+            dependencies: [
+                "WireProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
+            ]),
+        .testTarget(
+            name: "SupervisorCoreTests",
+            dependencies: ["SupervisorCore", "SupervisorRuntime"]),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: ["NPUClient", "WireProtocol", "SupervisorCore"]),
+    ]
+)

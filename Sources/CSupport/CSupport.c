@@ -1,0 +1,71 @@
+#define _GNU_SOURCE
+#include "CSupport.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char **environ;
+
+char **npu_environ(void) { return environ; }
+
+int npu_spawn(const char *path, char *const argv[], char *const envp[],
+              int channel_fd, int output_fd, int cgroup_procs_fd, pid_t *pid) {
+    posix_spawn_file_actions_t fa;
+    posix_spawnattr_t attr;
+    int rc = posix_spawn_file_actions_init(&fa);
+    if (rc != 0) return rc;
+    rc = posix_spawnattr_init(&attr);
+    if (rc != 0) { posix_spawn_file_actions_destroy(&fa); return rc; }
+
+    /* Order matters: dup2 onto 0..4 first, then close everything from 5 (or 4) up. dup2 clears
+       FD_CLOEXEC on the target, so fds 3 (and 4) survive exec even though the supervisor opened
+       every descriptor close-on-exec. */
+    if ((rc = posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0)) != 0) goto out;
+    if ((rc = posix_spawn_file_actions_adddup2(&fa, output_fd, 1)) != 0) goto out;
+    if ((rc = posix_spawn_file_actions_adddup2(&fa, output_fd, 2)) != 0) goto out;
+    if ((rc = posix_spawn_file_actions_adddup2(&fa, channel_fd, 3)) != 0) goto out;
+    if (cgroup_procs_fd >= 0) {
+        if ((rc = posix_spawn_file_actions_adddup2(&fa, cgroup_procs_fd, 4)) != 0) goto out;
+        if ((rc = posix_spawn_file_actions_addclosefrom_np(&fa, 5)) != 0) goto out;
+    } else {
+        if ((rc = posix_spawn_file_actions_addclosefrom_np(&fa, 4)) != 0) goto out;
+    }
+
+    /* Dispatch threads block nearly every signal and the runtime ignores SIGPIPE: without these the
+       worker would inherit a mask with SIGTERM blocked and could not be stopped politely. */
+    sigset_t empty, all;
+    sigemptyset(&empty);
+    sigfillset(&all);
+    if ((rc = posix_spawnattr_setsigmask(&attr, &empty)) != 0) goto out;
+    if ((rc = posix_spawnattr_setsigdefault(&attr, &all)) != 0) goto out;
+    if ((rc = posix_spawnattr_setpgroup(&attr, 0)) != 0) goto out;
+    short flags = POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
+    if ((rc = posix_spawnattr_setflags(&attr, flags)) != 0) goto out;
+
+    rc = posix_spawn(pid, path, &fa, &attr, argv, envp);
+out:
+    posix_spawnattr_destroy(&attr);
+    posix_spawn_file_actions_destroy(&fa);
+    return rc;
+}
+
+int npu_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+
+int npu_wifexited(int status) { return WIFEXITED(status); }
+int npu_wexitstatus(int status) { return WEXITSTATUS(status); }
+int npu_wifsignaled(int status) { return WIFSIGNALED(status); }
+int npu_wtermsig(int status) { return WTERMSIG(status); }
+int npu_wcoredump(int status) { return WCOREDUMP(status); }
+
+void npu_crash_segv(void) {
+    signal(SIGSEGV, SIG_DFL);
+    raise(SIGSEGV);
+    _exit(139);
+}

@@ -1,0 +1,31 @@
+#ifndef NPU_CSUPPORT_H
+#define NPU_CSUPPORT_H
+
+#include <sys/types.h>
+
+/// Everything a worker spawn needs, in one call, so that Swift never forks (the daemon is multi-threaded).
+/// The child gets: `channel_fd` as fd 3, /dev/null as stdin, `output_fd` as stdout and stderr, every other fd
+/// closed, its own process group, an empty signal mask and default signal dispositions.
+/// When `cgroup_procs_fd` >= 0 the child is spawned through `trampoline` (argv[0] of the trampoline), which
+/// writes its own pid to that fd (passed as fd 4) before it execs the worker, so the worker runs none of its
+/// own code outside its cgroup. Returns 0 and sets *pid, or an errno value.
+int npu_spawn(const char *path, char *const argv[], char *const envp[],
+              int channel_fd, int output_fd, int cgroup_procs_fd, pid_t *pid);
+
+/// The process environment (`environ`), which Swift 6 does not import safely.
+char **npu_environ(void);
+
+/// pidfd_open(2); -1 and errno on failure.
+int npu_pidfd_open(pid_t pid);
+
+/// Decoders for a waitpid status (the W* macros are not imported into Swift).
+int npu_wifexited(int status);
+int npu_wexitstatus(int status);
+int npu_wifsignaled(int status);
+int npu_wtermsig(int status);
+int npu_wcoredump(int status);
+
+/// Kills this process with SIGSEGV without running any handler (the reference worker's "crash" fault).
+void npu_crash_segv(void);
+
+#endif

@@ -1,0 +1,273 @@
+/// What kind of device a worker is bound to; it chooses the default pinning variable.
+public enum DeviceKind: String, Sendable, Hashable, CaseIterable {
+    case npu, gpu, cpu
+
+    /// The environment variable that pins a process to one device of this kind.
+    public var defaultPinVariable: String? {
+        switch self {
+        case .npu: "ASCEND_RT_VISIBLE_DEVICES"
+        case .gpu: "CUDA_VISIBLE_DEVICES"
+        case .cpu: nil
+        }
+    }
+}
+
+/// How one device's worker is run and supervised. Every key of `[defaults]` can be overridden per `[[device]]`.
+public struct WorkerSpec: Sendable, Hashable {
+    /// The device id (`NPU_DEVICE_ID`, `{device}` in command and env).
+    public var device: String
+    public var kind: DeviceKind
+    /// argv, with `{device}` already substituted. argv[0] without a slash is looked up next to the supervisor's
+    /// own executable, then on PATH.
+    public var command: [String]
+    /// The config's own environment for the worker, `{device}` substituted.
+    public var environment: [String: String]
+    /// The pinning variable (`ASCEND_RT_VISIBLE_DEVICES`, `CUDA_VISIBLE_DEVICES`), nil for none.
+    public var pinVariable: String?
+    public var workingDirectory: String?
+    public var maxInflight: Int
+    public var heartbeatInterval: Duration
+    public var heartbeatTimeout: Duration
+    public var policy: WorkerStateMachine.Policy
+
+    /// The full environment contract of DESIGN 2.1 minus the inherited environment.
+    public var contractEnvironment: [String: String] {
+        var env = environment
+        env["NPU_SUPERVISOR_FD"] = "3"
+        env["NPU_DEVICE_ID"] = device
+        if let pinVariable { env[pinVariable] = device }
+        return env
+    }
+}
+
+/// Request-path settings (`[requests]`).
+public struct RequestSettings: Sendable, Hashable {
+    /// Requests waiting for a worker beyond every worker's `max_inflight`; beyond this, `overloaded`.
+    public var maxQueue: Int = 1024
+    /// Deadline for requests that do not bring their own.
+    public var defaultDeadline: Duration = .seconds(60)
+    /// How many times a request is re-dispatched after its worker died before it streamed anything.
+    public var retries: Int = 1
+    /// Concurrent client connections on requests.sock.
+    public var maxConnections: Int = 1024
+    /// Requests in flight on one connection before the supervisor stops reading from it (back-pressure).
+    public var maxInflightPerConnection: Int = 256
+}
+
+/// The whole validated configuration.
+public struct SupervisorConfiguration: Sendable, Hashable {
+    public var runDirectory: String = "/run/npu-supervisor"
+    public var requestsSocket: String = "/run/npu-supervisor/requests.sock"
+    public var statusSocket: String = "/run/npu-supervisor/status.sock"
+    public var controlSocket: String = "/run/npu-supervisor/control.sock"
+    /// File mode of the three sockets.
+    public var socketMode: UInt32 = 0o660
+    /// Group allowed to use mutating control commands besides root (checked with SO_PEERCRED).
+    public var controlGroup: String?
+    public var maxFrameBytes: Int = 16 * 1024 * 1024
+    /// How long shutdown waits for in-flight requests before it stops the workers anyway.
+    public var shutdownTimeout: Duration = .seconds(30)
+    public var logLevel: String = "info"
+    /// Lines of each worker's output kept for `tail`.
+    public var outputLines: Int = 1000
+    public var requests = RequestSettings()
+    public var workers: [WorkerSpec] = []
+
+    public init() {}
+}
+
+extension SupervisorConfiguration {
+    /// Validates a parsed document.
+    /// - Parameters:
+    ///   - document: the root table.
+    ///   - baseDirectory: relative paths (`run_dir`, sockets) are resolved against it (the config file's folder).
+    /// - Throws: ``ConfigError`` naming the first bad key.
+    public init(parsing document: [String: ConfigValue], baseDirectory: String) throws {
+        self.init()
+        var root = TableReader(path: "", table: document)
+
+        if let t = try root.table("supervisor") {
+            var r = TableReader(path: "supervisor", table: t)
+            if let dir = try r.string("run_dir") { runDirectory = resolve(dir, against: baseDirectory) }
+            else { runDirectory = "/run/npu-supervisor" }
+            requestsSocket = try r.string("requests_socket").map { resolve($0, against: baseDirectory) }
+                ?? runDirectory + "/requests.sock"
+            statusSocket = try r.string("status_socket").map { resolve($0, against: baseDirectory) }
+                ?? runDirectory + "/status.sock"
+            controlSocket = try r.string("control_socket").map { resolve($0, against: baseDirectory) }
+                ?? runDirectory + "/control.sock"
+            if let mode = try r.string("socket_mode") {
+                guard let m = UInt32(mode, radix: 8), m <= 0o777 else {
+                    throw ConfigError(key: "supervisor.socket_mode", value: "\"\(mode)\"",
+                                      expected: "an octal file mode such as \"0660\"")
+                }
+                socketMode = m
+            }
+            controlGroup = try r.string("control_group")
+            maxFrameBytes = try r.bytes("max_frame_bytes", min: 1024) ?? maxFrameBytes
+            guard maxFrameBytes <= Int(UInt32.max) else {
+                throw ConfigError(key: "supervisor.max_frame_bytes", value: "\(maxFrameBytes)",
+                                  expected: "at most 4GiB - 1 (the length field is 32 bits)")
+            }
+            shutdownTimeout = try r.duration("shutdown_timeout") ?? shutdownTimeout
+            if let level = try r.string("log_level") {
+                let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
+                guard levels.contains(level) else {
+                    throw ConfigError(key: "supervisor.log_level", value: "\"\(level)\"",
+                                      expected: "one of " + levels.joined(separator: ", "))
+                }
+                logLevel = level
+            }
+            outputLines = try r.int("output_lines", min: 0, max: 1_000_000) ?? outputLines
+            try r.rejectUnknownKeys()
+        } else {
+            requestsSocket = runDirectory + "/requests.sock"
+            statusSocket = runDirectory + "/status.sock"
+            controlSocket = runDirectory + "/control.sock"
+        }
+
+        if let t = try root.table("requests") {
+            var r = TableReader(path: "requests", table: t)
+            requests.maxQueue = try r.int("max_queue", min: 0) ?? requests.maxQueue
+            requests.defaultDeadline = try r.duration("default_deadline", min: .milliseconds(1))
+                ?? requests.defaultDeadline
+            requests.retries = try r.int("retries", min: 0, max: 100) ?? requests.retries
+            requests.maxConnections = try r.int("max_connections", min: 1) ?? requests.maxConnections
+            requests.maxInflightPerConnection = try r.int("max_inflight_per_connection", min: 1)
+                ?? requests.maxInflightPerConnection
+            try r.rejectUnknownKeys()
+        }
+
+        let defaults = try root.table("defaults") ?? [:]
+        guard let deviceValue = root.raw("device") else {
+            throw ConfigError(key: "device", value: nil,
+                              expected: "missing: at least one [[device]] table with an id is required")
+        }
+        guard case .array(let deviceTables) = deviceValue, !deviceTables.isEmpty else {
+            throw ConfigError(key: "device", value: deviceValue.description,
+                              expected: "one or more [[device]] tables")
+        }
+        var seen: Set<String> = []
+        for (index, item) in deviceTables.enumerated() {
+            guard case .table(let t) = item else {
+                throw ConfigError(key: "device[\(index)]", value: item.description, expected: "a table")
+            }
+            let spec = try WorkerSpec(index: index, device: t, defaults: defaults, baseDirectory: baseDirectory)
+            guard seen.insert(spec.device).inserted else {
+                throw ConfigError(key: "device[\(index)].id", value: "\"\(spec.device)\"",
+                                  expected: "an id not used by another device")
+            }
+            workers.append(spec)
+        }
+        try root.rejectUnknownKeys()
+    }
+}
+
+extension WorkerSpec {
+    static let keys: Set<String> = [
+        "kind", "command", "env", "pin_env", "working_directory", "max_inflight", "heartbeat_interval",
+        "heartbeat_timeout", "restart", "backoff_initial", "backoff_max", "backoff_multiplier", "backoff_jitter",
+        "backoff_reset_after", "restart_limit", "restart_window", "failed_retry_interval", "start_timeout",
+        "stop_timeout",
+    ]
+
+    init(index: Int, device: [String: ConfigValue], defaults: [String: ConfigValue], baseDirectory: String) throws {
+        var idReader = TableReader(path: "device[\(index)]", table: device)
+        guard let id = try idReader.string("id"), !id.isEmpty else {
+            throw ConfigError(key: "device[\(index)].id", value: nil, expected: "missing: every device needs an id")
+        }
+        guard id.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." }) else {
+            throw ConfigError(key: "device[\(index)].id", value: "\"\(id)\"",
+                              expected: "letters, digits, '-', '_' or '.' only")
+        }
+        for key in device.keys where key != "id" && !Self.keys.contains(key) {
+            throw ConfigError(key: "device[\(index)].\(key)", value: nil, expected: "unknown key (misspelt?)")
+        }
+        for key in defaults.keys where !Self.keys.contains(key) {
+            throw ConfigError(key: "defaults.\(key)", value: nil, expected: "unknown key (misspelt?)")
+        }
+        // Per-device values win over [defaults]; errors name where the value came from.
+        var merged = defaults
+        for (k, v) in device where k != "id" { merged[k] = v }
+        let path = "device[\(index)]"
+        var r = TableReader(path: path, table: merged)
+        func located(_ e: ConfigError) -> ConfigError {
+            let key = String(e.key.dropFirst(path.count + 1))
+            guard device[key.split(separator: ".").first.map(String.init) ?? key] == nil else { return e }
+            return ConfigError(key: "defaults." + key, value: e.value, expected: e.expected)
+        }
+        do {
+            let kindName = try r.string("kind") ?? "npu"
+            guard let kind = DeviceKind(rawValue: kindName) else {
+                throw ConfigError(key: "\(path).kind", value: "\"\(kindName)\"", expected: "one of npu, gpu, cpu")
+            }
+            let substitute = { (s: String) in s.replacing("{device}", with: id) }
+            guard let command = try r.stringArray("command"), !command.isEmpty, !command[0].isEmpty else {
+                throw ConfigError(key: "\(path).command", value: nil,
+                                  expected: "missing: the worker's argv, e.g. [\"npu-worker\", \"--device\", \"{device}\"]")
+            }
+            let env = (try r.stringTable("env") ?? [:]).mapValues(substitute)
+            for name in env.keys {
+                let reserved = ["NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC",
+                                "WATCHDOG_PID", "NPU_SUPERVISOR_FD", "NPU_DEVICE_ID"]
+                if reserved.contains(name) {
+                    throw ConfigError(key: "\(path).env.\(name)", value: nil,
+                                      expected: "not settable: the supervisor owns this variable")
+                }
+            }
+            var pin = kind.defaultPinVariable
+            if let p = try r.string("pin_env") { pin = p.isEmpty ? nil : p }
+            let policy = WorkerStateMachine.Policy(
+                restart: try r.string("restart").map { name in
+                    guard let p = RestartPolicy(rawValue: name) else {
+                        throw ConfigError(key: "\(path).restart", value: "\"\(name)\"",
+                                          expected: "one of always, on-failure, never")
+                    }
+                    return p
+                } ?? .always,
+                backoff: Backoff(
+                    initial: try r.duration("backoff_initial", min: .milliseconds(10)) ?? .seconds(1),
+                    maximum: try r.duration("backoff_max", min: .milliseconds(10)) ?? .seconds(30),
+                    multiplier: try r.double("backoff_multiplier", min: 1, max: 10) ?? 2,
+                    jitter: try r.double("backoff_jitter", min: 0, max: 1) ?? 0.1),
+                backoffResetAfter: try r.duration("backoff_reset_after") ?? .seconds(60),
+                maxRestarts: try r.int("restart_limit", min: 1) ?? 5,
+                restartWindow: try r.duration("restart_window", min: .milliseconds(1)) ?? .seconds(60),
+                failedRetryInterval: try r.duration("failed_retry_interval", min: .seconds(1)) ?? .seconds(300),
+                startTimeout: try r.duration("start_timeout", min: .milliseconds(100)) ?? .seconds(300),
+                stopTimeout: try r.duration("stop_timeout", min: .milliseconds(10)) ?? .seconds(15))
+            let heartbeatInterval = try r.duration("heartbeat_interval", min: .milliseconds(10)) ?? .seconds(1)
+            let heartbeatTimeout = try r.duration("heartbeat_timeout", min: .milliseconds(10)) ?? .seconds(10)
+            guard heartbeatTimeout > heartbeatInterval else {
+                throw ConfigError(key: "\(path).heartbeat_timeout", value: heartbeatTimeout.configString,
+                                  expected: "longer than heartbeat_interval (\(heartbeatInterval.configString))")
+            }
+            guard policy.backoff.maximum >= policy.backoff.initial else {
+                throw ConfigError(key: "\(path).backoff_max", value: policy.backoff.maximum.configString,
+                                  expected: "at least backoff_initial (\(policy.backoff.initial.configString))")
+            }
+            self.init(
+                device: id, kind: kind, command: command.map(substitute), environment: env, pinVariable: pin,
+                workingDirectory: try r.string("working_directory").map { resolve(substitute($0), against: baseDirectory) },
+                maxInflight: try r.int("max_inflight", min: 1, max: 100_000) ?? 4,
+                heartbeatInterval: heartbeatInterval, heartbeatTimeout: heartbeatTimeout, policy: policy)
+        } catch let e as ConfigError {
+            throw located(e)
+        }
+    }
+}
+
+/// `path` if absolute, else `base/path` (with `./` segments removed).
+public func resolve(_ path: String, against base: String) -> String {
+    if path.hasPrefix("/") { return path }
+    var parts = base.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
+    for part in path.split(separator: "/", omittingEmptySubsequences: true) {
+        switch part {
+        case ".": continue
+        case "..": if !parts.isEmpty { parts.removeLast() }
+        default: parts.append(String(part))
+        }
+    }
+    return "/" + parts.joined(separator: "/")
+}
+

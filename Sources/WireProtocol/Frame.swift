@@ -1,0 +1,72 @@
+import NIOCore
+
+/// One protocol frame. On the wire (all integers big-endian):
+///
+/// ```
+///  0                   1                   2                   3
+///  0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+/// +---------------------------------------------------------------+
+/// |                        length N (u32)                         |
+/// +---------------+---------------+-------------------------------+
+/// |   type (u8)   |  flags (u8)   |                               |
+/// +---------------+---------------+                               +
+/// |                       request id (u64)                        |
+/// +                               +-------------------------------+
+/// |                               |  payload (N - 10 bytes) ...   |
+/// +-------------------------------+-------------------------------+
+/// ```
+/// `N` counts everything after the length field, so it is at least ``Frame/headerLength`` (10).
+public struct Frame: Sendable, Equatable {
+    /// Bytes after the length field that every frame carries: type, flags and request id.
+    public static let headerLength = 10
+    /// Default upper bound on `N` (16 MiB), `max_frame_bytes` in the config.
+    public static let defaultMaximumLength = 16 * 1024 * 1024
+
+    public var type: MessageType
+    public var flags: FrameFlags
+    public var requestID: UInt64
+    public var payload: ByteBuffer
+
+    public init(type: MessageType, flags: FrameFlags = [], requestID: UInt64 = 0, payload: ByteBuffer = ByteBuffer()) {
+        self.type = type
+        self.flags = flags
+        self.requestID = requestID
+        self.payload = payload
+    }
+
+    /// Convenience for tests and tools: a frame whose payload is the UTF-8 of `string`.
+    public init(type: MessageType, flags: FrameFlags = [], requestID: UInt64 = 0, string: String) {
+        self.init(type: type, flags: flags, requestID: requestID, payload: ByteBuffer(string: string))
+    }
+
+    /// The payload as a UTF-8 string (lossy for invalid UTF-8).
+    public var payloadString: String { String(buffer: payload) }
+
+    /// Appends the encoded frame to `buffer`.
+    public func write(to buffer: inout ByteBuffer) {
+        buffer.reserveCapacity(minimumWritableBytes: 4 + Self.headerLength + payload.readableBytes)
+        buffer.writeInteger(UInt32(Self.headerLength + payload.readableBytes))
+        buffer.writeInteger(type.rawValue)
+        buffer.writeInteger(flags.rawValue)
+        buffer.writeInteger(requestID)
+        var payload = payload
+        buffer.writeBuffer(&payload)
+    }
+
+    /// The encoded frame in a new buffer.
+    public func encoded(allocator: ByteBufferAllocator = ByteBufferAllocator()) -> ByteBuffer {
+        var buffer = allocator.buffer(capacity: 4 + Self.headerLength + payload.readableBytes)
+        write(to: &buffer)
+        return buffer
+    }
+}
+
+/// Per-frame flag bits. Unknown bits are ignored by receivers (reserved for later versions).
+public struct FrameFlags: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+
+    /// On a `request` from a client: the payload starts with a u16 length L and L bytes of JSON request
+    /// options (`deadline_ms`, `device`), followed by the opaque inference payload.
+    public static let hasOptions = FrameFlags(rawValue: 1 << 0)
+}
