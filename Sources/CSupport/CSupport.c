@@ -7,6 +7,7 @@
 #include <spawn.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -49,7 +50,7 @@ int npu_spawn(const char *path, char *const argv[], char *const envp[],
     short flags = POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
     if ((rc = posix_spawnattr_setflags(&attr, flags)) != 0) goto out;
 
-    rc = posix_spawn(pid, path, &fa, &attr, argv, envp);
+    rc = posix_spawnp(pid, path, &fa, &attr, argv, envp);
 out:
     posix_spawnattr_destroy(&attr);
     posix_spawn_file_actions_destroy(&fa);
@@ -68,4 +69,16 @@ void npu_crash_segv(void) {
     signal(SIGSEGV, SIG_DFL);
     raise(SIGSEGV);
     _exit(139);
+}
+
+int npu_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+
+int npu_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid) {
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return -1;
+    *pid = cred.pid;
+    *uid = cred.uid;
+    *gid = cred.gid;
+    return 0;
 }

@@ -70,6 +70,8 @@ public struct SupervisorConfiguration: Sendable, Hashable {
     public var logLevel: String = "info"
     /// Lines of each worker's output kept for `tail`.
     public var outputLines: Int = 1000
+    /// Workers that must be ready for the supervisor to count as able to serve (`/readyz`, READY=1).
+    public var minReady: Int = 1
     public var requests = RequestSettings()
     public var workers: [WorkerSpec] = []
 
@@ -119,6 +121,7 @@ extension SupervisorConfiguration {
                 logLevel = level
             }
             outputLines = try r.int("output_lines", min: 0, max: 1_000_000) ?? outputLines
+            minReady = try r.int("min_ready", min: 1) ?? minReady
             try r.rejectUnknownKeys()
         } else {
             requestsSocket = runDirectory + "/requests.sock"

@@ -10,7 +10,7 @@ import NIOCore
 public enum JSONCoding {
     public static func encode<T: Encodable>(_ value: T, pretty: Bool = false) -> ByteBuffer {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = pretty ? [.sortedKeys, .prettyPrinted] : [.sortedKeys]
+        encoder.outputFormatting = pretty ? [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes] : [.sortedKeys, .withoutEscapingSlashes]
         // Encoding our own Codable structs cannot fail (no floats that are NaN, no non-string keys).
         let data = try! encoder.encode(value)
         return ByteBuffer(bytes: data)

@@ -28,4 +28,10 @@ int npu_wcoredump(int status);
 /// Kills this process with SIGSEGV without running any handler (the reference worker's "crash" fault).
 void npu_crash_segv(void);
 
+/// pipe2(fds, O_CLOEXEC).
+int npu_pipe_cloexec(int fds[2]);
+
+/// SO_PEERCRED of a connected Unix socket. Returns 0 or -1 with errno.
+int npu_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
+
 #endif

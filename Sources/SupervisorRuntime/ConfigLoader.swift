@@ -1,0 +1,120 @@
+import Glibc
+import SupervisorCore
+import TOMLKit
+
+/// Reads a TOML config file into a validated ``SupervisorConfiguration``.
+public enum ConfigLoader {
+    /// - Throws: ``ConfigError`` (bad key or value, unreadable file, TOML syntax error with line and column).
+    public static func load(path: String) throws -> SupervisorConfiguration {
+        let text: String
+        do {
+            text = try readFile(path)
+        } catch {
+            throw ConfigError(key: "(file)", value: "\"\(path)\"", expected: "a readable file: \(error)")
+        }
+        return try parse(text, path: path)
+    }
+
+    /// Parses config text; `path` names the file in errors and gives the base for relative paths.
+    public static func parse(_ text: String, path: String) throws -> SupervisorConfiguration {
+        let table: TOMLTable
+        do {
+            table = try TOMLTable(string: text)
+        } catch let error as TOMLParseError {
+            throw ConfigError(key: "(syntax)", value: nil,
+                              expected: "valid TOML: \(error.description) at \(path):\(error.source.begin.line):"
+                                  + "\(error.source.begin.column)")
+        }
+        let absolute = path.hasPrefix("/") ? path : resolve(path, against: currentDirectory())
+        let base = String(absolute[..<(absolute.lastIndex(of: "/") ?? absolute.startIndex)])
+        var config = try SupervisorConfiguration(parsing: convert(table), baseDirectory: base.isEmpty ? "/" : base)
+        for index in config.workers.indices {
+            config.workers[index].command[0] = try resolveExecutable(
+                config.workers[index].command[0], key: "device[\(index)].command[0]", base: base)
+        }
+        return config
+    }
+
+    static func convert(_ table: TOMLTable) -> [String: ConfigValue] {
+        var out: [String: ConfigValue] = [:]
+        for (key, value) in table { out[key] = convert(value) }
+        return out
+    }
+
+    static func convert(_ value: any TOMLValueConvertible) -> ConfigValue {
+        switch value.type {
+        case .table: return .table(convert(value.table!))
+        case .array: return .array(value.array!.map { convert($0) })
+        case .int: return .integer(value.int!)
+        case .double: return .double(value.double!)
+        case .bool: return .bool(value.bool!)
+        case .string: return .string(value.string!)
+        default: return .string(String(describing: value))
+        }
+    }
+
+    /// argv[0] without a slash: next to this executable first (so a build tree or an install prefix finds its
+    /// own `npu-worker`), then PATH. With a slash: relative to the config file.
+    static func resolveExecutable(_ name: String, key: String, base: String) throws -> String {
+        if name.contains("/") {
+            let path = resolve(name, against: base)
+            guard access(path, X_OK) == 0 else {
+                throw ConfigError(key: key, value: "\"\(name)\"", expected: "an executable file (\(path) is not one)")
+            }
+            return path
+        }
+        var candidates: [String] = []
+        if let exe = ownExecutableDirectory() { candidates.append(exe + "/" + name) }
+        let pathVar = getenv("PATH").map { String(cString: $0) } ?? "/usr/local/bin:/usr/bin:/bin"
+        candidates += pathVar.split(separator: ":").map { "\($0)/\(name)" }
+        for candidate in candidates where access(candidate, X_OK) == 0 {
+            return candidate
+        }
+        throw ConfigError(key: key, value: "\"\(name)\"",
+                          expected: "a program found next to npu-supervisord or on PATH (\(pathVar))")
+    }
+}
+
+func readFile(_ path: String) throws -> String {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { throw SystemError(call: "open \(path)", errno: errno) }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n < 0 {
+            if errno == EINTR { continue }
+            throw SystemError(call: "read \(path)", errno: errno)
+        }
+        if n == 0 { break }
+        bytes += chunk[0..<n]
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
+
+func currentDirectory() -> String {
+    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+    guard getcwd(&buffer, buffer.count) != nil else { return "/" }
+    return String(cString: buffer)
+}
+
+/// The folder holding the running executable (`/proc/self/exe`).
+public func ownExecutableDirectory() -> String? {
+    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+    let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    guard n > 0 else { return nil }
+    let path = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    return String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
+}
+
+/// A failed system call, with its errno.
+public struct SystemError: Error, CustomStringConvertible, Sendable {
+    public var call: String
+    public var errno: Int32
+    public init(call: String, errno: Int32) {
+        self.call = call
+        self.errno = errno
+    }
+    public var description: String { "\(call): \(String(cString: strerror(errno))) (errno \(errno))" }
+}

@@ -1,0 +1,54 @@
+import SupervisorCore
+
+/// Prints the effective configuration (defaults filled in, paths resolved, `{device}` substituted) as TOML,
+/// for `npu-supervisord --check-config`.
+public enum ConfigRenderer {
+    public static func render(_ c: SupervisorConfiguration) -> String {
+        var out = "# effective configuration\n[supervisor]\n"
+        out += "run_dir = \(q(c.runDirectory))\n"
+        out += "requests_socket = \(q(c.requestsSocket))\nstatus_socket = \(q(c.statusSocket))\n"
+        out += "control_socket = \(q(c.controlSocket))\n"
+        out += "socket_mode = \"0\(String(c.socketMode, radix: 8))\"\n"
+        if let g = c.controlGroup { out += "control_group = \(q(g))\n" }
+        out += "max_frame_bytes = \(c.maxFrameBytes)\nshutdown_timeout = \(q(c.shutdownTimeout.configString))\n"
+        out += "log_level = \(q(c.logLevel))\noutput_lines = \(c.outputLines)\nmin_ready = \(c.minReady)\n"
+        out += "\n[requests]\nmax_queue = \(c.requests.maxQueue)\n"
+        out += "default_deadline = \(q(c.requests.defaultDeadline.configString))\nretries = \(c.requests.retries)\n"
+        out += "max_connections = \(c.requests.maxConnections)\n"
+        out += "max_inflight_per_connection = \(c.requests.maxInflightPerConnection)\n"
+        for w in c.workers {
+            let p = w.policy
+            out += "\n[[device]]\nid = \(q(w.device))\nkind = \(q(w.kind.rawValue))\n"
+            out += "command = [" + w.command.map(q).joined(separator: ", ") + "]\n"
+            out += "env = {" + w.environment.sorted { $0.key < $1.key }.map { " \($0.key) = \(q($0.value))" }
+                .joined(separator: ",") + " }\n"
+            out += "pin_env = \(q(w.pinVariable ?? ""))\n"
+            if let wd = w.workingDirectory { out += "working_directory = \(q(wd))\n" }
+            out += "max_inflight = \(w.maxInflight)\n"
+            out += "heartbeat_interval = \(q(w.heartbeatInterval.configString))\n"
+            out += "heartbeat_timeout = \(q(w.heartbeatTimeout.configString))\n"
+            out += "restart = \(q(p.restart.rawValue))\n"
+            out += "backoff_initial = \(q(p.backoff.initial.configString))\n"
+            out += "backoff_max = \(q(p.backoff.maximum.configString))\n"
+            out += "backoff_multiplier = \(p.backoff.multiplier)\nbackoff_jitter = \(p.backoff.jitter)\n"
+            out += "backoff_reset_after = \(q(p.backoffResetAfter.configString))\n"
+            out += "restart_limit = \(p.maxRestarts)\nrestart_window = \(q(p.restartWindow.configString))\n"
+            out += "failed_retry_interval = \(q(p.failedRetryInterval.configString))\n"
+            out += "start_timeout = \(q(p.startTimeout.configString))\nstop_timeout = \(q(p.stopTimeout.configString))\n"
+        }
+        return out
+    }
+
+    static func q(_ s: String) -> String {
+        var out = "\""
+        for c in s.unicodeScalars {
+            switch c {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            default: out.unicodeScalars.append(c)
+            }
+        }
+        return out + "\""
+    }
+}

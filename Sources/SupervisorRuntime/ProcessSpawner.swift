@@ -1,0 +1,104 @@
+import CSupport
+import Glibc
+import SupervisorCore
+
+/// A freshly spawned worker: its pid and the supervisor's ends of its two descriptors.
+struct SpawnedWorker {
+    var pid: pid_t
+    /// The supervisor's end of the socketpair whose other end is the worker's fd 3.
+    var channelFD: CInt
+    /// The read end of the pipe that carries the worker's stdout and stderr.
+    var outputFD: CInt
+    /// A pidfd for the worker (readable once it exits), or -1 where the kernel has none.
+    var pidFD: CInt
+}
+
+/// Starts worker processes with `posix_spawn` (never fork: the daemon is multi-threaded).
+enum ProcessSpawner {
+    /// Variables that belong to the supervisor's own supervisor (systemd) and must never reach a worker.
+    static let scrubbed: Set<String> = [
+        "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID",
+    ]
+
+    /// The worker's environment: the supervisor's own minus the systemd variables, plus the config's `env`,
+    /// plus the contract variables (which win).
+    static func environment(for spec: WorkerSpec) -> [String] {
+        var env: [String: String] = [:]
+        var order: [String] = []
+        if let environ = npu_environ() {
+            var index = 0
+            while let entry = environ[index] {
+                let pair = String(cString: entry)
+                index += 1
+                guard let eq = pair.firstIndex(of: "=") else { continue }
+                let name = String(pair[..<eq])
+                if scrubbed.contains(name) { continue }
+                if env[name] == nil { order.append(name) }
+                env[name] = String(pair[pair.index(after: eq)...])
+            }
+        }
+        for (name, value) in spec.contractEnvironment.sorted(by: { $0.key < $1.key }) {
+            if env[name] == nil { order.append(name) }
+            env[name] = value
+        }
+        return order.map { "\($0)=\(env[$0]!)" }
+    }
+
+    /// - Throws: ``SystemError`` with the errno of the failing call (socketpair, pipe, posix_spawn).
+    static func spawn(_ spec: WorkerSpec, cgroupProcsFD: CInt = -1) throws -> SpawnedWorker {
+        var pair: [CInt] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+            throw SystemError(call: "socketpair", errno: errno)
+        }
+        var pipeFDs: [CInt] = [-1, -1]
+        guard npu_pipe_cloexec(&pipeFDs) == 0 else {
+            let e = errno
+            close(pair[0]); close(pair[1])
+            throw SystemError(call: "pipe2", errno: e)
+        }
+        let argv = spec.command
+        let env = environment(for: spec)
+        var pid: pid_t = 0
+        let rc = withCStrings(argv) { cArgv in
+            withCStrings(env) { cEnv in
+                npu_spawn(argv[0], cArgv, cEnv, pair[1], pipeFDs[1], cgroupProcsFD, &pid)
+            }
+        }
+        // The child has its copies (or there is no child): close ours of the child's ends in both cases.
+        close(pair[1])
+        close(pipeFDs[1])
+        guard rc == 0 else {
+            close(pair[0]); close(pipeFDs[0])
+            throw SystemError(call: "posix_spawn \(argv[0])", errno: rc)
+        }
+        let pidFD = npu_pidfd_open(pid)
+        if pidFD >= 0 { _ = fcntl(pidFD, F_SETFD, FD_CLOEXEC) }
+        return SpawnedWorker(pid: pid, channelFD: pair[0], outputFD: pipeFDs[0], pidFD: pidFD)
+    }
+
+    /// Reaps `pid` if it has exited. Returns the exit reason, or nil while it still runs.
+    static func reap(_ pid: pid_t) -> ExitReason? {
+        var status: Int32 = 0
+        while true {
+            let r = waitpid(pid, &status, WNOHANG)
+            if r == pid { break }
+            if r == 0 { return nil }
+            if r < 0 && errno == EINTR { continue }
+            // ECHILD: already reaped elsewhere; report it as gone with an unknown code.
+            return .exited(code: -1)
+        }
+        if npu_wifexited(status) != 0 { return .exited(code: npu_wexitstatus(status)) }
+        if npu_wifsignaled(status) != 0 {
+            return .signaled(signal: npu_wtermsig(status), coreDumped: npu_wcoredump(status) != 0)
+        }
+        return .exited(code: -1)
+    }
+}
+
+/// Calls `body` with a NULL-terminated array of C strings that lives for the duration of the call.
+func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> R) -> R {
+    var pointers: [UnsafeMutablePointer<CChar>?] = strings.map { strdup($0) }
+    pointers.append(nil)
+    defer { for p in pointers { free(p) } }
+    return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
+}

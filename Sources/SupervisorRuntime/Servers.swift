@@ -1,0 +1,105 @@
+import Glibc
+import Logging
+import NIOCore
+import NIOPosix
+import SupervisorCore
+import SystemdSupport
+import WireProtocol
+
+extension Supervisor {
+    /// Binds requests.sock, status.sock and control.sock (or adopts them from systemd socket activation).
+    func bindServers() -> EventLoopFuture<Void> {
+        let maxFrame = config.maxFrameBytes
+        let requests = bind(path: config.requestsSocket, name: "requests") { channel in
+            try channel.pipeline.syncOperations.addHandlers([
+                ByteToMessageHandler(FrameDecoder(maximumFrameLength: maxFrame)),
+                MessageToByteHandler(FrameEncoder()),
+                ClientHandler(supervisor: self),
+            ])
+        }
+        let status = bind(path: config.statusSocket, name: "status") { channel in
+            try channel.pipeline.syncOperations.addHandler(StatusHandler(supervisor: self))
+        }
+        let control = bind(path: config.controlSocket, name: "control") { channel in
+            try channel.pipeline.syncOperations.addHandlers([
+                ByteToMessageHandler(FrameDecoder(maximumFrameLength: maxFrame)),
+                MessageToByteHandler(FrameEncoder()),
+                ControlHandler(supervisor: self),
+            ])
+        }
+        return requests.and(status).and(control).map { all in
+            let ((r, s), c) = all
+            self.servers = [r, s, c]
+        }
+    }
+
+    func bind(path: String, name: String,
+              initialize: @escaping @Sendable (any Channel) throws -> Void) -> EventLoopFuture<any Channel> {
+        let bootstrap = ServerBootstrap(group: eventLoop)
+            .serverChannelOption(ChannelOptions.backlog, value: 256)
+            .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: false)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try initialize(channel) }
+            }
+        if let fd = ListenFDs.shared.take(name: name) {
+            logger.info("using \(name) socket passed by systemd (fd \(fd))")
+            return bootstrap.withBoundSocket(fd)
+        }
+        // The instance lock is held, so a socket file here is a stale one from a crashed run.
+        return bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).flatMapThrowing {
+            channel in
+            guard chmod(path, mode_t(self.config.socketMode)) == 0 else {
+                throw SystemError(call: "chmod \(path)", errno: errno)
+            }
+            if let group = self.config.controlGroup, let gid = groupID(named: group) {
+                _ = chown(path, uid_t.max, gid)
+            }
+            return channel
+        }
+    }
+}
+
+/// status.sock: one JSON document per connection, then close. `socat - UNIX-CONNECT:status.sock` reads it.
+final class StatusHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    let supervisor: Supervisor
+
+    init(supervisor: Supervisor) { self.supervisor = supervisor }
+
+    func channelActive(context: ChannelHandlerContext) {
+        var buffer = JSONCoding.encode(supervisor.statusDocument(), pretty: true)
+        buffer.writeString("\n")
+        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in context.close(promise: nil) }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+}
+
+/// A connection's peer credentials (SO_PEERCRED).
+struct PeerCredentials {
+    var pid: pid_t
+    var uid: uid_t
+    var gid: gid_t
+}
+
+func groupID(named name: String) -> gid_t? {
+    if let g = getgrnam(name) { return g.pointee.gr_gid }
+    return gid_t(name)
+}
+
+/// Reads the peer's credentials (SO_PEERCRED) through NIO's socket option access.
+func peerCredentials(of channel: any Channel, _ body: @escaping (PeerCredentials?) -> Void) {
+    guard let provider = channel as? any SocketOptionProvider else { return body(nil) }
+    // ucred is not imported by Glibc's module map; read it as raw bytes of the same layout (pid, uid, gid).
+    let future: EventLoopFuture<(Int32, UInt32, UInt32)> = provider.unsafeGetSocketOption(
+        level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED))
+    future.whenComplete { result in
+        switch result {
+        case .success(let cred): body(PeerCredentials(pid: cred.0, uid: cred.1, gid: cred.2))
+        case .failure: body(nil)
+        }
+    }
+}

@@ -1,0 +1,161 @@
+import Glibc
+import Logging
+import NIOCore
+import SupervisorCore
+import WireProtocol
+
+extension Supervisor {
+    static let mutatingCommands: Set<String> = ["start", "stop", "restart", "shutdown"]
+
+    /// Whether the peer may change things: root, the daemon's own user, or a member of `control_group`.
+    func isAllowedToMutate(_ peer: PeerCredentials?) -> Bool {
+        guard let peer else { return false }
+        if peer.uid == 0 || peer.uid == geteuid() { return true }
+        guard let name = config.controlGroup, let gid = groupID(named: name) else { return false }
+        if peer.gid == gid { return true }
+        guard let pw = getpwuid(peer.uid), let group = getgrgid(gid), var members = group.pointee.gr_mem else {
+            return false
+        }
+        let user = String(cString: pw.pointee.pw_name)
+        while let member = members.pointee {
+            if String(cString: member) == user { return true }
+            members += 1
+        }
+        return false
+    }
+
+    /// Selects slots by device id; `all` (or nothing, where allowed) means every slot.
+    func selectSlots(_ devices: [String]?, allowEmpty: Bool) throws -> [WorkerSlot] {
+        let devices = devices ?? []
+        if devices.isEmpty {
+            guard allowEmpty else { throw SupervisorError("name one or more devices, or all") }
+            return slots
+        }
+        if devices == ["all"] { return slots }
+        return try devices.map { device in
+            guard let slot = slots.first(where: { $0.spec.device == device }) else {
+                throw SupervisorError("unknown device '\(device)'; configured: "
+                    + slots.map(\.spec.device).joined(separator: ", "))
+            }
+            return slot
+        }
+    }
+
+    /// Runs one control command and answers on `channel` under `requestID`.
+    func control(_ command: ControlCommand, requestID: UInt64, peer: PeerCredentials?, channel: any Channel) {
+        func answer(_ frame: Frame) { channel.writeAndFlush(frame, promise: nil) }
+        func fail(_ code: String, _ message: String) {
+            answer(.error(requestID: requestID, code: code, message: message))
+        }
+        if Self.mutatingCommands.contains(command.command) && !isAllowedToMutate(peer) {
+            fail(ErrorCode.permissionDenied,
+                 "'\(command.command)' needs root, the daemon's user or membership of control_group"
+                    + (config.controlGroup.map { " (\($0))" } ?? " (none configured)"))
+            return
+        }
+        do {
+            let now = Self.now()
+            switch command.command {
+            case "status", "health":
+                let document = statusDocument(devices: command.command == "status" ? command.devices : nil)
+                if let devices = command.devices, command.command == "status", !devices.isEmpty, devices != ["all"] {
+                    _ = try selectSlots(devices, allowEmpty: true)
+                }
+                answer(Frame(type: .response, requestID: requestID, payload: JSONCoding.encode(document)))
+            case "pid":
+                var pid: Int32? = getpid()
+                if let devices = command.devices, !devices.isEmpty {
+                    pid = try selectSlots(devices, allowEmpty: false).first?.machine.pid.flatMap { $0 > 0 ? $0 : nil }
+                }
+                answer(Frame(type: .response, requestID: requestID, payload: JSONCoding.encode(PidResult(pid: pid))))
+            case "start", "stop", "restart":
+                let selected = try selectSlots(command.devices, allowEmpty: false)
+                guard !isShuttingDown else { throw SupervisorError("the supervisor is shutting down") }
+                for slot in selected {
+                    logger.notice("\(command.command) requested by uid \(peer?.uid ?? 0)", metadata: slot.metadata())
+                    let action: WorkerStateMachine.Action?
+                    switch command.command {
+                    case "start": action = slot.machine.start(now: now)
+                    case "stop": action = slot.machine.stop(now: now)
+                    default: action = slot.machine.restart(now: now)
+                    }
+                    perform(action, on: slot)
+                }
+                let devices = selected.map(\.spec.device)
+                let result = ControlResult(ok: true, message: "\(command.command): \(devices.joined(separator: ", "))",
+                                           devices: devices)
+                answer(Frame(type: .response, requestID: requestID, payload: JSONCoding.encode(result)))
+            case "tail":
+                guard let slot = try selectSlots(command.devices, allowEmpty: false).first,
+                      command.devices?.count == 1, command.devices != ["all"]
+                else { throw SupervisorError("tail takes exactly one device") }
+                let lines = slot.output.last(command.lines ?? 50)
+                if command.follow == true {
+                    for line in lines { channel.write(Frame(type: .chunk, requestID: requestID, string: line), promise: nil) }
+                    channel.flush()
+                    outputFollowers[ObjectIdentifier(channel)] = OutputFollower(
+                        device: slot.spec.device, requestID: requestID, channel: channel)
+                } else {
+                    answer(Frame(type: .response, requestID: requestID,
+                                 payload: JSONCoding.encode(TailResult(device: slot.spec.device, lines: lines))))
+                }
+            case "shutdown":
+                let result = ControlResult(ok: true, message: "shutting down", devices: slots.map(\.spec.device))
+                answer(Frame(type: .response, requestID: requestID, payload: JSONCoding.encode(result)))
+                shutdown(reason: "shutdown requested by uid \(peer?.uid ?? 0)")
+            default:
+                fail(ErrorCode.badRequest, "unknown command '\(command.command)'; known: status, health, pid, "
+                    + "start, stop, restart, tail, shutdown")
+            }
+        } catch {
+            fail(ErrorCode.badRequest, "\(error)")
+        }
+    }
+}
+
+/// control.sock: `request` frames carrying a JSON ``ControlCommand``; answers are `response` (JSON) or `error`.
+final class ControlHandler: ChannelInboundHandler {
+    typealias InboundIn = Frame
+    let supervisor: Supervisor
+    var peer: PeerCredentials?
+
+    init(supervisor: Supervisor) { self.supervisor = supervisor }
+
+    func channelActive(context: ChannelHandlerContext) {
+        peerCredentials(of: context.channel) { self.peer = $0 }
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        guard frame.type == .request else {
+            if frame.type == .cancel {
+                supervisor.outputFollowers.removeValue(forKey: ObjectIdentifier(context.channel))
+                return
+            }
+            context.writeAndFlush(NIOAny(Frame.error(requestID: frame.requestID, code: ErrorCode.unsupported,
+                                                     message: "control.sock accepts request frames only")),
+                                  promise: nil)
+            return
+        }
+        do {
+            let command = try JSONCoding.decode(ControlCommand.self, from: frame.payload)
+            supervisor.control(command, requestID: frame.requestID, peer: peer, channel: context.channel)
+        } catch {
+            context.writeAndFlush(NIOAny(Frame.error(requestID: frame.requestID, code: ErrorCode.badRequest,
+                                                     message: "not a control command: \(error)")), promise: nil)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        supervisor.outputFollowers.removeValue(forKey: ObjectIdentifier(context.channel))
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if let error = error as? FrameDecodingError {
+            context.writeAndFlush(NIOAny(Frame.error(requestID: 0, code: ErrorCode.protocolError,
+                                                     message: "\(error)")), promise: nil)
+        }
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,336 @@
+@preconcurrency import Dispatch
+import Glibc
+import Logging
+import NIOCore
+import NIOPosix
+import SupervisorCore
+import WireProtocol
+
+extension Supervisor {
+    /// Carries out what the state machine decided, then re-arms the slot's timer.
+    func perform(_ action: WorkerStateMachine.Action?, on slot: WorkerSlot) {
+        switch action {
+        case .spawn?:
+            spawn(slot)
+        case .signalGroup(let signal)?:
+            if let pid = slot.machine.pid, pid > 0 {
+                // The whole group: a worker's helpers (tokenizer servers, data loaders) go with it.
+                if kill(-pid, signal) != 0 && errno == ESRCH { _ = kill(pid, signal) }
+                logger.info("sent \(signalName(signal)) to worker process group", metadata: slot.metadata())
+            }
+        case nil:
+            break
+        }
+        rearmTimer(slot)
+        healthChanged()
+    }
+
+    func rearmTimer(_ slot: WorkerSlot) {
+        slot.timer?.cancel()
+        slot.timer = nil
+        guard let deadline = slot.machine.nextDeadline else { return }
+        slot.timer = eventLoop.scheduleTask(deadline: Self.deadline(deadline)) { [weak slot] in
+            guard let slot else { return }
+            slot.timer = nil
+            let before = slot.machine.stateName
+            let action = slot.machine.timerFired(now: Self.now())
+            if case .starting = slot.machine.state, action != nil {
+                self.logger.error("worker not ready within start_timeout (\(slot.spec.policy.startTimeout.configString)); killing it",
+                                  metadata: slot.metadata(reason: "start_timeout"))
+            }
+            if before == "failed", action == .spawn {
+                self.logger.notice("retrying failed device", metadata: slot.metadata())
+            }
+            self.perform(action, on: slot)
+        }
+    }
+
+    func spawn(_ slot: WorkerSlot) {
+        let now = Self.now()
+        let spawned: SpawnedWorker
+        do {
+            spawned = try ProcessSpawner.spawn(slot.spec)
+        } catch let error as SystemError {
+            logger.error("could not start worker: \(error)", metadata: slot.metadata(reason: "spawn_failed"))
+            let action = slot.machine.spawnFailed(errno: error.errno, now: now, jitter: Double.random(in: 0..<1))
+            logTransition(slot, to: slot.machine)
+            perform(action, on: slot)
+            return
+        } catch {
+            preconditionFailure("ProcessSpawner.spawn throws only SystemError")
+        }
+        slot.machine.spawned(pid: spawned.pid, now: now)
+        slot.spawnedAt = .now()
+        slot.lastFrameAt = now
+        slot.hello = nil
+        logger.info("started worker: \(slot.spec.command.joined(separator: " "))", metadata: slot.metadata())
+        attachChannel(slot, pid: spawned.pid, fd: spawned.channelFD)
+        attachOutput(slot, pid: spawned.pid, fd: spawned.outputFD)
+        watchExit(slot, pid: spawned.pid, pidFD: spawned.pidFD)
+    }
+
+    func attachChannel(_ slot: WorkerSlot, pid: pid_t, fd: CInt) {
+        let maxFrame = config.maxFrameBytes
+        let hello = HelloFromSupervisor(
+            device: slot.spec.device,
+            heartbeatIntervalMS: Int(slot.spec.heartbeatInterval.nanoseconds / 1_000_000),
+            maxFrameBytes: maxFrame)
+        ClientBootstrap(group: eventLoop)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandlers([
+                        ByteToMessageHandler(FrameDecoder(maximumFrameLength: maxFrame)),
+                        MessageToByteHandler(FrameEncoder()),
+                        WorkerChannelHandler(supervisor: self, slot: slot, pid: pid),
+                    ])
+                }
+            }
+            .withConnectedSocket(descriptor: fd)
+            .whenComplete { result in
+                switch result {
+                case .success(let channel):
+                    guard slot.machine.pid == pid else {
+                        channel.close(promise: nil)
+                        return
+                    }
+                    slot.channel = channel
+                    channel.writeAndFlush(Frame(type: .hello, payload: JSONCoding.encode(hello)), promise: nil)
+                case .failure(let error):
+                    Glibc.close(fd)
+                    self.logger.error("could not adopt worker channel: \(error)", metadata: slot.metadata())
+                    self.perform(slot.machine.fault(.protocolError("channel setup failed"), now: Self.now()),
+                                 on: slot)
+                }
+            }
+    }
+
+    func attachOutput(_ slot: WorkerSlot, pid: pid_t, fd: CInt) {
+        let device = slot.spec.device
+        NIOPipeBootstrap(group: eventLoop)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(
+                        OutputLineHandler { line in self.workerOutput(slot, pid: pid, device: device, line: line) })
+                }
+            }
+            .takingOwnershipOfDescriptor(input: fd)
+            .whenComplete { result in
+                switch result {
+                case .success(let channel):
+                    slot.outputChannel = channel
+                case .failure(let error):
+                    Glibc.close(fd)
+                    self.logger.warning("cannot read worker output: \(error)", metadata: slot.metadata())
+                }
+            }
+    }
+
+    /// The parent learns of a child's death at once: a pidfd becomes readable when the process exits.
+    func watchExit(_ slot: WorkerSlot, pid: pid_t, pidFD: CInt) {
+        guard pidFD >= 0 else { return }  // no pidfd: the housekeeping tick reaps instead
+        let source = DispatchSource.makeReadSource(fileDescriptor: pidFD, queue: .global())
+        source.setEventHandler { [weak self] in
+            source.cancel()
+            self?.eventLoop.execute { self?.reapIfExited(slot) }
+        }
+        source.setCancelHandler { Glibc.close(pidFD) }
+        slot.exitWatch = source
+        source.resume()
+    }
+
+    func workerOutput(_ slot: WorkerSlot, pid: pid_t, device: String, line: String) {
+        slot.output.append(line)
+        logger.info("\(line)", metadata: ["device": "\(device)", "worker_pid": "\(pid)", "stream": "output"])
+        for follower in outputFollowers.values where follower.device == device {
+            follower.channel.writeAndFlush(Frame(type: .chunk, requestID: follower.requestID, string: line),
+                                           promise: nil)
+        }
+    }
+
+    /// Reaps the slot's process if it has exited and hands the exit to the state machine.
+    func reapIfExited(_ slot: WorkerSlot) {
+        guard let pid = slot.machine.pid, pid > 0, let observed = ProcessSpawner.reap(pid) else { return }
+        // Anything still in the group (helpers the worker forked) dies with it.
+        _ = kill(-pid, SIGKILL)
+        slot.exitWatch?.cancel()
+        slot.exitWatch = nil
+        slot.channelClosedCheck?.cancel()
+        slot.channel?.close(promise: nil)
+        slot.channel = nil
+        slot.spawnedAt = nil
+        slot.lastFrameAt = nil
+        failInflight(of: slot, code: ErrorCode.workerLost)
+        let action = slot.machine.exited(observed, now: Self.now(), jitter: Double.random(in: 0..<1))
+        logTransition(slot, to: slot.machine, pid: pid)
+        perform(action, on: slot)
+        dispatchQueued()
+        checkStopped()
+    }
+
+    func logTransition(_ slot: WorkerSlot, to machine: WorkerStateMachine, pid: pid_t? = nil) {
+        guard let reason = machine.lastExit else { return }
+        var metadata = slot.metadata(reason: reason.description)
+        if let pid { metadata["worker_pid"] = "\(pid)" }
+        var message = "worker \(reason.detail) → \(machine.stateName)"
+        switch machine.state {
+        case .backoff(let until):
+            message += String(format: "; restart #%d in %.2fs", machine.restarts, (until - Self.now()).seconds)
+        case .failed(let retry?):
+            message += "; too many restarts (\(machine.policy.maxRestarts) in \(machine.policy.restartWindow.configString)), "
+                + "device marked failed, next try in \(Int((retry - Self.now()).seconds))s or on `npu-supervisorctl start`"
+        case .failed(nil):
+            message += "; not restarted (exit code 78: fix the worker's configuration, then `npu-supervisorctl start`)"
+        default:
+            break
+        }
+        if case .stopped = reason { logger.info("\(message)", metadata: metadata) }
+        else if machine.desired == .down { logger.info("\(message)", metadata: metadata) }
+        else { logger.error("\(message)", metadata: metadata) }
+    }
+
+    // MARK: Frames from a worker
+
+    func workerFrame(_ slot: WorkerSlot, pid: pid_t, _ frame: Frame) {
+        guard slot.machine.pid == pid else { return }
+        let now = Self.now()
+        slot.lastFrameAt = now
+        switch frame.type {
+        case .response, .error where frame.requestID != 0:
+            if frame.type == .error {
+                let payload = frame.errorPayload
+                if payload.code == ErrorCode.deviceOOM { slot.machine.attribute(.deviceOOM) }
+            }
+            guard let request = requests[frame.requestID], request.worker === slot else { return }
+            finish(request, with: Frame(type: frame.type, flags: frame.flags, requestID: request.clientID,
+                                        payload: frame.payload))
+            dispatchQueued()
+        case .chunk:
+            guard let request = requests[frame.requestID], request.worker === slot else { return }
+            request.streamed = true
+            request.client?.send(Frame(type: .chunk, flags: frame.flags, requestID: request.clientID,
+                                       payload: frame.payload))
+        case .heartbeat, .health:
+            break
+        case .error:
+            let payload = frame.errorPayload
+            if payload.code == ErrorCode.deviceOOM {
+                slot.machine.attribute(.deviceOOM)
+            }
+            logger.warning("worker error: \(payload.code): \(payload.message)", metadata: slot.metadata())
+        case .hello:
+            do {
+                let hello = try JSONCoding.decode(HelloFromWorker.self, from: frame.payload)
+                guard hello.protocolVersion == wireProtocolVersion else {
+                    protocolViolation(slot, "speaks protocol \(hello.protocolVersion), supervisor speaks \(wireProtocolVersion)")
+                    return
+                }
+                slot.hello = hello
+                logger.info("worker hello: version \(hello.workerVersion ?? "?"), model \(hello.model ?? "?")",
+                            metadata: slot.metadata())
+            } catch {
+                protocolViolation(slot, "hello payload is not valid JSON: \(error)")
+            }
+        case .ready:
+            if slot.machine.readyReceived(now: now) {
+                let startup = slot.spawnedAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e9 } ?? 0
+                logger.notice("worker ready after \(String(format: "%.3f", startup))s", metadata: slot.metadata())
+                rearmTimer(slot)
+                healthChanged()
+                dispatchQueued()
+            }
+        default:
+            protocolViolation(slot, "sent a \(frame.type) frame, which workers may not send")
+        }
+    }
+
+    func protocolViolation(_ slot: WorkerSlot, _ why: String) {
+        logger.error("worker broke the protocol: \(why); killing it", metadata: slot.metadata(reason: "protocol_error"))
+        perform(slot.machine.fault(.protocolError(why), now: Self.now()), on: slot)
+    }
+
+    /// The worker's channel closed. Its requests cannot be answered any more: re-dispatch them at once. If the
+    /// process does not exit by itself shortly, it is a worker that closed fd 3 and kept running: kill it.
+    func workerChannelClosed(_ slot: WorkerSlot, pid: pid_t) {
+        guard slot.machine.pid == pid else { return }
+        slot.channel = nil
+        failInflight(of: slot, code: ErrorCode.workerLost)
+        healthChanged()
+        dispatchQueued()
+        slot.channelClosedCheck = eventLoop.scheduleTask(in: .seconds(1)) {
+            self.reapIfExited(slot)
+            guard slot.machine.pid == pid else { return }
+            if case .stopping = slot.machine.state { return }
+            self.protocolViolation(slot, "closed its channel (fd 3) but kept running")
+        }
+    }
+}
+
+/// Frames from one worker process to the supervisor.
+final class WorkerChannelHandler: ChannelInboundHandler {
+    typealias InboundIn = Frame
+    let supervisor: Supervisor
+    let slot: WorkerSlot
+    let pid: pid_t
+
+    init(supervisor: Supervisor, slot: WorkerSlot, pid: pid_t) {
+        self.supervisor = supervisor
+        self.slot = slot
+        self.pid = pid
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        supervisor.workerFrame(slot, pid: pid, unwrapInboundIn(data))
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        supervisor.flushClients()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        supervisor.workerChannelClosed(slot, pid: pid)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if let error = error as? FrameDecodingError {
+            supervisor.protocolViolation(slot, "\(error)")
+            context.close(promise: nil)
+        } else if slot.machine.pid == pid {
+            // ECONNRESET and friends when the worker dies: the exit path reports the real reason.
+            context.close(promise: nil)
+        }
+    }
+}
+
+/// Splits a worker's stdout/stderr into lines (capped at 16 KiB each, so a worker printing without newlines
+/// cannot grow the supervisor's memory) and hands them on.
+final class OutputLineHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    static let maximumLine = 16 * 1024
+    let onLine: (String) -> Void
+    var pending = ByteBuffer()
+
+    init(onLine: @escaping (String) -> Void) { self.onLine = onLine }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var buffer = unwrapInboundIn(data)
+        pending.writeBuffer(&buffer)
+        while let newline = pending.readableBytesView.firstIndex(of: UInt8(ascii: "\n")) {
+            let length = newline - pending.readerIndex
+            let line = pending.readString(length: length) ?? ""
+            pending.moveReaderIndex(forwardBy: 1)
+            onLine(line)
+        }
+        if pending.readableBytes > Self.maximumLine {
+            onLine((pending.readString(length: Self.maximumLine) ?? "") + " [line truncated]")
+        }
+        pending.discardReadBytes()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if pending.readableBytes > 0, let rest = pending.readString(length: pending.readableBytes) { onLine(rest) }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}

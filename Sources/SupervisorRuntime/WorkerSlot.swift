@@ -1,0 +1,77 @@
+@preconcurrency import Dispatch
+import Logging
+import NIOCore
+import SupervisorCore
+import WireProtocol
+
+/// One device's place in the supervisor: its spec, its state machine and, while a process runs, the process's
+/// channel, output pipe and exit watcher. Touched only on the supervisor's event loop.
+final class WorkerSlot {
+    let index: Int
+    var spec: WorkerSpec
+    var machine: WorkerStateMachine
+    /// The frame channel to the current process (its fd 3), nil between processes.
+    var channel: (any Channel)?
+    var outputChannel: (any Channel)?
+    var exitWatch: (any DispatchSourceRead)?
+    var spawnedAt: NIODeadline?
+    var lastFrameAt: MonotonicInstant?
+    var hello: HelloFromWorker?
+    var timer: Scheduled<Void>?
+    var channelClosedCheck: Scheduled<Void>?
+    /// Requests this process holds, by supervisor request id.
+    var inflight: Set<UInt64> = []
+    var output: LineRing
+    /// Frames were written to the channel and await a flush (one flush per burst, not per frame).
+    var needsFlush = false
+
+    init(index: Int, spec: WorkerSpec, outputLines: Int) {
+        self.index = index
+        self.spec = spec
+        self.machine = WorkerStateMachine(policy: spec.policy)
+        self.output = LineRing(capacity: outputLines)
+    }
+
+    /// In rotation: the process said ready and its channel is open.
+    var isServing: Bool { machine.isReady && channel != nil }
+
+    var hasCapacity: Bool { isServing && inflight.count < spec.maxInflight }
+
+    func metadata(reason: String? = nil) -> Logger.Metadata {
+        var m: Logger.Metadata = ["device": "\(spec.device)"]
+        if let pid = machine.pid, pid > 0 { m["worker_pid"] = "\(pid)" }
+        if let reason { m["reason"] = "\(reason)" }
+        return m
+    }
+}
+
+/// The last N lines of a worker's output, for `tail`.
+struct LineRing {
+    let capacity: Int
+    private var lines: [String] = []
+    private var start = 0
+
+    init(capacity: Int) { self.capacity = capacity }
+
+    mutating func append(_ line: String) {
+        guard capacity > 0 else { return }
+        if lines.count < capacity {
+            lines.append(line)
+        } else {
+            lines[start] = line
+            start = (start + 1) % capacity
+        }
+    }
+
+    func last(_ n: Int) -> [String] {
+        let ordered = Array(lines[start...] + lines[..<start])
+        return Array(ordered.suffix(max(0, n)))
+    }
+}
+
+/// A `tail -f` client on control.sock.
+struct OutputFollower {
+    let device: String
+    let requestID: UInt64
+    let channel: any Channel
+}

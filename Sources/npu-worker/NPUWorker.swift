@@ -1,0 +1,94 @@
+import ArgumentParser
+import CSupport
+import Glibc
+import NIOCore
+import WireProtocol
+import WorkerKit
+
+/// The reference worker: a simulated accelerator engine that speaks the supervisor protocol on fd 3, for
+/// operators' drills and for the tests. Deterministic text, configurable model-load time and per-token delay,
+/// and fault injection on request (see docs/PROTOCOL.md, "Reference worker").
+@main
+struct NPUWorker: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "npu-worker",
+        abstract: "Reference inference worker with a simulated device and fault injection.",
+        discussion: """
+            Started by npu-supervisord with its channel on fd 3 (NPU_SUPERVISOR_FD). A request payload that is
+            JSON ({"prompt": "Hi", "max_new_tokens": 5, "stream": false, "fault": "..."}) is generated from;
+            any other payload is echoed back unchanged (for benchmarks).
+            Faults: crash, abort, exit (exit_code), host_oom, device_oom, hang, sleep (sleep_ms), garbage,
+            oversized, stop_heartbeat, empty, spawn_child.
+            """)
+
+    @Option(help: "Device id (default: NPU_DEVICE_ID).") var device: String?
+    @Option(help: "Simulated model-load time before ready, in milliseconds.") var loadMs: Int = 0
+    @Option(help: "Simulated time per generated token, in milliseconds.") var tokenMs: Int = 0
+    @Option(help: "Model name reported in hello.") var model: String = "sim-llm-7b"
+    @Option(help: "Exit with this code right after start (crash-loop and EX_CONFIG drills).") var exitAtStart: Int32?
+    @Flag(help: "Never say ready (start_timeout drills).") var neverReady = false
+    @Option(help: "Grace period on SIGTERM to finish requests in flight, in milliseconds.") var termGraceMs: Int = 5000
+
+    func run() throws {
+        // SIGTERM is handled by a thread of its own with sigwait: block it before any thread exists.
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGTERM)
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        signal(SIGPIPE, SIG_IGN)
+
+        let connection: WorkerConnection
+        do {
+            connection = try WorkerConnection.fromEnvironment()
+        } catch {
+            printErr("npu-worker: \(error)")
+            throw ExitCode(78)
+        }
+        let device = self.device ?? connection.device
+        if let code = exitAtStart {
+            printErr("npu-worker[\(device)]: exiting at start with code \(code) as asked")
+            throw ExitCode(code)
+        }
+        let hello = try connection.awaitHello()
+        try connection.hello(workerVersion: "npu-worker 0.1.0", model: model)
+        let interval = Duration.milliseconds(hello?.heartbeatIntervalMS ?? 1000)
+        connection.startHeartbeats(every: interval)
+        let grace = termGraceMs
+        let termSet = set
+        Thread.detach {
+            var waitSet = termSet
+            var sig: Int32 = 0
+            sigwait(&waitSet, &sig)
+            printErr("npu-worker[\(device)]: SIGTERM; finishing \(connection.inflightCount) request(s)")
+            var waited = 0
+            while connection.inflightCount > 0 && waited < grace {
+                sleepFor(.milliseconds(10))
+                waited += 10
+            }
+            Glibc.exit(0)
+        }
+        printErr("npu-worker[\(device)]: pid \(getpid()) loading model \(model) (\(loadMs) ms)")
+        if loadMs > 0 { sleepFor(.milliseconds(loadMs)) }
+        if neverReady {
+            printErr("npu-worker[\(device)]: never saying ready, as asked")
+        } else {
+            try connection.ready()
+            printErr("npu-worker[\(device)]: ready")
+        }
+        let engine = Engine(device: device, tokenDelay: .milliseconds(tokenMs), connection: connection)
+        do {
+            try connection.serve { request in engine.handle(request) }
+        } catch {
+            printErr("npu-worker[\(device)]: channel error: \(error)")
+            Glibc.exit(1)
+        }
+        // EOF on fd 3: the supervisor is gone. Leave now so the device is freed.
+        printErr("npu-worker[\(device)]: supervisor channel closed; exiting")
+        Glibc.exit(0)
+    }
+}
+
+func printErr(_ message: String) {
+    let line = message + "\n"
+    _ = line.withCString { write(2, $0, strlen($0)) }
+}
