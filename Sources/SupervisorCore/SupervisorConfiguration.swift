@@ -196,6 +196,8 @@ extension WorkerSpec {
         var r = TableReader(path: path, table: merged)
         func located(_ e: ConfigError) -> ConfigError {
             let key = String(e.key.dropFirst(path.count + 1))
+            // A missing key is missing on the device (and in [defaults]): name the device.
+            if e.value == nil && e.expected.hasPrefix("missing") { return e }
             guard device[key.split(separator: ".").first.map(String.init) ?? key] == nil else { return e }
             return ConfigError(key: "defaults." + key, value: e.value, expected: e.expected)
         }

@@ -3,7 +3,7 @@ import WireProtocol
 
 /// One connection on requests.sock. Reading stops while the connection has too many requests in flight or
 /// its peer does not read its answers (back-pressure instead of unbounded buffers).
-final class ClientConnection {
+final class ClientConnection: @unchecked Sendable {  // confined to the event loop
     let channel: any Channel
     unowned let supervisor: Supervisor
     /// Client request id → supervisor request id.

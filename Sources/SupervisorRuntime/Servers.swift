@@ -70,7 +70,8 @@ final class StatusHandler: ChannelInboundHandler {
     func channelActive(context: ChannelHandlerContext) {
         var buffer = JSONCoding.encode(supervisor.statusDocument(), pretty: true)
         buffer.writeString("\n")
-        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in context.close(promise: nil) }
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in channel.close(promise: nil) }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
@@ -91,7 +92,7 @@ func groupID(named name: String) -> gid_t? {
 }
 
 /// Reads the peer's credentials (SO_PEERCRED) through NIO's socket option access.
-func peerCredentials(of channel: any Channel, _ body: @escaping (PeerCredentials?) -> Void) {
+func peerCredentials(of channel: any Channel, _ body: @escaping @Sendable (PeerCredentials?) -> Void) {
     guard let provider = channel as? any SocketOptionProvider else { return body(nil) }
     // ucred is not imported by Glibc's module map; read it as raw bytes of the same layout (pid, uid, gid).
     let future: EventLoopFuture<(Int32, UInt32, UInt32)> = provider.unsafeGetSocketOption(

@@ -114,7 +114,7 @@ extension Supervisor {
 }
 
 /// control.sock: `request` frames carrying a JSON ``ControlCommand``; answers are `response` (JSON) or `error`.
-final class ControlHandler: ChannelInboundHandler {
+final class ControlHandler: ChannelInboundHandler, @unchecked Sendable {  // confined to the event loop
     typealias InboundIn = Frame
     let supervisor: Supervisor
     var peer: PeerCredentials?

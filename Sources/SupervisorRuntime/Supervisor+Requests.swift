@@ -4,7 +4,7 @@ import SupervisorCore
 import WireProtocol
 
 /// One accepted client request, from the moment it is read until its one final answer.
-final class PendingRequest {
+final class PendingRequest: @unchecked Sendable {  // confined to the event loop
     /// The supervisor's own id (unique across connections); what the worker sees.
     let id: UInt64
     /// The id the client chose; what the client sees.

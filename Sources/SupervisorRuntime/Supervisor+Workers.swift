@@ -85,7 +85,7 @@ extension Supervisor {
                     ])
                 }
             }
-            .withConnectedSocket(descriptor: fd)
+            .withConnectedSocket(fd)
             .whenComplete { result in
                 switch result {
                 case .success(let channel):
@@ -129,9 +129,10 @@ extension Supervisor {
     func watchExit(_ slot: WorkerSlot, pid: pid_t, pidFD: CInt) {
         guard pidFD >= 0 else { return }  // no pidfd: the housekeeping tick reaps instead
         let source = DispatchSource.makeReadSource(fileDescriptor: pidFD, queue: .global())
-        source.setEventHandler { [weak self] in
+        let eventLoop = self.eventLoop
+        source.setEventHandler {
             source.cancel()
-            self?.eventLoop.execute { self?.reapIfExited(slot) }
+            eventLoop.execute { self.reapIfExited(slot) }
         }
         source.setCancelHandler { Glibc.close(pidFD) }
         slot.exitWatch = source
@@ -195,7 +196,7 @@ extension Supervisor {
         let now = Self.now()
         slot.lastFrameAt = now
         switch frame.type {
-        case .response, .error where frame.requestID != 0:
+        case .response where frame.requestID != 0, .error where frame.requestID != 0:
             if frame.type == .error {
                 let payload = frame.errorPayload
                 if payload.code == ErrorCode.deviceOOM { slot.machine.attribute(.deviceOOM) }

@@ -66,6 +66,18 @@ public final class Supervisor: @unchecked Sendable {
     /// Takes the instance lock, binds the sockets and starts every worker. Completes once listening.
     /// - Throws: ``SystemError`` (lock held by another instance, socket bind failures).
     public func start() async throws {
+        do {
+            try await bindAndSpawn()
+        } catch {
+            // Nothing was started (or what was is torn down by the caller): complete the promise so that a
+            // failed start does not leak it, and release the loop thread.
+            shutdownPromise.fail(error)
+            await close()
+            throw error
+        }
+    }
+
+    private func bindAndSpawn() async throws {
         try await eventLoop.flatSubmit { () -> EventLoopFuture<Void> in
             do {
                 try self.acquireLock()

@@ -6,7 +6,7 @@ import WireProtocol
 
 /// One device's place in the supervisor: its spec, its state machine and, while a process runs, the process's
 /// channel, output pipe and exit watcher. Touched only on the supervisor's event loop.
-final class WorkerSlot {
+final class WorkerSlot: @unchecked Sendable {  // confined to the event loop
     let index: Int
     var spec: WorkerSpec
     var machine: WorkerStateMachine

@@ -21,7 +21,7 @@ public final class BlockingFrameIO: @unchecked Sendable {
     deinit { pthread_mutex_destroy(&writeLock) }
 
     /// The next frame, or nil at a clean end of stream.
-    /// - Throws: ``FrameDecodingError`` for a malformed stream, ``IOError`` for a failed read.
+    /// - Throws: ``FrameDecodingError`` for a malformed stream, ``FrameIOError`` for a failed read.
     public func readFrame() throws -> Frame? {
         while true {
             if let frame = try decoder.decode(buffer: &buffer) {
@@ -31,7 +31,7 @@ public final class BlockingFrameIO: @unchecked Sendable {
             let n = scratch.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             if n < 0 {
                 if errno == EINTR { continue }
-                throw IOError(call: "read", errno: errno)
+                throw FrameIOError(call: "read", errno: errno)
             }
             if n == 0 {
                 if buffer.readableBytes > 0 { throw FrameDecodingError.truncated(bufferedBytes: buffer.readableBytes) }
@@ -42,7 +42,7 @@ public final class BlockingFrameIO: @unchecked Sendable {
     }
 
     /// Writes one frame atomically with respect to other writers.
-    /// - Throws: ``IOError`` (EPIPE when the peer is gone).
+    /// - Throws: ``FrameIOError`` (EPIPE when the peer is gone).
     public func write(_ frame: Frame) throws {
         try writeRaw(frame.encoded())
     }
@@ -59,11 +59,11 @@ public final class BlockingFrameIO: @unchecked Sendable {
                     if errno == EINTR { continue }
                     if errno == ENOTSOCK {
                         let m = Glibc.write(fd, raw.baseAddress! + offset, raw.count - offset)
-                        if m < 0 { throw IOError(call: "write", errno: errno) }
+                        if m < 0 { throw FrameIOError(call: "write", errno: errno) }
                         offset += m
                         continue
                     }
-                    throw IOError(call: "send", errno: errno)
+                    throw FrameIOError(call: "send", errno: errno)
                 }
                 offset += n
             }
@@ -72,7 +72,7 @@ public final class BlockingFrameIO: @unchecked Sendable {
 }
 
 /// A failed read or write.
-public struct IOError: Error, CustomStringConvertible, Sendable {
+public struct FrameIOError: Error, CustomStringConvertible, Sendable {
     public var call: String
     public var errno: Int32
     public var description: String { "\(call): \(String(cString: strerror(errno)))" }

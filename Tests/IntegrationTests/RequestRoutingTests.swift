@@ -1,0 +1,232 @@
+import Foundation
+import NIOCore
+import NPUClient
+import Testing
+import WireProtocol
+
+@Suite(.serialized, .timeLimit(.minutes(2)))
+struct RequestRoutingTests {
+    @Test func concurrentClientsAllGetCorrectAnswers() throws {
+        let daemon = try TestDaemon()
+        #expect(daemon.waitAllReady() != nil)
+        let clients = 8, perClient = 25
+        let results = ResultsBox()
+        let socket = daemon.requestsSocket
+        DispatchQueue.concurrentPerform(iterations: clients) { c in
+            do {
+                let client = try SupervisorClient(socketPath: socket, timeout: .seconds(30))
+                // Pipeline everything, then read: many requests in flight on one connection.
+                var expected: [UInt64: Int] = [:]
+                for i in 0..<perClient {
+                    let id = client.makeRequestID()
+                    let tokens = 1 + (i % 7)
+                    expected[id] = tokens
+                    try client.sendRequest(id: id, payload: payload(
+                        "{\"prompt\": \"client \(c) request \(i % 3)\", \"max_new_tokens\": \(tokens)}"))
+                }
+                while !expected.isEmpty, let frame = try client.readFrame() {
+                    guard let tokens = expected.removeValue(forKey: frame.requestID) else {
+                        results.add(error: "unexpected id \(frame.requestID)")
+                        continue
+                    }
+                    guard frame.type == .response,
+                          let answer = try? JSONDecoder().decode(WorkerAnswer.self, from: Data(frame.payload.readableBytesView))
+                    else {
+                        results.add(error: "request \(frame.requestID): \(frame.type) \(frame.payloadString)")
+                        continue
+                    }
+                    results.add(answer: answer, key: "\(c)-\(tokens)", tokens: tokens)
+                }
+                if !expected.isEmpty { results.add(error: "\(expected.count) unanswered") }
+            } catch {
+                results.add(error: "\(error)")
+            }
+        }
+        #expect(results.errors == [])
+        #expect(results.count == clients * perClient)
+        #expect(results.devices.count == 4, "load is spread over every worker")
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func workerKilledMidRequestIsRetriedElsewhere() throws {
+        let daemon = try TestDaemon(devices: ["0", "1", "2", "3"])
+        let doc = try #require(daemon.waitAllReady())
+        let client = try daemon.client()
+        var ids: [UInt64] = []
+        for _ in 0..<8 {
+            let id = client.makeRequestID()
+            ids.append(id)
+            try client.sendRequest(id: id, payload: payload("{\"prompt\": \"slow\", \"fault\": \"sleep\", \"sleep_ms\": 600}"))
+        }
+        // Wait until device 0 holds requests, then kill it.
+        #expect(eventually { (daemon.worker("0")?.inflight ?? 0) > 0 })
+        let victim = try #require(doc.workers[0].pid)
+        kill(victim, SIGKILL)
+        var answers: [UInt64: Frame] = [:]
+        while answers.count < ids.count, let frame = try client.readFrame() { answers[frame.requestID] = frame }
+        #expect(Set(answers.keys) == Set(ids), "every request got exactly one final answer")
+        for frame in answers.values {
+            #expect(frame.type == .response, "\(frame.payloadString)")
+            if let answer = try? JSONDecoder().decode(WorkerAnswer.self, from: Data(frame.payload.readableBytesView)) {
+                #expect(answer.pid != victim)
+            }
+        }
+        #expect(daemon.log.contains("re-dispatching"))
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func retriesExhaustedGiveWorkerLost() throws {
+        // A request that kills every worker it touches: with retries = 1 it is tried twice, then worker_lost.
+        let daemon = try TestDaemon(devices: ["0", "1"])
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        let outcome = try client.infer(payload("{\"prompt\": \"x\", \"fault\": \"crash\"}"))
+        guard case .error(let e) = outcome else {
+            Issue.record("expected worker_lost, got \(outcome)")
+            return
+        }
+        #expect(e.code == "worker_lost")
+        #expect(e.message.contains("2 attempts"))
+        #expect(eventually { daemon.status()?.workers.allSatisfy { $0.lastExit == "signaled(11)" } ?? false })
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func streamedChunksArriveInOrderBeforeTheResponse() throws {
+        let daemon = try TestDaemon(devices: ["0"])
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        var chunks: [String] = []
+        let outcome = try client.infer(payload("{\"prompt\": \"stream me\", \"max_new_tokens\": 12, \"stream\": true}")) {
+            chunks.append(String(buffer: $0))
+        }
+        let answer = try #require(decodeAnswer(outcome))
+        #expect(chunks.count == 12)
+        #expect(chunks.joined() == answer.text)
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func pinnedDeviceAndUnknownDevice() throws {
+        let daemon = try TestDaemon(devices: ["0", "1"])
+        let doc = try #require(daemon.waitAllReady())
+        let client = try daemon.client()
+        for _ in 0..<4 {
+            let answer = try #require(decodeAnswer(try client.infer(payload("{\"prompt\": \"p\"}"),
+                                                                   options: RequestOptions(device: "1"))))
+            #expect(answer.device == "1")
+            #expect(answer.pid == doc.workers[1].pid)
+        }
+        guard case .error(let e) = try client.infer(payload("{}"), options: RequestOptions(device: "7")) else {
+            Issue.record("expected bad_request")
+            return
+        }
+        #expect(e.code == "bad_request")
+        #expect(e.message.contains("unknown device '7'"))
+        let cli = try daemon.ctl(["infer", "--device", "0", "{\"prompt\": \"Hi\", \"max_new_tokens\": 5}"])
+        #expect(cli.status == 0, "\(cli.stderr)")
+        #expect(cli.stdout.contains("\"device\":\"0\""))
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func oversizedClientFrameIsRefusedBeforeAllocation() throws {
+        let daemon = try TestDaemon(devices: ["0"], supervisor: "max_frame_bytes = \"64KiB\"")
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        var header = ByteBuffer()
+        header.writeInteger(UInt32(1 << 30))  // announces 1 GiB, sends nothing more
+        try client.io.writeRaw(header)
+        let frame = try #require(try client.readFrame())
+        #expect(frame.type == .error)
+        #expect(frame.errorPayload.code == "protocol_error")
+        #expect(frame.errorPayload.message.contains("exceeds the maximum of 65536"))
+        #expect(try client.readFrame() == nil, "the connection is closed after a protocol error")
+        // Other clients are unaffected.
+        let other = try daemon.client()
+        #expect(decodeAnswer(try other.infer(payload("{\"prompt\": \"ok\"}"))) != nil)
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test(arguments: ["garbage", "oversized"])
+    func workerBreakingTheProtocolIsRestarted(fault: String) throws {
+        let daemon = try TestDaemon(devices: ["0"], defaults: "max_inflight = 1")
+        let doc = try #require(daemon.waitAllReady())
+        let client = try daemon.client()
+        let outcome = try client.infer(payload("{\"prompt\": \"x\", \"fault\": \"\(fault)\"}"),
+                                       options: RequestOptions(deadlineMS: 10_000))
+        // The worker is killed; the request is retried on the restarted worker, which breaks it again.
+        guard case .error(let e) = outcome else {
+            Issue.record("expected an error, got \(outcome)")
+            return
+        }
+        #expect(e.code == "worker_lost")
+        #expect(eventually { daemon.worker("0")?.lastExit == "protocol_error" })
+        #expect(daemon.worker("0")?.pid != doc.workers[0].pid)
+        #expect(daemon.log.contains("broke the protocol"))
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func workerThatStopsHeartbeatingIsKilledAsHang() throws {
+        let daemon = try TestDaemon(devices: ["0"], defaults: "heartbeat_timeout = \"500ms\"")
+        let doc = try #require(daemon.waitAllReady())
+        let client = try daemon.client()
+        _ = try client.infer(payload("{\"prompt\": \"x\", \"fault\": \"stop_heartbeat\"}"))
+        #expect(eventually { daemon.worker("0")?.lastExit == "hang" })
+        #expect(!processExists(doc.workers[0].pid!))
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func deadlineExceededAndTheWorkerIsFreed() throws {
+        let daemon = try TestDaemon(devices: ["0"], defaults: "max_inflight = 1")
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        let slow = try client.infer(payload("{\"prompt\": \"x\", \"fault\": \"sleep\", \"sleep_ms\": 2000}"),
+                                    options: RequestOptions(deadlineMS: 150))
+        guard case .error(let e) = slow else {
+            Issue.record("expected deadline_exceeded, got \(slow)")
+            return
+        }
+        #expect(e.code == "deadline_exceeded")
+        #expect(daemon.worker("0")?.inflight == 0, "the place is freed at once")
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func sigtermDrainsRequestsInFlight() throws {
+        let daemon = try TestDaemon(devices: ["0", "1"])
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        var ids: Set<UInt64> = []
+        for _ in 0..<4 {
+            let id = client.makeRequestID()
+            ids.insert(id)
+            try client.sendRequest(id: id, payload: payload("{\"prompt\": \"d\", \"fault\": \"sleep\", \"sleep_ms\": 400}"))
+        }
+        #expect(eventually { (daemon.status()?.workers.map(\.inflight).reduce(0, +) ?? 0) == 4 })
+        kill(daemon.pid, SIGTERM)
+        var answered: Set<UInt64> = []
+        while answered.count < 4, let frame = try client.readFrame() {
+            #expect(frame.type == .response, "\(frame.payloadString)")
+            answered.insert(frame.requestID)
+        }
+        #expect(answered == ids)
+        #expect(eventually { !daemon.process.isRunning })
+        #expect(daemon.process.terminationStatus == 0)
+    }
+}
+
+final class ResultsBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private(set) var errors: [String] = []
+    private(set) var count = 0
+    private(set) var devices: Set<String> = []
+    private var textByKey: [String: String] = [:]
+
+    func add(error: String) { lock.withLock { errors.append(error) } }
+
+    func add(answer: WorkerAnswer, key: String, tokens: Int) {
+        lock.withLock {
+            count += 1
+            devices.insert(answer.device)
+            if answer.tokens != tokens { errors.append("asked \(tokens) tokens, got \(answer.tokens)") }
+            if answer.text.split(separator: " ").count != tokens { errors.append("text has the wrong length") }
+        }
+    }
+}

@@ -1,0 +1,80 @@
+import SupervisorCore
+import SupervisorRuntime
+import Testing
+
+struct ConfigurationTests {
+    static let minimal = """
+        [defaults]
+        command = ["/bin/sh", "-c", "echo {device}"]
+        [[device]]
+        id = "0"
+        [[device]]
+        id = "7"
+        kind = "gpu"
+        max_inflight = 9
+        """
+
+    @Test func defaultsApplyAndDevicesOverride() throws {
+        let c = try ConfigLoader.parse(Self.minimal, path: "/etc/npu/c.toml")
+        #expect(c.workers.count == 2)
+        #expect(c.workers[0].command == ["/bin/sh", "-c", "echo 0"])
+        #expect(c.workers[1].command == ["/bin/sh", "-c", "echo 7"])
+        #expect(c.workers[0].pinVariable == "ASCEND_RT_VISIBLE_DEVICES")
+        #expect(c.workers[1].pinVariable == "CUDA_VISIBLE_DEVICES")
+        #expect(c.workers[0].maxInflight == 4)
+        #expect(c.workers[1].maxInflight == 9)
+        #expect(c.workers[0].policy.stopTimeout == .seconds(15))
+        #expect(c.workers[0].policy.startTimeout == .seconds(300), "model loads take minutes: a generous default")
+        #expect(c.requestsSocket == "/run/npu-supervisor/requests.sock")
+        #expect(c.workers[1].contractEnvironment["NPU_DEVICE_ID"] == "7")
+        #expect(c.workers[1].contractEnvironment["CUDA_VISIBLE_DEVICES"] == "7")
+        #expect(c.workers[1].contractEnvironment["NPU_SUPERVISOR_FD"] == "3")
+    }
+
+    @Test func relativePathsAreRelativeToTheConfigFile() throws {
+        let c = try ConfigLoader.parse("[supervisor]\nrun_dir = \"../run\"\n" + Self.minimal, path: "/srv/app/config/c.toml")
+        #expect(c.runDirectory == "/srv/app/run")
+        #expect(c.controlSocket == "/srv/app/run/control.sock")
+    }
+
+    @Test(arguments: [
+        ("500ms", Duration.milliseconds(500)), ("15s", .seconds(15)), ("2m", .seconds(120)), ("1h", .seconds(3600)),
+        ("1.5s", .milliseconds(1500)),
+    ])
+    func durations(text: String, expected: Duration) {
+        #expect(parseDuration(text) == expected)
+    }
+
+    @Test(arguments: ["", "15", "s", "-1s", "fast"])
+    func badDurations(text: String) {
+        #expect(parseDuration(text) == nil)
+    }
+
+    @Test(arguments: [("16MiB", 16 << 20), ("64KiB", 64 << 10), ("1024", 1024), ("2G", 2 << 30)])
+    func sizes(text: String, expected: Int) {
+        #expect(parseByteSize(text) == expected)
+    }
+
+    @Test(arguments: [
+        ("[defaults]\ncommand = [\"/bin/true\"]\nenv = { NOTIFY_SOCKET = \"x\" }\n[[device]]\nid = \"0\"",
+         "defaults.env.NOTIFY_SOCKET"),
+        ("[defaults]\ncommand = [\"/bin/true\"]\n[[device]]\nid = \"a/b\"", "device[0].id"),
+        ("[defaults]\ncommand = [\"/bin/true\"]\nrestart = \"sometimes\"\n[[device]]\nid = \"0\"", "defaults.restart"),
+        ("[defaults]\ncommand = [\"/bin/true\"]\nheartbeat_interval = \"2s\"\nheartbeat_timeout = \"1s\"\n[[device]]\nid = \"0\"",
+         "defaults.heartbeat_timeout"),
+        ("[supervisor]\nsocket_mode = \"999\"\n[defaults]\ncommand = [\"/bin/true\"]\n[[device]]\nid = \"0\"",
+         "supervisor.socket_mode"),
+        ("[requests]\nretries = -1\n[defaults]\ncommand = [\"/bin/true\"]\n[[device]]\nid = \"0\"", "requests.retries"),
+        ("[defaults]\n[[device]]\nid = \"0\"", "device[0].command"),
+    ])
+    func errorsNameTheKey(toml: String, key: String) {
+        do {
+            _ = try ConfigLoader.parse(toml, path: "/tmp/c.toml")
+            Issue.record("accepted a bad config")
+        } catch let error as ConfigError {
+            #expect(error.key == key, "\(error)")
+        } catch {
+            Issue.record("unexpected error \(error)")
+        }
+    }
+}
