@@ -90,6 +90,14 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict),
+        // Benchmarks and drills (BENCHMARKS.md): restart latency, idle memory, load generator with chaos.
+        .executableTarget(
+            name: "npu-bench",
+            dependencies: [
+                "NPUClient", "WireProtocol",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strict),
         .testTarget(
             name: "WireProtocolTests",
             dependencies: [

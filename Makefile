@@ -1,0 +1,32 @@
+SHELL := /bin/bash
+# npu-supervisor: the two commands of the README are `make run` and `make test`.
+SWIFT ?= swift
+CONFIG ?= config/example.toml
+PREFIX ?= /usr/local
+
+.PHONY: deps build release run test test-swift test-python bench install clean
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	$(SWIFT) build
+
+release: deps
+	$(SWIFT) build -c release
+
+# Builds, then runs the supervisor with 4 simulated NPU devices; sockets in ./run. Ctrl-C stops it cleanly.
+run: build
+	exec .build/debug/npu-supervisord --config $(CONFIG)
+
+# Every test: Swift unit + real-process integration tests, then the Python library's tests.
+test: build
+	$(SWIFT) build --build-tests
+	$(SWIFT) test 2>&1 | tee .build/swift-test.log; test $${PIPESTATUS[0]} -eq 0
+	python3 -m unittest discover -s python/tests -t python 2>&1 | tee .build/python-test.log; test $${PIPESTATUS[0]} -eq 0
+
+bench: release
+	scripts/bench-restart.sh
+
+clean:
+	rm -rf .build run

@@ -1,0 +1,83 @@
+import ArgumentParser
+import Foundation
+import NIOCore
+import NPUClient
+import WireProtocol
+
+@main
+struct NPUBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "npu-bench",
+        abstract: "Benchmarks and drills for npu-supervisor (figures for BENCHMARKS.md).",
+        subcommands: [RestartLatency.self, IdleMemory.self])
+}
+
+struct BinOption: ParsableArguments {
+    @Option(help: "Folder with npu-supervisord and npu-worker (default: next to this program).")
+    var bin: String = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+        .deletingLastPathComponent().path
+}
+
+/// SIGKILL a worker, time until the replacement is spawned (new pid in status) and until it is ready.
+struct RestartLatency: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "restart")
+    @OptionGroup var bin: BinOption
+    @Option(help: "Kill/replace cycles.") var repetitions = 50
+    @Option(help: "backoff_initial for the run (the supervisor's reaction time is measured on top of it).")
+    var backoff = "10ms"
+    @Option(help: "Simulated model-load time of the worker, ms.") var loadMs = 0
+
+    func run() throws {
+        let daemon = try BenchDaemon(
+            devices: 2, workerArgs: ["--load-ms", "\(loadMs)"],
+            defaults: "backoff_initial = \"\(backoff)\"\nbackoff_max = \"\(backoff)\"\nbackoff_jitter = 0\n"
+                + "restart_limit = 1000000\nrestart_window = \"1s\"",
+            binDirectory: bin.bin)
+        defer { daemon.stop() }
+        _ = try daemon.waitAllReady()
+        var spawned: [Double] = []
+        var ready: [Double] = []
+        for _ in 0..<repetitions {
+            guard let victim = daemon.status()?.workers[0].pid else { throw BenchError("no worker pid") }
+            let t0 = now()
+            kill(victim, SIGKILL)
+            var sawSpawn = false
+            while true {
+                guard let w = daemon.status()?.workers[0] else { continue }
+                if !sawSpawn, let pid = w.pid, pid != victim {
+                    spawned.append(now() - t0)
+                    sawSpawn = true
+                }
+                if sawSpawn && w.state == "ready" {
+                    ready.append(now() - t0)
+                    break
+                }
+                if now() - t0 > 30 { throw BenchError("no replacement within 30 s") }
+            }
+        }
+        print("restart latency over \(repetitions) SIGKILLs (backoff_initial = \(backoff), model load \(loadMs) ms):")
+        print("  kill -> replacement spawned: median \(ms(percentile(spawned, 50)))  p90 \(ms(percentile(spawned, 90)))  max \(ms(spawned.max() ?? 0))")
+        print("  kill -> replacement ready:   median \(ms(percentile(ready, 50)))  p90 \(ms(percentile(ready, 90)))  max \(ms(ready.max() ?? 0))")
+    }
+}
+
+/// The supervisor's own memory, threads and fds when idle with N ready workers.
+struct IdleMemory: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "idle")
+    @OptionGroup var bin: BinOption
+    @Option(parsing: .upToNextOption, help: "Worker counts to measure.") var workers: [Int] = [4, 32]
+    @Option(help: "Seconds to idle before measuring.") var settle: Double = 3
+
+    func run() throws {
+        print("workers  supervisor RSS  RssAnon  threads  fds")
+        for n in workers {
+            let daemon = try BenchDaemon(devices: n, workerArgs: ["--load-ms", "0"], binDirectory: bin.bin)
+            defer { daemon.stop() }
+            _ = try daemon.waitAllReady(timeout: 120)
+            usleep(UInt32(settle * 1e6))
+            let m = Memory(pid: daemon.pid)
+            print(String(format: "%7d  %10.1f MB  %5.1f MB  %7d  %3d", n, Double(m.rssKB) / 1024,
+                         Double(m.anonKB) / 1024, m.threads, m.fds))
+        }
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what building and testing npu-supervisor needs on a Debian/Ubuntu machine, only when missing.
+# libsystemd-dev + pkg-config: the CSystemd system-library target links libsystemd.
+# socat, curl: used by the README's examples and some tests. systemd, util-linux: the real-systemd tests.
+set -euo pipefail
+need=()
+pkg-config --exists libsystemd 2>/dev/null || need+=(libsystemd-dev pkg-config)
+command -v socat >/dev/null 2>&1 || need+=(socat)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+[ -x /lib/systemd/systemd ] || need+=(systemd)
+command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "install-deps: installing ${need[*]}" >&2
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
