@@ -1,38 +1,45 @@
 import NIOCore
 import WireProtocol
 
-/// One connection on requests.sock. Reading stops while the connection has too many requests in flight or
-/// its peer does not read its answers (back-pressure instead of unbounded buffers).
+/// One connection on requests.sock. Answers are appended to one outbound buffer and written once per read
+/// burst. Reading stops while the connection has too many requests in flight or its peer does not read its
+/// answers (back-pressure instead of unbounded buffers).
 final class ClientConnection: @unchecked Sendable {  // confined to the event loop
     let channel: any Channel
     unowned let supervisor: Supervisor
-    /// Client request id → supervisor request id.
-    var requests: [UInt64: UInt64] = [:]
-    var needsFlush = false
+    /// Client request id → the request.
+    var requests: [UInt64: PendingRequest] = [:]
+    var outbound: ByteBuffer
+    var isDirty = false
     var isReadingPaused = false
+    var isOpen = true
 
     init(channel: any Channel, supervisor: Supervisor) {
         self.channel = channel
         self.supervisor = supervisor
+        self.outbound = channel.allocator.buffer(capacity: 4096)
     }
 
-    /// Queues a frame; flushed at the end of the current read burst.
+    /// Queues a frame; written at the end of the current burst (``flush()``).
     func send(_ frame: Frame) {
-        channel.write(frame, promise: nil)
-        if !needsFlush {
-            needsFlush = true
+        guard isOpen else { return }
+        frame.write(to: &outbound)
+        if !isDirty {
+            isDirty = true
             supervisor.dirtyClients.append(self)
         }
     }
 
-    func flushIfNeeded() {
-        if needsFlush {
-            needsFlush = false
-            channel.flush()
-        }
+    func flush() {
+        guard isDirty else { return }
+        isDirty = false
+        guard isOpen else { return }
+        channel.writeAndFlush(outbound, promise: nil)
+        outbound = channel.allocator.buffer(capacity: 4096)
     }
 
     func updateReading() {
+        guard isOpen else { return }
         let shouldPause = requests.count >= supervisor.config.requests.maxInflightPerConnection || !channel.isWritable
         guard shouldPause != isReadingPaused else { return }
         isReadingPaused = shouldPause
@@ -41,23 +48,29 @@ final class ClientConnection: @unchecked Sendable {  // confined to the event lo
     }
 }
 
-/// The request socket's per-connection handler.
-final class ClientHandler: ChannelInboundHandler {
-    typealias InboundIn = Frame
+/// The request socket's per-connection handler: raw bytes in, frames decoded here (see ``FrameReader``).
+final class ClientHandler: ChannelInboundHandler, @unchecked Sendable {  // confined to the event loop
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
     let supervisor: Supervisor
     var connection: ClientConnection?
+    var reader: FrameReader
 
-    init(supervisor: Supervisor) { self.supervisor = supervisor }
+    init(supervisor: Supervisor) {
+        self.supervisor = supervisor
+        self.reader = FrameReader(maximumFrameLength: supervisor.config.maxFrameBytes)
+    }
 
     func channelActive(context: ChannelHandlerContext) {
-        let connection = ClientConnection(channel: context.channel, supervisor: supervisor)
         guard supervisor.clients.count < supervisor.config.requests.maxConnections else {
-            context.writeAndFlush(NIOAny(Frame.error(requestID: 0, code: ErrorCode.tooManyConnections,
-                                                     message: "connection limit (\(supervisor.config.requests.maxConnections)) reached",
-                                                     retryable: true)), promise: nil)
-            context.close(promise: nil)
+            let limit = supervisor.config.requests.maxConnections
+            let frame = Frame.error(requestID: 0, code: ErrorCode.tooManyConnections,
+                                    message: "connection limit (\(limit)) reached; try again later", retryable: true)
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(frame.encoded())).whenComplete { _ in channel.close(promise: nil) }
             return
         }
+        let connection = ClientConnection(channel: context.channel, supervisor: supervisor)
         self.connection = connection
         supervisor.clients[ObjectIdentifier(connection)] = connection
         context.fireChannelActive()
@@ -65,19 +78,27 @@ final class ClientHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard let connection else { return }
-        let frame = unwrapInboundIn(data)
-        switch frame.type {
-        case .request: supervisor.clientRequest(connection, frame)
-        case .cancel: supervisor.clientCancel(connection, clientID: frame.requestID)
-        case .heartbeat: connection.send(Frame(type: .heartbeat, requestID: frame.requestID))
-        default:
-            connection.send(.error(requestID: frame.requestID, code: ErrorCode.unsupported,
-                                   message: "\(frame.type) frames are not accepted on the request socket"))
+        do {
+            try reader.read(unwrapInboundIn(data)) { frame in
+                switch frame.type {
+                case .request: supervisor.clientRequest(connection, frame)
+                case .cancel: supervisor.clientCancel(connection, clientID: frame.requestID)
+                case .heartbeat: connection.send(Frame(type: .heartbeat, requestID: frame.requestID))
+                default:
+                    connection.send(.error(requestID: frame.requestID, code: ErrorCode.unsupported,
+                                           message: "\(frame.type) frames are not accepted on the request socket"))
+                }
+            }
+        } catch {
+            // The stream cannot be resynchronised: say why, then close. Requests in flight are cancelled.
+            connection.send(.error(requestID: 0, code: ErrorCode.protocolError, message: "\(error)"))
+            connection.flush()
+            context.close(promise: nil)
         }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        supervisor.flushClients()
+        supervisor.flushAll()
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -86,16 +107,14 @@ final class ClientHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if let connection { supervisor.clientGone(connection) }
+        if let connection {
+            connection.isOpen = false
+            supervisor.clientGone(connection)
+        }
         connection = nil
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if let error = error as? FrameDecodingError {
-            // The stream cannot be resynchronised: say why, then close. Requests in flight are cancelled.
-            context.writeAndFlush(NIOAny(Frame.error(requestID: 0, code: ErrorCode.protocolError,
-                                                     message: "\(error)")), promise: nil)
-        }
         context.close(promise: nil)
     }
 }

@@ -11,11 +11,7 @@ extension Supervisor {
     func bindServers() -> EventLoopFuture<Void> {
         let maxFrame = config.maxFrameBytes
         let requests = bind(path: config.requestsSocket, name: "requests") { channel in
-            try channel.pipeline.syncOperations.addHandlers([
-                ByteToMessageHandler(FrameDecoder(maximumFrameLength: maxFrame)),
-                MessageToByteHandler(FrameEncoder()),
-                ClientHandler(supervisor: self),
-            ])
+            try channel.pipeline.syncOperations.addHandler(ClientHandler(supervisor: self))
         }
         let status = bind(path: config.statusSocket, name: "status") { channel in
             try channel.pipeline.syncOperations.addHandler(StatusHandler(supervisor: self))

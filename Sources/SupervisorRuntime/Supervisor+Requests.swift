@@ -9,23 +9,62 @@ final class PendingRequest: @unchecked Sendable {  // confined to the event loop
     let id: UInt64
     /// The id the client chose; what the client sees.
     let clientID: UInt64
-    weak var client: ClientConnection?
+    /// Cleared when the client hangs up.
+    var client: ClientConnection?
     let payload: ByteBuffer
     let pinnedSlot: WorkerSlot?
-    var deadlineTask: Scheduled<Void>?
+    let deadline: NIODeadline
+    let timeout: TimeAmount
     /// Dispatches so far (1 = first try).
     var attempts = 0
     /// Whether any chunk reached the client: then the request must never run again.
     var streamed = false
-    weak var worker: WorkerSlot?
+    var worker: WorkerSlot?
     var isQueued = false
+    var isFinished = false
+    /// Links in the deadline list of requests with the same timeout (in deadline order).
+    var newer: PendingRequest?
+    unowned(unsafe) var older: PendingRequest?
+    var deadlineList: DeadlineList?
 
-    init(id: UInt64, clientID: UInt64, client: ClientConnection, payload: ByteBuffer, pinnedSlot: WorkerSlot?) {
+    init(id: UInt64, clientID: UInt64, client: ClientConnection, payload: ByteBuffer, pinnedSlot: WorkerSlot?,
+         timeout: TimeAmount, now: NIODeadline) {
         self.id = id
         self.clientID = clientID
         self.client = client
         self.payload = payload
         self.pinnedSlot = pinnedSlot
+        self.timeout = timeout
+        self.deadline = now + timeout
+    }
+}
+
+/// Requests that share one timeout, oldest first: their deadlines are in the same order, so only the oldest
+/// needs a timer. Removal is O(1). This replaces a timer per request (an allocation and a heap operation each).
+final class DeadlineList: @unchecked Sendable {  // confined to the event loop
+    var oldest: PendingRequest?
+    unowned(unsafe) var newest: PendingRequest?
+
+    var isEmpty: Bool { oldest == nil }
+
+    func append(_ request: PendingRequest) {
+        request.deadlineList = self
+        if let newest {
+            newest.newer = request
+            request.older = newest
+        } else {
+            oldest = request
+        }
+        newest = request
+    }
+
+    func remove(_ request: PendingRequest) {
+        guard request.deadlineList === self else { return }
+        if let older = request.older { older.newer = request.newer } else { oldest = request.newer }
+        if let newer = request.newer { newer.older = request.older } else { newest = request.older }
+        request.newer = nil
+        request.older = nil
+        request.deadlineList = nil
     }
 }
 
@@ -71,12 +110,9 @@ extension Supervisor {
             client.send(.error(requestID: clientID, code: ErrorCode.noWorkers, message: reason, retryable: true))
             return
         }
-        let deadlineMS = options.deadlineMS.map { max(1, $0) }
-        let timeout: TimeAmount = deadlineMS.map { .milliseconds(Int64($0)) }
-            ?? .nanoseconds(config.requests.defaultDeadline.nanoseconds)
-
+        let timeout: TimeAmount = options.deadlineMS.map { .milliseconds(Int64(max(1, $0))) } ?? defaultTimeout
         let request = PendingRequest(id: nextRequestID, clientID: clientID, client: client, payload: payload,
-                                     pinnedSlot: pinned)
+                                     pinnedSlot: pinned, timeout: timeout, now: .now())
         nextRequestID &+= 1
         if !dispatchNow(request) {
             guard queue.count < config.requests.maxQueue else {
@@ -89,12 +125,53 @@ extension Supervisor {
             queue.append(request)
         }
         requests[request.id] = request
-        client.requests[clientID] = request.id
+        client.requests[clientID] = request
         client.updateReading()
-        request.deadlineTask = eventLoop.scheduleTask(in: timeout) { [weak request] in
-            guard let request else { return }
-            self.expire(request, after: timeout)
+        trackDeadline(request)
+    }
+
+    var defaultTimeout: TimeAmount { .nanoseconds(config.requests.defaultDeadline.nanoseconds) }
+
+    func trackDeadline(_ request: PendingRequest) {
+        let list: DeadlineList
+        if let existing = deadlineLists[request.timeout.nanoseconds] {
+            list = existing
+        } else {
+            list = DeadlineList()
+            deadlineLists[request.timeout.nanoseconds] = list
         }
+        let wasEmpty = list.isEmpty
+        list.append(request)
+        // Only a list that was empty can bring the earliest deadline forward.
+        if wasEmpty && (deadlineTimerAt == nil || request.deadline < deadlineTimerAt!) {
+            armDeadlineTimer(at: request.deadline)
+        }
+    }
+
+    func armDeadlineTimer(at deadline: NIODeadline) {
+        deadlineTimer?.cancel()
+        deadlineTimerAt = deadline
+        deadlineTimer = eventLoop.scheduleTask(deadline: deadline) { self.deadlineTimerFired() }
+    }
+
+    func deadlineTimerFired() {
+        deadlineTimer = nil
+        deadlineTimerAt = nil
+        let now = NIODeadline.now()
+        var next: NIODeadline?
+        for (key, list) in deadlineLists {
+            while let oldest = list.oldest, oldest.deadline <= now {
+                expire(oldest)
+            }
+            if let oldest = list.oldest {
+                next = next.map { min($0, oldest.deadline) } ?? oldest.deadline
+            } else if deadlineLists.count > 16 {
+                deadlineLists.removeValue(forKey: key)  // many distinct client deadlines: drop idle lists
+            }
+        }
+        if let next { armDeadlineTimer(at: next) }
+        flushAll()
+        dispatchQueued()
     }
 
     /// Why nothing can serve (every candidate stopped or failed with no retry coming soon), or nil.
@@ -117,9 +194,12 @@ extension Supervisor {
         guard let slot = pickWorker(for: request) else { return false }
         request.attempts += 1
         request.worker = slot
-        slot.inflight.insert(request.id)
-        slot.channel!.write(Frame(type: .request, requestID: request.id, payload: request.payload), promise: nil)
-        slot.needsFlush = true
+        slot.inflight += 1
+        slot.send(Frame(type: .request, requestID: request.id, payload: request.payload))
+        if !slot.isDirty {
+            slot.isDirty = true
+            dirtyWorkers.append(slot)
+        }
         return true
     }
 
@@ -127,25 +207,23 @@ extension Supervisor {
         if let pinned = request.pinnedSlot { return pinned.hasCapacity ? pinned : nil }
         var best: WorkerSlot?
         let count = slots.count
-        roundRobin = (roundRobin + 1) % max(1, count)
+        roundRobin = roundRobin + 1 < count ? roundRobin + 1 : 0
         for offset in 0..<count {
-            let slot = slots[(roundRobin + offset) % count]
+            let index = roundRobin + offset < count ? roundRobin + offset : roundRobin + offset - count
+            let slot = slots[index]
             guard slot.hasCapacity else { continue }
-            if best == nil || slot.inflight.count < best!.inflight.count { best = slot }
+            if best == nil || slot.inflight < best!.inflight { best = slot }
         }
         return best
     }
 
     /// Moves queued requests to workers that have room, oldest first.
     func dispatchQueued() {
-        guard !queue.isEmpty else {
-            flushWorkers()
-            return
-        }
+        guard !queue.isEmpty else { return }
         var kept = CircularBuffer<PendingRequest>()
         var blocked = false
         while let request = queue.popFirst() {
-            if !request.isQueued { continue }  // finished while waiting (cancel, deadline)
+            if !request.isQueued { continue }
             if !blocked && dispatchNow(request) {
                 request.isQueued = false
                 continue
@@ -154,31 +232,28 @@ extension Supervisor {
             kept.append(request)
         }
         queue = kept
-        flushWorkers()
     }
 
-    func flushWorkers() {
-        for slot in slots where slot.needsFlush {
-            slot.needsFlush = false
-            slot.channel?.flush()
+    /// Writes everything queued for clients and workers during this burst: one write per channel.
+    func flushAll() {
+        if !dirtyWorkers.isEmpty {
+            for slot in dirtyWorkers { slot.flush() }
+            dirtyWorkers.removeAll(keepingCapacity: true)
         }
-    }
-
-    func flushClients() {
-        for client in dirtyClients { client.flushIfNeeded() }
-        dirtyClients.removeAll(keepingCapacity: true)
-        flushWorkers()
+        if !dirtyClients.isEmpty {
+            for client in dirtyClients { client.flush() }
+            dirtyClients.removeAll(keepingCapacity: true)
+        }
     }
 
     /// Every request the slot holds: re-dispatched if nothing of it reached the client yet and retries remain,
     /// else answered with `code`.
     func failInflight(of slot: WorkerSlot, code: String) {
-        guard !slot.inflight.isEmpty else { return }
-        let ids = slot.inflight
-        slot.inflight.removeAll()
+        guard slot.inflight > 0 else { return }
+        let held = requests.values.filter { $0.worker === slot }.sorted { $0.id < $1.id }
+        slot.inflight = 0
         var retried: [PendingRequest] = []
-        for id in ids.sorted() {
-            guard let request = requests[id] else { continue }
+        for request in held {
             request.worker = nil
             if !request.streamed && request.attempts <= config.requests.retries && !isShuttingDown {
                 retried.append(request)
@@ -200,42 +275,46 @@ extension Supervisor {
     }
 
     /// Delivers the one final answer and forgets the request.
-    func finish(_ request: PendingRequest, with frame: Frame) {
-        guard requests.removeValue(forKey: request.id) != nil else { return }
-        request.deadlineTask?.cancel()
+    func finish(_ request: PendingRequest, with frame: Frame?) {
+        guard !request.isFinished else { return }
+        request.isFinished = true
+        requests.removeValue(forKey: request.id)
+        request.deadlineList?.remove(request)
         if request.isQueued {
             request.isQueued = false
             if let index = queue.firstIndex(where: { $0 === request }) { queue.remove(at: index) }
         }
         if let slot = request.worker {
-            slot.inflight.remove(request.id)
+            slot.inflight -= 1
             request.worker = nil
         }
         if let client = request.client {
+            request.client = nil
             client.requests.removeValue(forKey: request.clientID)
-            client.send(frame)
-            client.updateReading()
+            if let frame { client.send(frame) }
+            if client.isReadingPaused { client.updateReading() }
         }
     }
 
-    func expire(_ request: PendingRequest, after timeout: TimeAmount) {
-        guard requests[request.id] != nil else { return }
+    func expire(_ request: PendingRequest) {
         cancelOnWorker(request)
         finish(request, with: .error(requestID: request.clientID, code: ErrorCode.deadlineExceeded,
-                                     message: "no answer within \(timeout.nanoseconds / 1_000_000) ms"))
-        flushClients()
-        dispatchQueued()
+                                     message: "no answer within \(request.timeout.nanoseconds / 1_000_000) ms"
+                                         + (request.isQueued ? " (still queued: every worker was busy)" : "")))
     }
 
     func cancelOnWorker(_ request: PendingRequest) {
-        guard let slot = request.worker, let channel = slot.channel else { return }
-        channel.write(Frame(type: .cancel, requestID: request.id), promise: nil)
-        slot.needsFlush = true
+        guard let slot = request.worker, slot.channel != nil else { return }
+        slot.send(Frame(type: .cancel, requestID: request.id))
+        if !slot.isDirty {
+            slot.isDirty = true
+            dirtyWorkers.append(slot)
+        }
     }
 
     /// A `cancel` frame from the client.
     func clientCancel(_ client: ClientConnection, clientID: UInt64) {
-        guard let id = client.requests[clientID], let request = requests[id] else { return }
+        guard let request = client.requests[clientID] else { return }
         cancelOnWorker(request)
         finish(request, with: .error(requestID: clientID, code: ErrorCode.cancelled, message: "cancelled by the client"))
         dispatchQueued()
@@ -244,13 +323,12 @@ extension Supervisor {
     /// The client hung up: its requests are cancelled and their places freed at once.
     func clientGone(_ client: ClientConnection) {
         clients.removeValue(forKey: ObjectIdentifier(client))
-        for id in client.requests.values {
-            guard let request = requests[id] else { continue }
+        for request in Array(client.requests.values) {
             cancelOnWorker(request)
-            request.client = nil
-            finish(request, with: Frame(type: .error))
+            finish(request, with: nil)
         }
         client.requests.removeAll()
         dispatchQueued()
+        flushAll()
     }
 }

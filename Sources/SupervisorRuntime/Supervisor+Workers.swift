@@ -78,11 +78,8 @@ extension Supervisor {
         ClientBootstrap(group: eventLoop)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandlers([
-                        ByteToMessageHandler(FrameDecoder(maximumFrameLength: maxFrame)),
-                        MessageToByteHandler(FrameEncoder()),
-                        WorkerChannelHandler(supervisor: self, slot: slot, pid: pid),
-                    ])
+                    try channel.pipeline.syncOperations.addHandler(
+                        WorkerChannelHandler(supervisor: self, slot: slot, pid: pid, maxFrame: maxFrame))
                 }
             }
             .withConnectedSocket(fd)
@@ -94,7 +91,9 @@ extension Supervisor {
                         return
                     }
                     slot.channel = channel
-                    channel.writeAndFlush(Frame(type: .hello, payload: JSONCoding.encode(hello)), promise: nil)
+                    slot.outbound = channel.allocator.buffer(capacity: 4096)
+                    slot.send(Frame(type: .hello, payload: JSONCoding.encode(hello)))
+                    slot.flush()
                 case .failure(let error):
                     Glibc.close(fd)
                     self.logger.error("could not adopt worker channel: \(error)", metadata: slot.metadata())
@@ -158,6 +157,7 @@ extension Supervisor {
         slot.channelClosedCheck?.cancel()
         slot.channel?.close(promise: nil)
         slot.channel = nil
+        slot.outbound.clear()
         slot.spawnedAt = nil
         slot.lastFrameAt = nil
         failInflight(of: slot, code: ErrorCode.workerLost)
@@ -165,6 +165,7 @@ extension Supervisor {
         logTransition(slot, to: slot.machine, pid: pid)
         perform(action, on: slot)
         dispatchQueued()
+        flushAll()
         checkStopped()
     }
 
@@ -204,7 +205,7 @@ extension Supervisor {
             guard let request = requests[frame.requestID], request.worker === slot else { return }
             finish(request, with: Frame(type: frame.type, flags: frame.flags, requestID: request.clientID,
                                         payload: frame.payload))
-            dispatchQueued()
+            if !queue.isEmpty { dispatchQueued() }
         case .chunk:
             guard let request = requests[frame.requestID], request.worker === slot else { return }
             request.streamed = true
@@ -238,6 +239,7 @@ extension Supervisor {
                 rearmTimer(slot)
                 healthChanged()
                 dispatchQueued()
+                flushAll()
             }
         default:
             protocolViolation(slot, "sent a \(frame.type) frame, which workers may not send")
@@ -254,9 +256,11 @@ extension Supervisor {
     func workerChannelClosed(_ slot: WorkerSlot, pid: pid_t) {
         guard slot.machine.pid == pid else { return }
         slot.channel = nil
+        slot.outbound.clear()
         failInflight(of: slot, code: ErrorCode.workerLost)
         healthChanged()
         dispatchQueued()
+        flushAll()
         slot.channelClosedCheck = eventLoop.scheduleTask(in: .seconds(1)) {
             self.reapIfExited(slot)
             guard slot.machine.pid == pid else { return }
@@ -266,25 +270,32 @@ extension Supervisor {
     }
 }
 
-/// Frames from one worker process to the supervisor.
-final class WorkerChannelHandler: ChannelInboundHandler {
-    typealias InboundIn = Frame
+/// Frames from one worker process to the supervisor (decoded here, without a pipeline hop per frame).
+final class WorkerChannelHandler: ChannelInboundHandler, @unchecked Sendable {  // confined to the event loop
+    typealias InboundIn = ByteBuffer
     let supervisor: Supervisor
     let slot: WorkerSlot
     let pid: pid_t
+    var reader: FrameReader
 
-    init(supervisor: Supervisor, slot: WorkerSlot, pid: pid_t) {
+    init(supervisor: Supervisor, slot: WorkerSlot, pid: pid_t, maxFrame: Int) {
         self.supervisor = supervisor
         self.slot = slot
         self.pid = pid
+        self.reader = FrameReader(maximumFrameLength: maxFrame)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        supervisor.workerFrame(slot, pid: pid, unwrapInboundIn(data))
+        do {
+            try reader.read(unwrapInboundIn(data)) { frame in supervisor.workerFrame(slot, pid: pid, frame) }
+        } catch {
+            supervisor.protocolViolation(slot, "\(error)")
+            context.close(promise: nil)
+        }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        supervisor.flushClients()
+        supervisor.flushAll()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -292,13 +303,8 @@ final class WorkerChannelHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if let error = error as? FrameDecodingError {
-            supervisor.protocolViolation(slot, "\(error)")
-            context.close(promise: nil)
-        } else if slot.machine.pid == pid {
-            // ECONNRESET and friends when the worker dies: the exit path reports the real reason.
-            context.close(promise: nil)
-        }
+        // ECONNRESET and friends when the worker dies: the exit path reports the real reason.
+        context.close(promise: nil)
     }
 }
 

@@ -37,6 +37,11 @@ public final class Supervisor: @unchecked Sendable {
     var shutdownPromise: EventLoopPromise<Void>
     var outputFollowers: [ObjectIdentifier: OutputFollower] = [:]
     var dirtyClients: [ClientConnection] = []
+    var dirtyWorkers: [WorkerSlot] = []
+    /// Requests by timeout value, each list in deadline order (see ``DeadlineList``).
+    var deadlineLists: [Int64: DeadlineList] = [:]
+    var deadlineTimer: Scheduled<Void>?
+    var deadlineTimerAt: NIODeadline?
 
     /// - Parameters:
     ///   - config: a validated configuration.
@@ -171,9 +176,12 @@ public final class Supervisor: @unchecked Sendable {
         let serving = slots.contains { $0.machine.isReady }
         if requests.isEmpty || NIODeadline.now() >= deadline || !serving {
             for request in Array(requests.values) {
+                cancelOnWorker(request)
                 finish(request, with: .error(requestID: request.clientID, code: ErrorCode.shuttingDown,
-                                             message: "the supervisor is shutting down"))
+                                             message: "the supervisor is shutting down; shutdown_timeout "
+                                                 + "(\(config.shutdownTimeout.configString)) passed before an answer"))
             }
+            flushAll()
             let now = Self.now()
             for slot in slots {
                 perform(slot.machine.stop(now: now), on: slot)
@@ -190,6 +198,7 @@ public final class Supervisor: @unchecked Sendable {
         guard !hasStopped else { return }
         hasStopped = true
         housekeeping?.cancel()
+        deadlineTimer?.cancel()
         for slot in slots { slot.timer?.cancel() }
         let closes = servers.map { $0.close() } + clients.values.map { $0.channel.close() }
             + outputFollowers.values.map { $0.channel.close() }
@@ -255,7 +264,7 @@ public final class Supervisor: @unchecked Sendable {
                     restarts: slot.machine.restarts, lastExit: slot.machine.lastExit?.description,
                     lastExitDetail: slot.machine.lastExit?.detail,
                     uptimeSeconds: slot.spawnedAt.map { Double((now - $0).nanoseconds) / 1e9 } ?? 0,
-                    inflight: slot.inflight.count, maxInflight: slot.spec.maxInflight,
+                    inflight: slot.inflight, maxInflight: slot.spec.maxInflight,
                     exits: slot.machine.exitCounts, nextRestartInSeconds: next)
             }
         return StatusDocument(

@@ -19,11 +19,12 @@ final class WorkerSlot: @unchecked Sendable {  // confined to the event loop
     var hello: HelloFromWorker?
     var timer: Scheduled<Void>?
     var channelClosedCheck: Scheduled<Void>?
-    /// Requests this process holds, by supervisor request id.
-    var inflight: Set<UInt64> = []
+    /// Requests this process holds.
+    var inflight = 0
     var output: LineRing
-    /// Frames were written to the channel and await a flush (one flush per burst, not per frame).
-    var needsFlush = false
+    /// Frames for the worker, written once per burst (``flush()``).
+    var outbound = ByteBuffer()
+    var isDirty = false
 
     init(index: Int, spec: WorkerSpec, outputLines: Int) {
         self.index = index
@@ -35,7 +36,20 @@ final class WorkerSlot: @unchecked Sendable {  // confined to the event loop
     /// In rotation: the process said ready and its channel is open.
     var isServing: Bool { machine.isReady && channel != nil }
 
-    var hasCapacity: Bool { isServing && inflight.count < spec.maxInflight }
+    var hasCapacity: Bool { isServing && inflight < spec.maxInflight }
+
+    /// Queues a frame for the worker.
+    func send(_ frame: Frame) {
+        guard channel != nil else { return }
+        frame.write(to: &outbound)
+    }
+
+    func flush() {
+        isDirty = false
+        guard let channel, outbound.readableBytes > 0 else { return }
+        channel.writeAndFlush(outbound, promise: nil)
+        outbound = channel.allocator.buffer(capacity: 4096)
+    }
 
     func metadata(reason: String? = nil) -> Logger.Metadata {
         var m: Logger.Metadata = ["device": "\(spec.device)"]

@@ -1,6 +1,5 @@
 import Glibc
 import NIOCore
-import WireProtocol
 
 /// Frames over a blocking file descriptor, for programs that are not event-driven (workers, the CLI, tests).
 /// Reads go through the same bounded ``FrameDecoder`` as the daemon's; writes are serialised by a mutex so that

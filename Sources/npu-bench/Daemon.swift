@@ -34,7 +34,7 @@ final class BenchDaemon {
         try toml.write(toFile: config, atomically: true, encoding: .utf8)
         process.executableURL = URL(fileURLWithPath: binDirectory + "/npu-supervisord")
         process.arguments = ["--config", config]
-        FileManager.default.createFile(atPath: directory + "/daemon.log", contents: nil)
+        _ = FileManager.default.createFile(atPath: directory + "/daemon.log", contents: nil)
         let log = FileHandle(forWritingAtPath: directory + "/daemon.log")!
         process.standardOutput = log
         process.standardError = log

@@ -9,7 +9,7 @@ struct NPUBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "npu-bench",
         abstract: "Benchmarks and drills for npu-supervisor (figures for BENCHMARKS.md).",
-        subcommands: [RestartLatency.self, IdleMemory.self])
+        subcommands: [Load.self, RestartLatency.self, IdleMemory.self])
 }
 
 struct BinOption: ParsableArguments {

@@ -28,6 +28,8 @@ struct NPUWorker: ParsableCommand {
     @Option(help: "Exit with this code right after start (crash-loop and EX_CONFIG drills).") var exitAtStart: Int32?
     @Flag(help: "Never say ready (start_timeout drills).") var neverReady = false
     @Option(help: "Grace period on SIGTERM to finish requests in flight, in milliseconds.") var termGraceMs: Int = 5000
+    @Option(help: "Benchmark baseline: echo frames on this Unix socket instead of serving a supervisor.")
+    var listen: String?
 
     func run() throws {
         // SIGTERM is handled by a thread of its own with sigwait: block it before any thread exists.
@@ -36,6 +38,7 @@ struct NPUWorker: ParsableCommand {
         sigaddset(&set, SIGTERM)
         pthread_sigmask(SIG_BLOCK, &set, nil)
         signal(SIGPIPE, SIG_IGN)
+        if let listen { ListenMode.serve(path: listen) }
 
         let connection: WorkerConnection
         do {

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Side-by-side proxy benchmark for BENCHMARKS.md (issue: "as fast as a C proxy").
+
+Runs, in one invocation and interleaved round by round (so machine noise hits all three alike):
+  direct      clients talk to echoing workers' own Unix sockets (npu-worker --listen), no proxy
+  supervisor  clients -> npu-supervisord requests.sock -> the same echo workers (over fd 3)
+  haproxy     clients -> HAProxy (mode tcp, Unix socket front and back, balance leastconn) -> echo workers
+for 1, 8 and 64 clients, 64 B and 4 KiB payloads; latency with one request in flight per client (depth 1),
+throughput pipelined (depth 16). Reports medians over the rounds and the supervisor/HAProxy ratios.
+Usage: scripts/bench-proxy.py [--rounds 3] [--seconds 2] [--workers 2]
+"""
+import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time, statistics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, ".build", "release")
+
+
+def wait_socket(path, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise SystemExit(f"bench: {path} did not come up")
+
+
+def wait_ready(status_path, n, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(status_path)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            doc = json.loads(data)
+            if sum(w["state"] == "ready" for w in doc["workers"]) == n:
+                return doc
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    raise SystemExit("bench: supervisor workers not ready")
+
+
+def load(sockets, clients, depth, size, seconds, status=None):
+    cmd = [os.path.join(BIN, "npu-bench"), "load", "--clients", str(clients), "--depth", str(depth),
+           "--size", str(size), "--duration", str(seconds), "--machine"]
+    for s in sockets:
+        cmd += ["--socket", s]
+    if status:
+        cmd += ["--status", status]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 10 + 60)
+    if out.returncode != 0:
+        raise SystemExit(f"bench: load failed: {out.stdout}\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    if not shutil.which("haproxy"):
+        raise SystemExit("bench: haproxy not installed (apt-get install haproxy)")
+    tmp = tempfile.mkdtemp(prefix="npu-proxy-bench-")
+    procs = []
+    try:
+        worker_socks = []
+        for i in range(args.workers):
+            path = os.path.join(tmp, f"w{i}.sock")
+            procs.append(subprocess.Popen([os.path.join(BIN, "npu-worker"), "--listen", path],
+                                          stderr=subprocess.DEVNULL))
+            worker_socks.append(path)
+        for p in worker_socks:
+            wait_socket(p)
+        front = os.path.join(tmp, "haproxy.sock")
+        cfg = os.path.join(tmp, "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write("global\n  maxconn 4000\n  nbthread 2\n"
+                    "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n"
+                    f"frontend fe\n  bind unix@{front}\n  default_backend be\n"
+                    "backend be\n  balance leastconn\n")
+            for i, p in enumerate(worker_socks):
+                f.write(f"  server w{i} unix@{p}\n")
+        procs.append(subprocess.Popen(["haproxy", "-f", cfg, "-db"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        wait_socket(front)
+        conf = os.path.join(tmp, "supervisor.toml")
+        with open(conf, "w") as f:
+            f.write('[supervisor]\nrun_dir = "run"\nlog_level = "warning"\n[requests]\nmax_queue = 65536\n'
+                    'max_inflight_per_connection = 1024\n'
+                    f'[defaults]\ncommand = ["{os.path.join(BIN, "npu-worker")}"]\nmax_inflight = 1024\n')
+            for i in range(args.workers):
+                f.write(f'[[device]]\nid = "{i}"\n')
+        procs.append(subprocess.Popen([os.path.join(BIN, "npu-supervisord"), "--config", conf],
+                                      stderr=subprocess.DEVNULL))
+        status = os.path.join(tmp, "run", "status.sock")
+        wait_ready(status, args.workers)
+        targets = {"direct": (worker_socks, None), "supervisor": ([os.path.join(tmp, "run", "requests.sock")], status),
+                   "haproxy": ([front], None)}
+        results = {}
+        cases = [(size, clients, depth) for size in (64, 4096) for clients in (1, 8, 64) for depth in (1, 16)]
+        for r in range(args.rounds):
+            for case in cases:
+                for name, (socks, st) in targets.items():
+                    res = load(socks, case[1], case[2], case[0], args.seconds, st)
+                    assert res["never_answered"] == 0 and not res["errors"], res
+                    results.setdefault((name,) + case, []).append(res)
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        print(f"median of {args.rounds} rounds, {args.seconds} s each, {args.workers} echo workers, "
+              f"{os.cpu_count()} CPUs")
+        print("| payload | clients | depth | direct req/s | supervisor req/s | haproxy req/s | sup/haproxy "
+              "| direct p50/p99 ms | supervisor p50/p99 ms | haproxy p50/p99 ms | supervisor RSS max |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for case in cases:
+            row = {}
+            for name in targets:
+                rs = results[(name,) + case]
+                row[name] = (statistics.median(x["rps"] for x in rs), statistics.median(x["p50_ms"] for x in rs),
+                             statistics.median(x["p99_ms"] for x in rs), max(x["rss_max_kb"] for x in rs))
+            ratio = row["supervisor"][0] / row["haproxy"][0] if row["haproxy"][0] else float("nan")
+            print(f"| {case[0]} B | {case[1]} | {case[2]} | {row['direct'][0]:.0f} | {row['supervisor'][0]:.0f} | "
+                  f"{row['haproxy'][0]:.0f} | {ratio:.2f} | {row['direct'][1]:.3f}/{row['direct'][2]:.3f} | "
+                  f"{row['supervisor'][1]:.3f}/{row['supervisor'][2]:.3f} | {row['haproxy'][1]:.3f}/{row['haproxy'][2]:.3f} | "
+                  f"{row['supervisor'][3] / 1024:.1f} MB |")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
