@@ -10,6 +10,11 @@ public final class BlockingFrameIO: @unchecked Sendable {
     private var buffer = ByteBuffer()
     private var writeLock = pthread_mutex_t()
     private var scratch = [UInt8](repeating: 0, count: 64 * 1024)
+    /// Frames written by the reading thread itself while it still has buffered input: sent in one write just
+    /// before the next blocking read (a worker answering a burst of pipelined requests inline makes one
+    /// syscall, not one per answer). Writes from other threads go out at once.
+    private var batch = ByteBuffer()
+    private var readerThread: pthread_t?
 
     public init(fd: CInt, maximumFrameLength: Int = Frame.defaultMaximumLength) {
         self.fd = fd
@@ -22,10 +27,17 @@ public final class BlockingFrameIO: @unchecked Sendable {
     /// The next frame, or nil at a clean end of stream.
     /// - Throws: ``FrameDecodingError`` for a malformed stream, ``FrameIOError`` for a failed read.
     public func readFrame() throws -> Frame? {
+        if readerThread == nil { readerThread = pthread_self() }
         while true {
             if let frame = try decoder.decode(buffer: &buffer) {
-                buffer.discardReadBytes()
+                if buffer.readerIndex > 1 << 16 { buffer.discardReadBytes() }
                 return frame
+            }
+            buffer.discardReadBytes()
+            if batch.readableBytes > 0 {
+                let pending = batch
+                batch.clear()
+                try writeRaw(pending)
             }
             let n = scratch.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             if n < 0 {
@@ -43,6 +55,15 @@ public final class BlockingFrameIO: @unchecked Sendable {
     /// Writes one frame atomically with respect to other writers.
     /// - Throws: ``FrameIOError`` (EPIPE when the peer is gone).
     public func write(_ frame: Frame) throws {
+        if let reader = readerThread, pthread_equal(reader, pthread_self()) != 0 {
+            frame.write(to: &batch)
+            if batch.readableBytes >= 1 << 16 {
+                let pending = batch
+                batch.clear()
+                try writeRaw(pending)
+            }
+            return
+        }
         try writeRaw(frame.encoded())
     }
 
