@@ -16,7 +16,7 @@ extern char **environ;
 
 char **npu_environ(void) { return environ; }
 
-int npu_spawn(const char *path, char *const argv[], char *const envp[],
+int npu_spawn(const char *path, char *const argv[], char *const envp[], const char *working_directory,
               int channel_fd, int output_fd, int cgroup_procs_fd, pid_t *pid) {
     posix_spawn_file_actions_t fa;
     posix_spawnattr_t attr;
@@ -28,6 +28,7 @@ int npu_spawn(const char *path, char *const argv[], char *const envp[],
     /* Order matters: dup2 onto 0..4 first, then close everything from 5 (or 4) up. dup2 clears
        FD_CLOEXEC on the target, so fds 3 (and 4) survive exec even though the supervisor opened
        every descriptor close-on-exec. */
+    if (working_directory && (rc = posix_spawn_file_actions_addchdir_np(&fa, working_directory)) != 0) goto out;
     if ((rc = posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0)) != 0) goto out;
     if ((rc = posix_spawn_file_actions_adddup2(&fa, output_fd, 1)) != 0) goto out;
     if ((rc = posix_spawn_file_actions_adddup2(&fa, output_fd, 2)) != 0) goto out;

@@ -52,6 +52,8 @@ public struct RequestSettings: Sendable, Hashable {
     public var maxConnections: Int = 1024
     /// Requests in flight on one connection before the supervisor stops reading from it (back-pressure).
     public var maxInflightPerConnection: Int = 256
+    /// Answers queued for a client that does not read them; beyond this the client is disconnected.
+    public var maxClientBufferBytes: Int = 64 * 1024 * 1024
 }
 
 /// The whole validated configuration.
@@ -138,6 +140,7 @@ extension SupervisorConfiguration {
             requests.maxConnections = try r.int("max_connections", min: 1) ?? requests.maxConnections
             requests.maxInflightPerConnection = try r.int("max_inflight_per_connection", min: 1)
                 ?? requests.maxInflightPerConnection
+            requests.maxClientBufferBytes = try r.bytes("max_client_buffer", min: 4096) ?? requests.maxClientBufferBytes
             try r.rejectUnknownKeys()
         }
 

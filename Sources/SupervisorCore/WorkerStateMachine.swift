@@ -77,6 +77,9 @@ public struct WorkerStateMachine: Sendable {
     /// The reason the supervisor decided on before it killed the process (hang, start timeout, ...): it wins
     /// over the plain `signaled(9)` that waitpid will report.
     private var pendingReason: ExitReason?
+    /// A reason the worker itself reported (device OOM), valid only if the exit follows soon: a worker that
+    /// survives its OOM and dies much later of something else must not be blamed on it.
+    private var attributed: (reason: ExitReason, until: MonotonicInstant)?
     /// An operator restart: the exit that follows is expected and is followed by an immediate spawn.
     private var restartRequested = false
 
@@ -128,7 +131,12 @@ public struct WorkerStateMachine: Sendable {
             intensity.reset()
             backoffAttempt = 0
             return .spawn
-        case .starting, .ready, .stopping:
+        case .stopping:
+            // Still going away (an operator stop in progress): start the new one as soon as it is gone,
+            // without counting it as a failure or waiting out a backoff.
+            restartRequested = true
+            return nil
+        case .starting, .ready:
             return nil
         }
     }
@@ -201,23 +209,29 @@ public struct WorkerStateMachine: Sendable {
         }
     }
 
-    /// Attributes the coming exit to `reason` without killing (the worker reported a device OOM and is
-    /// expected to exit by itself).
-    public mutating func attribute(_ reason: ExitReason) {
-        if pid != nil { pendingReason = reason }
+    /// Attributes an exit that comes before `until` to `reason`, without killing (the worker reported a
+    /// device OOM and is expected to exit by itself).
+    public mutating func attribute(_ reason: ExitReason, until: MonotonicInstant) {
+        if pid != nil { attributed = (reason, until) }
     }
 
     /// The worker process is gone (reaped). Decides what comes next.
     /// - Parameter jitter: a sample in [0, 1) for the backoff jitter.
     public mutating func exited(_ observed: ExitReason, now: MonotonicInstant, jitter: Double) -> Action? {
         let wasReadySince: MonotonicInstant? = if case .ready(_, let since) = state { since } else { nil }
-        let reason = pendingReason ?? observed
-        pendingReason = nil
-        if case .stopping = state, desired == .down || restartRequested {
-            lastExit = reason == .signaled(signal: SIGTERM_, coreDumped: false) ? .stopped : reason
-        } else {
-            lastExit = reason
+        var reason = observed
+        if let fault = pendingReason {
+            reason = fault
+        } else if case .stopping = state, desired == .down || restartRequested {
+            // The exit the operator asked for: whatever code the worker chose on SIGTERM. A worker that had
+            // to be SIGKILLed after stop_timeout keeps that visible.
+            reason = observed == .signaled(signal: SIGKILL_, coreDumped: false) ? observed : .stopped
+        } else if let (cause, until) = attributed, now <= until {
+            reason = cause
         }
+        pendingReason = nil
+        attributed = nil
+        lastExit = reason
         exitCounts[lastExit!.kind, default: 0] += 1
 
         if desired == .down {

@@ -13,6 +13,10 @@ final class ClientConnection: @unchecked Sendable {  // confined to the event lo
     var isDirty = false
     var isReadingPaused = false
     var isOpen = true
+    /// The client shut down its sending side (half-close): answer what is in flight, then close.
+    var isInputClosed = false
+    /// Bytes handed to NIO and not yet written to the socket: what a client that does not read costs us.
+    var unwrittenBytes = 0
 
     init(channel: any Channel, supervisor: Supervisor) {
         self.channel = channel
@@ -34,8 +38,29 @@ final class ClientConnection: @unchecked Sendable {  // confined to the event lo
         guard isDirty else { return }
         isDirty = false
         guard isOpen else { return }
-        channel.writeAndFlush(outbound, promise: nil)
+        let size = outbound.readableBytes
+        unwrittenBytes += size
+        let limit = supervisor.config.requests.maxClientBufferBytes
+        if unwrittenBytes > limit {
+            // Reading from this client already stopped (it is not writable); answers for its requests in
+            // flight, and streamed chunks, still come. Past the limit it is cut off instead of growing memory.
+            supervisor.logger.warning("client does not read its answers; closing it",
+                                      metadata: ["unwritten_bytes": "\(unwrittenBytes)", "requests": "\(requests.count)"])
+            isOpen = false
+            channel.close(promise: nil)
+            return
+        }
+        let promise = channel.eventLoop.makePromise(of: Void.self)
+        promise.futureResult.whenComplete { _ in self.unwrittenBytes -= size }
+        channel.writeAndFlush(outbound, promise: promise)
         outbound = channel.allocator.buffer(capacity: 4096)
+    }
+
+    func closeAfterFlush() {
+        guard isOpen else { return }
+        flush()
+        isOpen = false
+        channel.close(mode: .all, promise: nil)
     }
 
     func updateReading() {
@@ -99,6 +124,16 @@ final class ClientHandler: ChannelInboundHandler, @unchecked Sendable {  // conf
 
     func channelReadComplete(context: ChannelHandlerContext) {
         supervisor.flushAll()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // Half-close (shutdown(SHUT_WR)): `printf ... | socat` style clients still get their answers.
+        if case ChannelEvent.inputClosed = event, let connection {
+            connection.isInputClosed = true
+            if connection.requests.isEmpty { connection.closeAfterFlush() }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {

@@ -16,6 +16,7 @@ public enum ConfigRenderer {
         out += "default_deadline = \(q(c.requests.defaultDeadline.configString))\nretries = \(c.requests.retries)\n"
         out += "max_connections = \(c.requests.maxConnections)\n"
         out += "max_inflight_per_connection = \(c.requests.maxInflightPerConnection)\n"
+        out += "max_client_buffer = \(c.requests.maxClientBufferBytes)\n"
         for w in c.workers {
             let p = w.policy
             out += "\n[[device]]\nid = \(q(w.device))\nkind = \(q(w.kind.rawValue))\n"

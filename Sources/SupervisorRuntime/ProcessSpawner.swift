@@ -61,7 +61,10 @@ enum ProcessSpawner {
         var pid: pid_t = 0
         let rc = withCStrings(argv) { cArgv in
             withCStrings(env) { cEnv in
-                npu_spawn(argv[0], cArgv, cEnv, pair[1], pipeFDs[1], cgroupProcsFD, &pid)
+                if let directory = spec.workingDirectory {
+                    return npu_spawn(argv[0], cArgv, cEnv, directory, pair[1], pipeFDs[1], cgroupProcsFD, &pid)
+                }
+                return npu_spawn(argv[0], cArgv, cEnv, nil, pair[1], pipeFDs[1], cgroupProcsFD, &pid)
             }
         }
         // The child has its copies (or there is no child): close ours of the child's ends in both cases.

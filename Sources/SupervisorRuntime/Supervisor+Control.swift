@@ -65,12 +65,16 @@ extension Supervisor {
             case "pid":
                 var pid: Int32? = getpid()
                 if let devices = command.devices, !devices.isEmpty {
+                    guard devices.count == 1, devices != ["all"] else { throw SupervisorError("pid takes one device") }
                     pid = try selectSlots(devices, allowEmpty: false).first?.machine.pid.flatMap { $0 > 0 ? $0 : nil }
                 }
                 answer(Frame(type: .response, requestID: requestID, payload: JSONCoding.encode(PidResult(pid: pid))))
             case "start", "stop", "restart":
                 let selected = try selectSlots(command.devices, allowEmpty: false)
-                guard !isShuttingDown else { throw SupervisorError("the supervisor is shutting down") }
+                guard !isShuttingDown else {
+                    fail(ErrorCode.commandFailed, "the supervisor is shutting down; \(command.command) refused")
+                    return
+                }
                 for slot in selected {
                     logger.notice("\(command.command) requested by uid \(peer?.uid ?? 0)", metadata: slot.metadata())
                     let action: WorkerStateMachine.Action?
@@ -149,6 +153,15 @@ final class ControlHandler: ChannelInboundHandler, @unchecked Sendable {  // con
 
     func channelInactive(context: ChannelHandlerContext) {
         supervisor.outputFollowers.removeValue(forKey: ObjectIdentifier(context.channel))
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // Half-close: every command read so far has been answered (answers are written at once).
+        if case ChannelEvent.inputClosed = event {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

@@ -77,8 +77,10 @@ extension Supervisor {
             return
         }
         guard client.requests[clientID] == nil else {
-            client.send(.error(requestID: clientID, code: ErrorCode.badRequest,
-                               message: "request id \(clientID) is already in flight on this connection"))
+            // Answering under the same id would give the first request two final answers: say it on id 0.
+            client.send(.error(requestID: 0, code: ErrorCode.badRequest,
+                               message: "request id \(clientID) is already in flight on this connection; "
+                                   + "the duplicate was ignored"))
             return
         }
         guard !isShuttingDown else {
@@ -293,6 +295,19 @@ extension Supervisor {
             client.requests.removeValue(forKey: request.clientID)
             if let frame { client.send(frame) }
             if client.isReadingPaused { client.updateReading() }
+            if client.isInputClosed && client.requests.isEmpty { client.closeAfterFlush() }
+        }
+    }
+
+    /// Queued requests none of whose candidate workers can come back (failed, stopped) are answered
+    /// `no_workers` now instead of waiting for their deadlines.
+    func answerHopelessQueued() {
+        guard !queue.isEmpty else { return }
+        for request in Array(queue) where request.isQueued {
+            if let reason = noWorkersReason(pinned: request.pinnedSlot) {
+                finish(request, with: .error(requestID: request.clientID, code: ErrorCode.noWorkers,
+                                             message: reason, retryable: true))
+            }
         }
     }
 

@@ -141,7 +141,18 @@ extension Supervisor {
     func workerOutput(_ slot: WorkerSlot, pid: pid_t, device: String, line: String) {
         slot.output.append(line)
         logger.info("\(line)", metadata: ["device": "\(device)", "worker_pid": "\(pid)", "stream": "output"])
-        for follower in outputFollowers.values where follower.device == device {
+        for (key, follower) in outputFollowers where follower.device == device {
+            // A `tail -f` reader that does not keep up loses lines (counted) rather than growing our memory.
+            guard follower.channel.isWritable else {
+                outputFollowers[key]?.dropped += 1
+                continue
+            }
+            if follower.dropped > 0 {
+                follower.channel.write(Frame(type: .chunk, requestID: follower.requestID,
+                                             string: "[npu-supervisord: \(follower.dropped) line(s) dropped: reader too slow]"),
+                                       promise: nil)
+                outputFollowers[key]?.dropped = 0
+            }
             follower.channel.writeAndFlush(Frame(type: .chunk, requestID: follower.requestID, string: line),
                                            promise: nil)
         }
@@ -164,6 +175,7 @@ extension Supervisor {
         let action = slot.machine.exited(observed, now: Self.now(), jitter: Double.random(in: 0..<1))
         logTransition(slot, to: slot.machine, pid: pid)
         perform(action, on: slot)
+        answerHopelessQueued()
         dispatchQueued()
         flushAll()
         checkStopped()
@@ -200,7 +212,7 @@ extension Supervisor {
         case .response where frame.requestID != 0, .error where frame.requestID != 0:
             if frame.type == .error {
                 let payload = frame.errorPayload
-                if payload.code == ErrorCode.deviceOOM { slot.machine.attribute(.deviceOOM) }
+                if payload.code == ErrorCode.deviceOOM { slot.machine.attribute(.deviceOOM, until: now + .seconds(5)) }
             }
             guard let request = requests[frame.requestID], request.worker === slot else { return }
             finish(request, with: Frame(type: frame.type, flags: frame.flags, requestID: request.clientID,
@@ -216,7 +228,7 @@ extension Supervisor {
         case .error:
             let payload = frame.errorPayload
             if payload.code == ErrorCode.deviceOOM {
-                slot.machine.attribute(.deviceOOM)
+                slot.machine.attribute(.deviceOOM, until: now + .seconds(5))
             }
             logger.warning("worker error: \(payload.code): \(payload.message)", metadata: slot.metadata())
         case .hello:
@@ -233,6 +245,10 @@ extension Supervisor {
                 protocolViolation(slot, "hello payload is not valid JSON: \(error)")
             }
         case .ready:
+            guard slot.hello != nil else {
+                protocolViolation(slot, "sent ready before hello (the protocol version was never agreed)")
+                return
+            }
             if slot.machine.readyReceived(now: now) {
                 let startup = slot.spawnedAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e9 } ?? 0
                 logger.notice("worker ready after \(String(format: "%.3f", startup))s", metadata: slot.metadata())

@@ -179,7 +179,8 @@ public final class Supervisor: @unchecked Sendable {
                 cancelOnWorker(request)
                 finish(request, with: .error(requestID: request.clientID, code: ErrorCode.shuttingDown,
                                              message: "the supervisor is shutting down; shutdown_timeout "
-                                                 + "(\(config.shutdownTimeout.configString)) passed before an answer"))
+                                                 + "(\(config.shutdownTimeout.configString)) passed before an answer",
+                                             retryable: true))
             }
             flushAll()
             let now = Self.now()
@@ -249,7 +250,8 @@ public final class Supervisor: @unchecked Sendable {
         let (health, reason) = aggregate()
         let now = NIODeadline.now()
         let mono = Self.now()
-        let workers = slots.filter { devices == nil || devices!.isEmpty || devices!.contains($0.spec.device) }
+        let all = devices == nil || devices!.isEmpty || devices! == ["all"]
+        let workers = slots.filter { all || devices!.contains($0.spec.device) }
             .map { slot -> WorkerStatus in
                 var next: Double?
                 if let d = slot.machine.nextDeadline {
@@ -271,7 +273,7 @@ public final class Supervisor: @unchecked Sendable {
             state: health.rawValue, reason: reason,
             supervisor: SupervisorInfo(pid: getpid(), version: Self.version,
                                        uptimeSeconds: Double((now - startedAt).nanoseconds) / 1e9,
-                                       config: configPath),
+                                       config: configPath.map { resolve($0, against: currentDirectory()) }),
             queueDepth: queue.count, workers: workers)
     }
 }

@@ -88,4 +88,5 @@ struct OutputFollower {
     let device: String
     let requestID: UInt64
     let channel: any Channel
+    var dropped = 0
 }

@@ -16,6 +16,12 @@ public final class BlockingFrameIO: @unchecked Sendable {
     private var batch = ByteBuffer()
     private var readerThread: pthread_t?
 
+    /// The largest frame accepted (a worker adopts the supervisor's `max_frame_bytes` from its hello).
+    public var maximumFrameLength: Int {
+        get { decoder.maximumFrameLength }
+        set { decoder = FrameDecoder(maximumFrameLength: newValue) }
+    }
+
     public init(fd: CInt, maximumFrameLength: Int = Frame.defaultMaximumLength) {
         self.fd = fd
         self.decoder = FrameDecoder(maximumFrameLength: maximumFrameLength)

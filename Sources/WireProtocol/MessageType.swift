@@ -1,5 +1,6 @@
 /// The type byte of a frame. A struct rather than an enum so that a frame with a type this build does not know
-/// still decodes; the receiver then answers it with an `unsupported` error instead of tearing the stream down.
+/// still decodes: on the client sockets it is answered with an `unsupported` error and the connection stays
+/// up; on a worker channel (whose protocol version was agreed in `hello`) it is a protocol violation.
 public struct MessageType: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
     public let rawValue: UInt8
     public init(rawValue: UInt8) { self.rawValue = rawValue }

@@ -15,7 +15,7 @@ public enum ErrorCode {
     public static let noWorkers = "no_workers"
     /// The request could not be understood (bad options, unknown device, unknown command).
     public static let badRequest = "bad_request"
-    /// The request was cancelled (by the client, or because the supervisor is shutting down).
+    /// The request was cancelled by the client (a `cancel` frame).
     public static let cancelled = "cancelled"
     /// A frame violated the protocol (too large, too short, wrong type in this direction).
     public static let protocolError = "protocol_error"
@@ -31,7 +31,7 @@ public enum ErrorCode {
     public static let workerError = "worker_error"
     /// Too many client connections.
     public static let tooManyConnections = "too_many_connections"
-    /// The control command failed.
+    /// The control command was understood but could not be carried out (e.g. during shutdown).
     public static let commandFailed = "command_failed"
 }
 

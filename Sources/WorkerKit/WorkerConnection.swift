@@ -78,6 +78,7 @@ public final class WorkerConnection: @unchecked Sendable {
             switch frame.type {
             case .hello:
                 supervisorHello = try? JSONCoding.decode(HelloFromSupervisor.self, from: frame.payload)
+                if let limit = supervisorHello?.maxFrameBytes { io.maximumFrameLength = limit }
             case .request:
                 let request = WorkerRequest(id: frame.requestID, payload: frame.payload, connection: self)
                 withLock { inflight += 1 }
@@ -99,6 +100,7 @@ public final class WorkerConnection: @unchecked Sendable {
         guard let frame = try io.readFrame() else { return nil }
         if frame.type == .hello {
             supervisorHello = try? JSONCoding.decode(HelloFromSupervisor.self, from: frame.payload)
+            if let limit = supervisorHello?.maxFrameBytes { io.maximumFrameLength = limit }
         }
         return supervisorHello
     }

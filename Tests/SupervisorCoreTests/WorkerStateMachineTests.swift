@@ -211,9 +211,33 @@ struct WorkerStateMachineTests {
 
     @Test func deviceOOMAttribution() {
         var m = Self.ready()
-        m.attribute(.deviceOOM)
+        m.attribute(.deviceOOM, until: Self.t0 + .seconds(5))
         _ = m.exited(.exited(code: 1), now: Self.t0 + .seconds(1), jitter: 0)
         #expect(m.lastExit == .deviceOOM)
+    }
+
+    @Test func staleDeviceOOMAttributionIsNotBlamed() {
+        var m = Self.ready()
+        m.attribute(.deviceOOM, until: Self.t0 + .seconds(5))
+        _ = m.exited(.signaled(signal: 11, coreDumped: false), now: Self.t0 + .seconds(60), jitter: 0)
+        #expect(m.lastExit == .signaled(signal: 11, coreDumped: false))
+    }
+
+    @Test func anOperatorStopIsStoppedWhateverTheExitCode() {
+        var m = Self.ready()
+        _ = m.stop(now: Self.t0)
+        _ = m.exited(.exited(code: 0), now: Self.t0 + .seconds(1), jitter: 0)
+        #expect(m.lastExit == .stopped)
+    }
+
+    @Test func startWhileStoppingRespawnsAtOnceWithoutBackoff() {
+        var m = Self.ready()
+        _ = m.stop(now: Self.t0)
+        let r = m.start(now: Self.t0)
+        #expect(r == nil)
+        let after = m.exited(.exited(code: 0), now: Self.t0 + .seconds(1), jitter: 0)
+        #expect(after == .spawn)
+        #expect(m.restarts == 0)
     }
 
     @Test func spawnFailureIsAnExitLikeAnyOther() {

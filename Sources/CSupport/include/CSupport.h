@@ -6,10 +6,11 @@
 /// Everything a worker spawn needs, in one call, so that Swift never forks (the daemon is multi-threaded).
 /// The child gets: `channel_fd` as fd 3, /dev/null as stdin, `output_fd` as stdout and stderr, every other fd
 /// closed, its own process group, an empty signal mask and default signal dispositions.
+/// `working_directory` (may be NULL) is entered before exec.
 /// When `cgroup_procs_fd` >= 0 the child is spawned through `trampoline` (argv[0] of the trampoline), which
 /// writes its own pid to that fd (passed as fd 4) before it execs the worker, so the worker runs none of its
 /// own code outside its cgroup. Returns 0 and sets *pid, or an errno value.
-int npu_spawn(const char *path, char *const argv[], char *const envp[],
+int npu_spawn(const char *path, char *const argv[], char *const envp[], const char *working_directory,
               int channel_fd, int output_fd, int cgroup_procs_fd, pid_t *pid);
 
 /// The process environment (`environ`), which Swift 6 does not import safely.

@@ -1,0 +1,217 @@
+import Foundation
+import NIOCore
+import NPUClient
+import Testing
+import WireProtocol
+
+/// Every error code of the request path produced by a real scenario and seen by a real client; back-pressure,
+/// cancellation, half-close and the chaos drill.
+@Suite(.serialized, .timeLimit(.minutes(3)))
+struct RequestPathTests {
+    static let sleepy = "{\"prompt\": \"s\", \"fault\": \"sleep\", \"sleep_ms\": 1500}"
+
+    @Test func overloadedWhenEveryWorkerAndTheQueueAreFull() throws {
+        let daemon = try TestDaemon(devices: ["0"], defaults: "max_inflight = 1", extra: "[requests]\nmax_queue = 1")
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        try client.sendRequest(id: 1, payload: payload(Self.sleepy))  // on the worker
+        try client.sendRequest(id: 2, payload: payload(Self.sleepy))  // in the queue
+        try client.sendRequest(id: 3, payload: payload(Self.sleepy))  // nowhere: refused at once
+        let first = try #require(try client.readFrame())
+        #expect(first.requestID == 3)
+        #expect(first.errorPayload.code == "overloaded")
+        #expect(first.errorPayload.retryable)
+        #expect(daemon.status()?.queueDepth == 1)
+        var rest: [UInt64: Frame] = [:]
+        while rest.count < 2, let frame = try client.readFrame() { rest[frame.requestID] = frame }
+        #expect(rest[1]?.type == .response && rest[2]?.type == .response, "the queued request is served later")
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func cancelFreesTheWorkerAtOnce() throws {
+        let daemon = try TestDaemon(devices: ["0"], defaults: "max_inflight = 1")
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        try client.sendRequest(id: 7, payload: payload(Self.sleepy))
+        #expect(eventually { daemon.worker("0")?.inflight == 1 })
+        try client.cancel(id: 7)
+        let answer = try #require(try client.readFrame())
+        #expect(answer.requestID == 7 && answer.errorPayload.code == "cancelled")
+        #expect(daemon.worker("0")?.inflight == 0)
+        // The worker's place is free: the next request does not wait behind the cancelled one's 1.5 s.
+        let start = ContinuousClock.now
+        #expect(decodeAnswer(try client.infer(payload("{\"prompt\": \"next\"}"))) != nil)
+        #expect(ContinuousClock.now - start < .milliseconds(1400))
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func disconnectCancelsAndFreesItsRequests() throws {
+        let daemon = try TestDaemon(devices: ["0"], defaults: "max_inflight = 2")
+        #expect(daemon.waitAllReady() != nil)
+        do {
+            let client = try daemon.client()
+            try client.sendRequest(id: 1, payload: payload(Self.sleepy))
+            try client.sendRequest(id: 2, payload: payload(Self.sleepy))
+            #expect(eventually { daemon.worker("0")?.inflight == 2 })
+        }  // the client is closed here
+        #expect(eventually(timeout: .milliseconds(500)) { daemon.worker("0")?.inflight == 0 })
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func shuttingDownRefusesNewRequestsWhileDraining() throws {
+        let daemon = try TestDaemon(devices: ["0"])
+        #expect(daemon.waitAllReady() != nil)
+        let busy = try daemon.client()
+        try busy.sendRequest(id: 1, payload: payload(Self.sleepy))
+        #expect(eventually { daemon.worker("0")?.inflight == 1 })
+        let late = try daemon.client()
+        kill(daemon.pid, SIGTERM)
+        var outcome: InferenceOutcome?
+        #expect(eventually {
+            outcome = try? late.infer(payload("{\"prompt\": \"late\"}"))
+            if case .error(let e) = outcome, e.code == "shutting_down" { return true }
+            return false
+        })
+        if case .error(let e) = outcome { #expect(e.retryable) }
+        let drained = try #require(try busy.readFrame())
+        #expect(drained.type == .response, "the request in flight still completes")
+        #expect(eventually { !daemon.process.isRunning })
+    }
+
+    @Test func connectionLimit() throws {
+        let daemon = try TestDaemon(devices: ["0"], extra: "[requests]\nmax_connections = 2")
+        #expect(daemon.waitAllReady() != nil)
+        let a = try daemon.client(), b = try daemon.client()
+        #expect(decodeAnswer(try a.infer(payload("{}"))) != nil)
+        #expect(decodeAnswer(try b.infer(payload("{}"))) != nil)
+        let c = try daemon.client()
+        let refusal = try #require(try c.readFrame())
+        #expect(refusal.requestID == 0 && refusal.errorPayload.code == "too_many_connections")
+        #expect(try c.readFrame() == nil)
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func unsupportedTypesAndBadRequestsKeepTheConnection() throws {
+        let daemon = try TestDaemon(devices: ["0"])
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        try client.io.write(Frame(type: .ready, requestID: 5))
+        let unsupported = try #require(try client.readFrame())
+        #expect(unsupported.requestID == 5 && unsupported.errorPayload.code == "unsupported")
+        // Options prefix that is not JSON.
+        try client.io.write(Frame(type: .request, flags: .hasOptions, requestID: 6, payload: ByteBuffer(bytes: [0, 2, 0x7B, 0x7B])))
+        let bad = try #require(try client.readFrame())
+        #expect(bad.requestID == 6 && bad.errorPayload.code == "bad_request")
+        // Request id 0 is reserved; a duplicate id in flight is refused on id 0 (the first keeps its answer).
+        try client.sendRequest(id: 0, payload: payload("{}"))
+        #expect(try client.readFrame()?.errorPayload.code == "bad_request")
+        try client.sendRequest(id: 9, payload: payload("{\"prompt\": \"d\", \"fault\": \"sleep\", \"sleep_ms\": 200}"))
+        try client.sendRequest(id: 9, payload: payload("{}"))
+        let duplicate = try #require(try client.readFrame())
+        #expect(duplicate.requestID == 0 && duplicate.errorPayload.message.contains("already in flight"))
+        let first = try #require(try client.readFrame())
+        #expect(first.requestID == 9 && first.type == .response)
+        // Still usable.
+        #expect(decodeAnswer(try client.infer(payload("{\"prompt\": \"ok\"}"))) != nil)
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func halfClosedClientStillGetsItsAnswers() throws {
+        let daemon = try TestDaemon(devices: ["0", "1"])
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        for id in UInt64(1)...3 { try client.sendRequest(id: id, payload: payload("{\"prompt\": \"h\"}")) }
+        shutdown(client.io.fd, Int32(SHUT_WR))
+        var ids: Set<UInt64> = []
+        while let frame = try client.readFrame() {
+            #expect(frame.type == .response)
+            ids.insert(frame.requestID)
+        }
+        #expect(ids == [1, 2, 3], "all answered, then the supervisor closed")
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func requestsForDevicesThatCannotComeBackAreAnsweredAtOnce() throws {
+        let daemon = try TestDaemon(devices: ["0"], defaults: "max_inflight = 1")
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        try client.sendRequest(id: 1, payload: payload(Self.sleepy))
+        try client.sendRequest(id: 2, payload: payload("{}"))  // queued behind it
+        #expect(eventually { daemon.status()?.queueDepth == 1 })
+        #expect(try daemon.ctl(["stop", "0"]).status == 0)
+        var codes: [UInt64: String] = [:]
+        while codes.count < 2, let frame = try client.readFrame() {
+            codes[frame.requestID] = frame.type == .response ? "ok" : frame.errorPayload.code
+        }
+        #expect(codes[2] == "no_workers", "\(codes)")
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func aClientThatNeverReadsCannotGrowTheSupervisorsMemory() throws {
+        let daemon = try TestDaemon(devices: ["0", "1"], defaults: "max_inflight = 64",
+                                    extra: "[requests]\nmax_client_buffer = \"4MiB\"\nmax_inflight_per_connection = 64")
+        let doc = try #require(daemon.waitAllReady())
+        let before = rssKB(doc.supervisor.pid)
+        let client = try daemon.client()
+        var timeout = timeval(tv_sec: 1, tv_usec: 0)
+        setsockopt(client.io.fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        // 1 MiB echo payloads, never reading the 1 MiB answers: 200 of them would be 200 MiB.
+        let big = ByteBuffer(repeating: UInt8(ascii: "z"), count: 1 << 20)
+        var sent = 0
+        for id in UInt64(1)...200 {
+            do { try client.sendRequest(id: id, payload: big) } catch { break }  // back-pressure: writes time out
+            sent += 1
+        }
+        #expect(sent < 200, "the supervisor stopped reading from a client that does not read")
+        let after = rssKB(doc.supervisor.pid)
+        #expect(after - before < 80 * 1024, "RSS grew \(after - before) KiB")
+        // Everyone else is still served.
+        #expect(decodeAnswer(try daemon.client().infer(payload("{\"prompt\": \"x\"}"))) != nil)
+        #expect(eventually { daemon.status()?.workers.allSatisfy { $0.inflight == 0 } ?? false })
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func aClientThatDoesNotReadAStreamIsCutOffAtItsBufferLimit() throws {
+        let daemon = try TestDaemon(devices: ["0", "1"], defaults: "max_inflight = 64",
+                                    extra: "[requests]\nmax_client_buffer = \"64KiB\"")
+        #expect(daemon.waitAllReady() != nil)
+        let flood = try daemon.client()
+        for id in UInt64(1)...64 {
+            try flood.sendRequest(id: id, payload: payload("{\"prompt\": \"f\", \"max_new_tokens\": 4096, \"stream\": true}"))
+        }
+        #expect(eventually { daemon.log.contains("client does not read its answers") })
+        #expect(eventually { daemon.status()?.workers.allSatisfy { $0.inflight == 0 } ?? false },
+                "its requests were cancelled when it was cut off")
+        #expect(decodeAnswer(try daemon.client().infer(payload("{\"prompt\": \"x\"}"))) != nil)
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func chaosDrillLosesNoRequest() throws {
+        let daemon = try TestDaemon(devices: ["0", "1", "2", "3"], workerArgs: ["--token-ms", "1"],
+                                    defaults: "restart_limit = 100\nbackoff_initial = \"50ms\"")
+        #expect(daemon.waitAllReady() != nil)
+        let result = try runCommand(Binaries.directory + "/npu-bench", [
+            "load", "--socket", daemon.requestsSocket, "--status", daemon.statusSocket, "--clients", "8",
+            "--depth", "2", "--duration", "4", "--kill-every", "1", "--machine",
+            "--json", "{\"prompt\": \"chaos\", \"max_new_tokens\": 4}",
+        ])
+        #expect(result.status == 0, "\(result.stdout) \(result.stderr)")
+        let line = try #require(result.stdout.split(separator: "\n").last)
+        let report = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
+        #expect(report["never_answered"] as? Int == 0)
+        #expect((report["kills"] as? Int ?? 0) >= 3)
+        #expect((report["errors"] as? [String: Any])?.isEmpty == true, "with retries = 1 no request fails: \(line)")
+        #expect((report["ok"] as? Int ?? 0) > 100)
+        #expect(daemon.terminate() == 0)
+    }
+}
+
+func rssKB(_ pid: Int32) -> Int {
+    let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+    let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+    return Int(line.split(whereSeparator: { $0 == " " || $0 == "\t" })[safe: 1] ?? "0") ?? 0
+}
+
+extension Array {
+    subscript(safe index: Int) -> Element? { indices.contains(index) ? self[index] : nil }
+}
