@@ -140,7 +140,7 @@ public final class Supervisor: @unchecked Sendable {
                 perform(slot.machine.fault(.hang, now: now), on: slot)
             }
         }
-        notifier.watchdogIfDue()
+        systemdTick()
     }
 
     func acquireLock() throws {
@@ -167,7 +167,7 @@ public final class Supervisor: @unchecked Sendable {
         guard !isShuttingDown else { return }
         isShuttingDown = true
         logger.notice("shutting down: \(reason); draining \(requests.count) request(s)")
-        notifier.notify("STOPPING=1\nSTATUS=stopping: \(reason)")
+        systemdStopping(reason: reason)
         let drainDeadline = NIODeadline.now() + TimeAmount.nanoseconds(config.shutdownTimeout.nanoseconds)
         drainThenStop(until: drainDeadline)
     }
@@ -232,18 +232,10 @@ public final class Supervisor: @unchecked Sendable {
         HealthAggregator.aggregate(healthInputs(), minReady: config.minReady)
     }
 
-    /// Called after any change of a worker's state: keeps systemd's STATUS= current and sends READY=1 once.
+    /// Called after any change of a worker's state.
     func healthChanged() {
         let (health, line) = aggregate()
-        if !hasSentReady && health != .unavailable && !isShuttingDown {
-            hasSentReady = true
-            notifier.notify("READY=1\nSTATUS=\(line)")
-            lastStatusLine = line
-            logger.notice("ready: \(line)")
-        } else if line != lastStatusLine {
-            lastStatusLine = line
-            notifier.notify("STATUS=\(line)")
-        }
+        systemdHealthChanged(health: health, summary: line)
     }
 
     func statusDocument(devices: [String]? = nil) -> StatusDocument {
