@@ -118,7 +118,7 @@ class Request:
     def chunk(self, data: Any) -> bool:
         """Streams a partial answer (``chunk`` frame). Returns False when the request is already answered or
         the channel is gone. Raises ``ValueError`` for a chunk larger than the supervisor's frame limit."""
-        if self._answered:
+        if self._answered or self.worker._answers_closed:
             return False
         ok = self.worker._send(MessageType.CHUNK, self.id, to_bytes(data))
         if ok:
@@ -159,7 +159,7 @@ class Request:
 
     def _claim(self) -> bool:
         with self._lock:
-            if self._answered:
+            if self._answered or self.worker._answers_closed:
                 return False
             self._answered = True
             return True
@@ -237,6 +237,11 @@ class Worker:
         self._close_reason = ""
         self._close_lock = threading.Lock()
         self._heartbeats_stopped = threading.Event()
+        self._eof = threading.Event()
+        self._flushing_exit = False
+        self._exit_code: Optional[int] = None
+        self._answers_closed = False
+        self._reader_thread: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------ public API
 
@@ -310,7 +315,8 @@ class Worker:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.max_threads, thread_name_prefix="npu-request")
         threading.Thread(target=self._heartbeat_loop, name="npu-heartbeat", daemon=True).start()
-        threading.Thread(target=self._read_loop, name="npu-channel-reader", daemon=True).start()
+        self._reader_thread = threading.Thread(target=self._read_loop, name="npu-channel-reader", daemon=True)
+        self._reader_thread.start()
         if self.handle_sigterm and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
         self._log("pid %d connected (heartbeat every %d ms, max frame %d bytes)"
@@ -367,15 +373,34 @@ class Worker:
         """Stops heart-beating (fault drills: what a wedged process looks like to the supervisor)."""
         self._heartbeats_stopped.set()
 
-    def exit(self, code: int = 0) -> None:
-        """Flushes stdout/stderr and ends the process at once (``os._exit``: request threads cannot hold it)."""
+    def exit(self, code: int = 0, flush_timeout: float = 2.0) -> None:
+        """Ends the process with ``code`` (``os._exit``: request threads cannot hold it up).
+
+        Before that it makes sure the supervisor has read every frame already sent (the answers, a device-OOM
+        report): it half-closes the channel and waits, at most ``flush_timeout`` seconds, for the supervisor to
+        close its end, which it does only after consuming everything before the end-of-file. Without this, a
+        supervisor that notices the exit first could drop those frames (and run an answered request again).
+        """
         self._exiting = True
+        with self._close_lock:
+            if self._exit_code is None:
+                self._exit_code = code  # the first exit asked for wins (a racing EOF must not turn 1 into 0)
+        stream = self._reader.stream if self._reader is not None else None
+        if (self._connected and not self._eof.is_set() and hasattr(stream, "shutdown")
+                and threading.current_thread() is not self._reader_thread):
+            self._flushing_exit = True
+            try:
+                stream.shutdown(1)  # SHUT_WR
+            except OSError:
+                pass
+            else:
+                self._eof.wait(flush_timeout)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except Exception:  # noqa: BLE001 - the supervisor (reading our output) may be gone
                 pass
-        os._exit(code)
+        os._exit(self._exit_code)
 
     # ------------------------------------------------------------------ internals
 
@@ -423,7 +448,8 @@ class Worker:
             while True:
                 frame = self._reader.read_frame()
                 if frame is None:
-                    self._log("supervisor channel closed; exiting")
+                    if not self._flushing_exit:
+                        self._log("supervisor channel closed; exiting")
                     break
                 if frame.type == MessageType.SHUTDOWN:
                     # Keep reading meanwhile: cancels still count, and EOF still ends the process at once.
@@ -432,7 +458,11 @@ class Worker:
                 self._dispatch(frame)
         except (OSError, ProtocolError) as error:
             reason, code = "error: %s" % error, 1
-            self._log("channel error: %s; exiting" % error)
+            if not self._flushing_exit:
+                self._log("channel error: %s; exiting" % error)
+        self._eof.set()
+        if self._flushing_exit:
+            return  # exit() half-closed the channel and now ends the process with its own code
         self._close(reason, code)
 
     def _dispatch(self, frame: Any) -> None:
@@ -553,9 +583,12 @@ class Worker:
                 return
             self._close_reason = reason
         self._heartbeats_stopped.set()
+        # Requests still running are abandoned, not answered: the supervisor re-dispatches them (if nothing of
+        # them was streamed) once the channel closes, or answers worker_lost. Their handlers see `cancelled`.
+        self._answers_closed = True
         with self._state:
             for request in self._requests.values():
-                request._cancelled.set()  # nobody can receive their answers any more
+                request._cancelled.set()
         if self.exit_process:
             self.exit(code)
         self._closed.set()
