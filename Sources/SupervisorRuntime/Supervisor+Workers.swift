@@ -160,12 +160,30 @@ extension Supervisor {
 
     /// Reaps the slot's process if it has exited and hands the exit to the state machine.
     func reapIfExited(_ slot: WorkerSlot) {
-        guard let pid = slot.machine.pid, pid > 0, let observed = ProcessSpawner.reap(pid) else { return }
+        guard let pid = slot.machine.pid, pid > 0, slot.reapedExit == nil,
+              let observed = ProcessSpawner.reap(pid) else { return }
         // Anything still in the group (helpers the worker forked) dies with it.
         _ = kill(-pid, SIGKILL)
         slot.exitWatch?.cancel()
         slot.exitWatch = nil
         slot.channelClosedCheck?.cancel()
+        if let channel = slot.channel {
+            // Frames the worker wrote just before it exited (its last answers, a device_oom report) are still
+            // in the socket: read them up to the EOF before deciding anything, or an answered request would be
+            // run again and the exit misattributed. The EOF is immediate now that the process is gone; the
+            // timer only guards against a descendant that escaped the group and still holds fd 3.
+            slot.reapedExit = observed
+            slot.exitDrain = eventLoop.scheduleTask(in: .milliseconds(500)) { channel.close(promise: nil) }
+            return
+        }
+        completeExit(slot, pid: pid, observed: observed)
+    }
+
+    /// The process is reaped and its channel drained: hand the exit to the state machine.
+    func completeExit(_ slot: WorkerSlot, pid: pid_t, observed: ExitReason) {
+        slot.reapedExit = nil
+        slot.exitDrain?.cancel()
+        slot.exitDrain = nil
         slot.channel?.close(promise: nil)
         slot.channel = nil
         slot.outbound.clear()
@@ -271,6 +289,10 @@ extension Supervisor {
     /// process does not exit by itself shortly, it is a worker that closed fd 3 and kept running: kill it.
     func workerChannelClosed(_ slot: WorkerSlot, pid: pid_t) {
         guard slot.machine.pid == pid else { return }
+        if let observed = slot.reapedExit {
+            completeExit(slot, pid: pid, observed: observed)
+            return
+        }
         slot.channel = nil
         slot.outbound.clear()
         failInflight(of: slot, code: ErrorCode.workerLost)

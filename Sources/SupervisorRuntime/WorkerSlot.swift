@@ -19,6 +19,9 @@ final class WorkerSlot: @unchecked Sendable {  // confined to the event loop
     var hello: HelloFromWorker?
     var timer: Scheduled<Void>?
     var channelClosedCheck: Scheduled<Void>?
+    /// The process was reaped but its channel is still being drained (see `reapIfExited`).
+    var reapedExit: ExitReason?
+    var exitDrain: Scheduled<Void>?
     /// Requests this process holds.
     var inflight = 0
     var output: LineRing
