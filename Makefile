@@ -23,7 +23,7 @@ run: build
 test: build
 	$(SWIFT) build --build-tests
 	$(SWIFT) test 2>&1 | tee .build/swift-test.log; test $${PIPESTATUS[0]} -eq 0
-	python3 -m unittest discover -s python/tests -t python 2>&1 | tee .build/python-test.log; test $${PIPESTATUS[0]} -eq 0
+	python3 -m unittest discover -s python/tests 2>&1 | tee .build/python-test.log; test $${PIPESTATUS[0]} -eq 0
 
 bench: release
 	scripts/bench-restart.sh
