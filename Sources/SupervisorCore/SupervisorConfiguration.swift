@@ -74,6 +74,9 @@ public struct SupervisorConfiguration: Sendable, Hashable {
     public var outputLines: Int = 1000
     /// Workers that must be ready for the supervisor to count as able to serve (`/readyz`, READY=1).
     public var minReady: Int = 1
+    /// Start-up grace under systemd: READY=1 is sent after this even if fewer than `minReady` workers are ready
+    /// (STATUS= says so). nil: READY=1 waits for `minReady` workers.
+    public var readyTimeout: Duration?
     public var requests = RequestSettings()
     public var workers: [WorkerSpec] = []
 
@@ -124,6 +127,7 @@ extension SupervisorConfiguration {
             }
             outputLines = try r.int("output_lines", min: 0, max: 1_000_000) ?? outputLines
             minReady = try r.int("min_ready", min: 1) ?? minReady
+            readyTimeout = try r.duration("ready_timeout", min: .milliseconds(100))
             try r.rejectUnknownKeys()
         } else {
             requestsSocket = runDirectory + "/requests.sock"

@@ -204,7 +204,9 @@ public final class Supervisor: @unchecked Sendable {
         let closes = servers.map { $0.close() } + clients.values.map { $0.channel.close() }
             + outputFollowers.values.map { $0.channel.close() }
         EventLoopFuture.andAllComplete(closes, on: eventLoop).whenComplete { _ in
-            for path in [self.config.requestsSocket, self.config.statusSocket, self.config.controlSocket] {
+            // Socket files passed by systemd stay: the socket unit listens on and starts us again.
+            for path in [self.config.requestsSocket, self.config.statusSocket, self.config.controlSocket]
+            where !ListenFDs.shared.isPassed(path: path) {
                 unlink(path)
             }
             if self.lockFD >= 0 {
@@ -302,7 +304,9 @@ extension Supervisor {
     /// of dying (an untrapped SIGHUP terminates a process).
     public func reloadRequested() {
         eventLoop.execute {
+            self.systemdReloadBegan()  // RELOADING=1 ... READY=1 (Supervisor+Systemd.swift) around the reload
             self.logger.warning("SIGHUP received: configuration reload is not supported by this version; ignored")
+            self.systemdReloadFinished()
         }
     }
 }

@@ -1,13 +1,21 @@
 import CSystemd
 import Glibc
 
-/// sd_notify(3) for the daemon: READY=1, STATUS=, WATCHDOG=1, STOPPING=1, RELOADING=1. A no-op when the daemon
-/// does not run under systemd (no `NOTIFY_SOCKET`). Thread-safe (sd_notify opens a fresh datagram per call).
+/// sd_notify(3) for the daemon: READY=1, STATUS=, WATCHDOG=1, STOPPING=1, RELOADING=1, EXTEND_TIMEOUT_USEC=,
+/// MAINPID=. A no-op when the daemon does not run under systemd (no `NOTIFY_SOCKET`). `notify` is thread-safe
+/// (sd_notify opens a fresh datagram per call); the bookkeeping properties belong to the caller's event loop.
 public final class SystemdNotifier: @unchecked Sendable {
     /// Half of the watchdog period (systemd's advice), nil when no watchdog is asked for.
     public let watchdogInterval: UInt64?
-    private var lastWatchdog: UInt64 = 0
     public let isEnabled: Bool
+
+    // Bookkeeping for the supervisor's systemd hooks (touched only on its event loop).
+    /// When EXTEND_TIMEOUT_USEC= was last sent (monotonic nanoseconds), 0 for never.
+    public var lastExtend: UInt64 = 0
+    /// The hooks' one-time set-up (watchdog timer, unused-fd warning) has run.
+    public var started = false
+    /// A reload is in progress (RELOADING=1 sent, READY=1 not yet).
+    public var reloading = false
 
     public init() {
         isEnabled = getenv("NOTIFY_SOCKET") != nil
@@ -28,24 +36,27 @@ public final class SystemdNotifier: @unchecked Sendable {
         return sd_notify(0, state) >= 0
     }
 
-    /// Sends WATCHDOG=1 when half the watchdog period has passed since the last one. Must be called from the
-    /// event loop itself, so that a wedged loop misses its ping and systemd restarts the service.
-    public func watchdogIfDue() {
-        guard let interval = watchdogInterval else { return }
+    /// `STATUS=` text made safe for the one-line protocol (a newline would start a new assignment).
+    public static func statusText(_ line: String) -> String {
+        String(line.map { $0 == "\n" || $0 == "\r" ? " " : $0 })
+    }
+
+    /// CLOCK_MONOTONIC in nanoseconds (the clock systemd's `MONOTONIC_USEC=` and our intervals use).
+    public static func monotonicNanoseconds() -> UInt64 {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
-        let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-        if now &- lastWatchdog >= interval {
-            lastWatchdog = now
-            notify("WATCHDOG=1")
-        }
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 }
 
 /// Listening sockets passed by systemd socket activation (`LISTEN_FDS`, named by `FileDescriptorName=`).
+/// Read once, the first time ``shared`` is used: touch it early in `main`, before threads start, because
+/// reading them unsets `LISTEN_*` (they must not leak into workers) and `unsetenv` is not thread-safe.
 public final class ListenFDs: @unchecked Sendable {
     public static let shared = ListenFDs()
     private var byName: [String: CInt] = [:]
+    /// Unix socket paths of the fds that were taken (their files belong to systemd: never unlink them).
+    private var takenPaths: Set<String> = []
     private let lock = NSLockLike()
 
     private init() {
@@ -61,6 +72,7 @@ public final class ListenFDs: @unchecked Sendable {
                 name = String(cString: cName)
                 free(cName)
             }
+            if byName[name] != nil { name += "#\(i)" }  // several fds of one socket unit share its name
             byName[name] = fd
         }
         free(names)
@@ -68,11 +80,34 @@ public final class ListenFDs: @unchecked Sendable {
 
     /// The passed fd named `name` (each can be taken once), or nil when systemd passed none by that name.
     public func take(name: String) -> CInt? {
-        lock.withLock { byName.removeValue(forKey: name) }
+        lock.withLock {
+            guard let fd = byName.removeValue(forKey: name) else { return nil }
+            if let path = Self.unixPath(of: fd) { takenPaths.insert(path) }
+            return fd
+        }
     }
 
     /// Names of the passed fds not taken.
-    public var remaining: [String] { lock.withLock { Array(byName.keys) } }
+    public var remaining: [String] { lock.withLock { byName.keys.sorted() } }
+
+    /// Whether the socket file at `path` came from systemd (the daemon must leave it in place at exit: the
+    /// socket unit still listens on it and starts the daemon again on the next connection).
+    public func isPassed(path: String) -> Bool { lock.withLock { takenPaths.contains(path) } }
+
+    /// The filesystem path a listening Unix socket is bound to, nil for other sockets.
+    static func unixPath(of fd: CInt) -> String? {
+        var address = sockaddr_un()
+        var length = socklen_t(MemoryLayout<sockaddr_un>.size)
+        let rc = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        guard rc == 0, address.sun_family == sa_family_t(AF_UNIX) else { return nil }
+        let path = withUnsafeBytes(of: address.sun_path) { raw -> String in
+            let bytes = raw.prefix(max(0, Int(length) - MemoryLayout<sa_family_t>.size)).prefix { $0 != 0 }
+            return String(decoding: bytes, as: UTF8.self)
+        }
+        return path.isEmpty ? nil : path
+    }
 }
 
 /// A tiny pthread mutex (no Foundation in this module).

@@ -42,10 +42,22 @@ struct NPUSupervisord: AsyncParsableCommand {
             return
         }
         let level = Logger.Level(rawValue: logLevel ?? configuration.logLevel) ?? .info
+        // Socket activation: read (and unset) LISTEN_* now, before NIO's threads exist.
+        _ = ListenFDs.shared
+        // Under journald (JOURNAL_STREAM names our stderr) records go there with structured fields (DEVICE=,
+        // WORKER_PID=, REASON=, PRIORITY=, ...); otherwise plain lines on stderr.
+        let destination = LogDestination.detect()
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
+            switch destination {
+            case .journal:
+                var handler = JournalLogHandler(label: label, identifier: "npu-supervisord")
+                handler.logLevel = level
+                return handler
+            case .stderr:
+                var handler = StreamLogHandler.standardError(label: label)
+                handler.logLevel = level
+                return handler
+            }
         }
         let logger = Logger(label: "npu-supervisord")
         let supervisor = Supervisor(config: configuration, configPath: config, logger: logger)
