@@ -28,5 +28,10 @@ test: build
 bench: release
 	scripts/bench-restart.sh
 
+# Binaries to $(DESTDIR)$(PREFIX)/bin, config to /etc/npu-supervisor/config.toml (an existing one is kept),
+# systemd units, docs. See scripts/install.sh for SYSCONFDIR and UNITDIR.
+install: release
+	PREFIX=$(PREFIX) DESTDIR=$(DESTDIR) BUILD_DIR=.build/release scripts/install.sh
+
 clean:
 	rm -rf .build run

@@ -9,6 +9,10 @@ command -v socat >/dev/null 2>&1 || need+=(socat)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 [ -x /lib/systemd/systemd ] || need+=(systemd)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+# The systemd tests (scripts/systemd-sandbox.sh) also need nsenter (util-linux), script (bsdutils), mount.
+command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+command -v script >/dev/null 2>&1 || need+=(bsdutils)
+command -v mount >/dev/null 2>&1 || need+=(mount)
 if [ ${#need[@]} -gt 0 ]; then
     echo "install-deps: installing ${need[*]}" >&2
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
