@@ -32,8 +32,12 @@ int npu_spawn(const char *path, char *const argv[], char *const envp[], const ch
     if ((rc = posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0)) != 0) goto out;
     if ((rc = posix_spawn_file_actions_adddup2(&fa, output_fd, 1)) != 0) goto out;
     if ((rc = posix_spawn_file_actions_adddup2(&fa, output_fd, 2)) != 0) goto out;
-    if ((rc = posix_spawn_file_actions_adddup2(&fa, channel_fd, 3)) != 0) goto out;
-    if (cgroup_procs_fd >= 0) {
+    if (channel_fd < 0) {
+        /* A probe command: no channel, nothing beyond stdio. */
+        if ((rc = posix_spawn_file_actions_addclosefrom_np(&fa, 3)) != 0) goto out;
+    } else if ((rc = posix_spawn_file_actions_adddup2(&fa, channel_fd, 3)) != 0) {
+        goto out;
+    } else if (cgroup_procs_fd >= 0) {
         if ((rc = posix_spawn_file_actions_adddup2(&fa, cgroup_procs_fd, 4)) != 0) goto out;
         if ((rc = posix_spawn_file_actions_addclosefrom_np(&fa, 5)) != 0) goto out;
     } else {

@@ -13,6 +13,9 @@ public enum ExitReason: Hashable, Sendable, CustomStringConvertible {
     case hang
     /// Failed its inference probes; the supervisor killed it.
     case unhealthy
+    /// Its device failed the device probe (npu-smi, device nodes, the worker's own report); stopped by the
+    /// supervisor.
+    case deviceUnhealthy(String)
     /// Broke the wire protocol (oversized or malformed frame, wrong message type); the supervisor killed it.
     case protocolError(String)
     /// Did not say `ready` within `start_timeout`; the supervisor killed it.
@@ -30,6 +33,7 @@ public enum ExitReason: Hashable, Sendable, CustomStringConvertible {
         case .deviceOOM: "device_oom"
         case .hang: "hang"
         case .unhealthy: "unhealthy"
+        case .deviceUnhealthy: "device_unhealthy"
         case .protocolError: "protocol_error"
         case .startTimeout: "start_timeout"
         case .spawnFailed(let errno): "spawn_failed(\(errno))"
@@ -59,6 +63,7 @@ public enum ExitReason: Hashable, Sendable, CustomStringConvertible {
         case .deviceOOM: "device out of memory (reported by the worker)"
         case .hang: "stopped heart-beating; killed by the supervisor"
         case .unhealthy: "failed its inference probes; killed by the supervisor"
+        case .deviceUnhealthy(let why): "device failed its health probe (\(why)); stopped by the supervisor"
         case .protocolError(let why): "protocol violation: \(why); killed by the supervisor"
         case .startTimeout: "did not become ready within start_timeout; killed by the supervisor"
         case .spawnFailed(let errno): "could not be started: posix_spawn failed with errno \(errno)"

@@ -26,14 +26,20 @@ public struct WorkerHealthInput: Sendable, Hashable {
     public var isServing: Bool
     public var lastExit: String?
     public var restarts: Int
+    public var isFallback: Bool
+    /// Why a worker that runs is nevertheless out of rotation (its device probe fails), if it is.
+    public var outOfRotation: String?
 
-    public init(device: String, state: String, desiredUp: Bool, isServing: Bool, lastExit: String?, restarts: Int) {
+    public init(device: String, state: String, desiredUp: Bool, isServing: Bool, lastExit: String?, restarts: Int,
+                isFallback: Bool = false, outOfRotation: String? = nil) {
         self.device = device
         self.state = state
         self.desiredUp = desiredUp
         self.isServing = isServing
         self.lastExit = lastExit
         self.restarts = restarts
+        self.isFallback = isFallback
+        self.outOfRotation = outOfRotation
     }
 }
 
@@ -41,26 +47,32 @@ public struct WorkerHealthInput: Sendable, Hashable {
 public enum HealthAggregator {
     /// - Parameter minReady: how many serving workers make the whole "able to serve" (at least 1).
     public static func aggregate(_ workers: [WorkerHealthInput], minReady: Int = 1) -> (OverallHealth, String) {
-        let serving = workers.filter(\.isServing)
-        let wanted = workers.filter(\.desiredUp)
-        let notServing = wanted.filter { !$0.isServing }
-        let stoppedByOperator = workers.filter { !$0.desiredUp && !$0.isServing }
-        var summary = "\(serving.count)/\(workers.count) workers ready"
+        let devices = workers.filter { !$0.isFallback }
+        let fallback = workers.filter { $0.isFallback && $0.desiredUp }
+        let serving = devices.filter(\.isServing)
+        let fallbackServing = fallback.filter(\.isServing)
+        let notServing = devices.filter { $0.desiredUp && !$0.isServing }
+        let stoppedByOperator = devices.filter { !$0.desiredUp && !$0.isServing }
+        var summary = "\(serving.count)/\(devices.count) workers ready"
         if !stoppedByOperator.isEmpty {
             summary += "; stopped: " + stoppedByOperator.map(\.device).joined(separator: ",")
         }
-        if serving.count < max(1, minReady) {
-            let why = notServing.prefix(4).map(describe).joined(separator: ", ")
-            return (.unavailable, "unavailable: \(summary)" + (why.isEmpty ? "" : " (\(why))"))
-        }
-        if notServing.isEmpty {
-            return (.ok, summary)
+        if !fallback.isEmpty {
+            summary += "; CPU fallback active (\(fallbackServing.count)/\(fallback.count) ready)"
         }
         let why = notServing.prefix(4).map(describe).joined(separator: ", ")
-        return (.degraded, "degraded: \(summary) (\(why))")
+        let detail = why.isEmpty ? "" : " (\(why))"
+        if serving.count + fallbackServing.count < max(1, minReady) {
+            return (.unavailable, "unavailable: \(summary)\(detail)")
+        }
+        if notServing.isEmpty && fallbackServing.isEmpty {
+            return (.ok, summary)
+        }
+        return (.degraded, "degraded: \(summary)\(detail)")
     }
 
     static func describe(_ w: WorkerHealthInput) -> String {
+        if let why = w.outOfRotation { return "device \(w.device) out of rotation: \(why)" }
         var s = "device \(w.device) \(w.state)"
         if let last = w.lastExit, w.state != "starting" || w.restarts > 0 {
             s += " (\(last)" + (w.restarts > 0 ? " x\(w.restarts)" : "") + ")"

@@ -29,6 +29,30 @@ public struct WorkerSpec: Sendable, Hashable {
     public var heartbeatInterval: Duration
     public var heartbeatTimeout: Duration
     public var policy: WorkerStateMachine.Policy
+    public var deviceProbe = DeviceProbeSpec()
+    public var inferenceProbe = InferenceProbeSpec()
+    /// A CPU fallback worker (started only while device workers cannot serve).
+    public var isFallback = false
+
+    public init(device: String, kind: DeviceKind, command: [String], environment: [String: String],
+                pinVariable: String?, workingDirectory: String?, maxInflight: Int, heartbeatInterval: Duration,
+                heartbeatTimeout: Duration, policy: WorkerStateMachine.Policy,
+                deviceProbe: DeviceProbeSpec = DeviceProbeSpec(), inferenceProbe: InferenceProbeSpec = InferenceProbeSpec(),
+                isFallback: Bool = false) {
+        self.device = device
+        self.kind = kind
+        self.command = command
+        self.environment = environment
+        self.pinVariable = pinVariable
+        self.workingDirectory = workingDirectory
+        self.maxInflight = maxInflight
+        self.heartbeatInterval = heartbeatInterval
+        self.heartbeatTimeout = heartbeatTimeout
+        self.policy = policy
+        self.deviceProbe = deviceProbe
+        self.inferenceProbe = inferenceProbe
+        self.isFallback = isFallback
+    }
 
     /// The full environment contract of DESIGN 2.1 minus the inherited environment.
     public var contractEnvironment: [String: String] {
@@ -79,6 +103,8 @@ public struct SupervisorConfiguration: Sendable, Hashable {
     public var readyTimeout: Duration?
     public var requests = RequestSettings()
     public var workers: [WorkerSpec] = []
+    public var fallback: FallbackSpec?
+    public var http = HTTPSettings()
 
     public init() {}
 }
@@ -148,6 +174,19 @@ extension SupervisorConfiguration {
             try r.rejectUnknownKeys()
         }
 
+        if let t = try root.table("http") {
+            var r = TableReader(path: "http", table: t)
+            if let listen = try r.string("listen") {
+                if listen.isEmpty {
+                    http.listen = nil
+                } else {
+                    _ = try HTTPSettings.parse(listen)
+                    http.listen = listen
+                }
+            }
+            try r.rejectUnknownKeys()
+        }
+
         let defaults = try root.table("defaults") ?? [:]
         guard let deviceValue = root.raw("device") else {
             throw ConfigError(key: "device", value: nil,
@@ -169,6 +208,32 @@ extension SupervisorConfiguration {
             }
             workers.append(spec)
         }
+
+        if let t = try root.table("fallback") {
+            var r = TableReader(path: "fallback", table: t)
+            let count = try r.int("count", min: 0, max: 64) ?? 1
+            let whenFewerThan = try r.int("when_fewer_than", min: 1) ?? 1
+            let stopAfter = try r.duration("stop_after") ?? .seconds(30)
+            var workerTable = t
+            for key in ["count", "when_fewer_than", "stop_after"] { workerTable.removeValue(forKey: key) }
+            if workerTable["kind"] == nil { workerTable["kind"] = .string("cpu") }
+            // Fallback workers get no device probe unless they ask for one.
+            if workerTable["device_probe"] == nil { workerTable["device_probe"] = .table(["type": .string("none")]) }
+            var specs: [WorkerSpec] = []
+            for i in 0..<count {
+                var table = workerTable
+                table["id"] = .string("cpu\(i)")
+                var spec = try WorkerSpec(index: i, device: table, defaults: defaults, baseDirectory: baseDirectory,
+                                          path: "fallback")
+                spec.isFallback = true
+                guard !seen.contains(spec.device) else {
+                    throw ConfigError(key: "fallback", value: nil,
+                                      expected: "fallback ids cpu0..cpu\(count - 1) collide with a [[device]] id")
+                }
+                specs.append(spec)
+            }
+            fallback = FallbackSpec(workers: specs, whenFewerThan: whenFewerThan, stopAfter: stopAfter)
+        }
         try root.rejectUnknownKeys()
     }
 }
@@ -178,11 +243,13 @@ extension WorkerSpec {
         "kind", "command", "env", "pin_env", "working_directory", "max_inflight", "heartbeat_interval",
         "heartbeat_timeout", "restart", "backoff_initial", "backoff_max", "backoff_multiplier", "backoff_jitter",
         "backoff_reset_after", "restart_limit", "restart_window", "failed_retry_interval", "start_timeout",
-        "stop_timeout",
+        "stop_timeout", "device_probe", "inference_probe",
     ]
 
-    init(index: Int, device: [String: ConfigValue], defaults: [String: ConfigValue], baseDirectory: String) throws {
-        var idReader = TableReader(path: "device[\(index)]", table: device)
+    init(index: Int, device: [String: ConfigValue], defaults: [String: ConfigValue], baseDirectory: String,
+         path tablePath: String? = nil) throws {
+        let path = tablePath ?? "device[\(index)]"
+        var idReader = TableReader(path: path, table: device)
         guard let id = try idReader.string("id"), !id.isEmpty else {
             throw ConfigError(key: "device[\(index)].id", value: nil, expected: "missing: every device needs an id")
         }
@@ -191,15 +258,22 @@ extension WorkerSpec {
                               expected: "letters, digits, '-', '_' or '.' only")
         }
         for key in device.keys where key != "id" && !Self.keys.contains(key) {
-            throw ConfigError(key: "device[\(index)].\(key)", value: nil, expected: "unknown key (misspelt?)")
+            throw ConfigError(key: "\(path).\(key)", value: nil, expected: "unknown key (misspelt?)")
         }
         for key in defaults.keys where !Self.keys.contains(key) {
             throw ConfigError(key: "defaults.\(key)", value: nil, expected: "unknown key (misspelt?)")
         }
-        // Per-device values win over [defaults]; errors name where the value came from.
+        // Per-device values win over [defaults] (key by key inside the probe tables too); errors name where the
+        // value came from.
         var merged = defaults
-        for (k, v) in device where k != "id" { merged[k] = v }
-        let path = "device[\(index)]"
+        for (k, v) in device where k != "id" {
+            if case .table(let override) = v, case .table(var base)? = merged[k] {
+                for (kk, vv) in override { base[kk] = vv }
+                merged[k] = .table(base)
+            } else {
+                merged[k] = v
+            }
+        }
         var r = TableReader(path: path, table: merged)
         func located(_ e: ConfigError) -> ConfigError {
             let key = String(e.key.dropFirst(path.count + 1))
@@ -258,11 +332,56 @@ extension WorkerSpec {
                 throw ConfigError(key: "\(path).backoff_max", value: policy.backoff.maximum.configString,
                                   expected: "at least backoff_initial (\(policy.backoff.initial.configString))")
             }
+            var deviceProbe = DeviceProbeSpec()
+            if let t = try r.table("device_probe") {
+                var p = TableReader(path: "\(path).device_probe", table: t)
+                let type = try p.string("type") ?? "none"
+                guard let kind = DeviceProbeSpec.Kind(rawValue: type) else {
+                    throw ConfigError(key: "\(path).device_probe.type", value: "\"\(type)\"",
+                                      expected: "one of none, command, path, worker")
+                }
+                deviceProbe.kind = kind
+                deviceProbe.command = (try p.stringArray("command") ?? []).map(substitute)
+                deviceProbe.healthy = try p.string("healthy") ?? deviceProbe.healthy
+                deviceProbe.paths = (try p.stringArray("paths") ?? []).map(substitute)
+                deviceProbe.interval = try p.duration("interval", min: .milliseconds(10)) ?? deviceProbe.interval
+                deviceProbe.timeout = try p.duration("timeout", min: .milliseconds(10)) ?? deviceProbe.timeout
+                deviceProbe.failures = try p.int("failures", min: 1) ?? deviceProbe.failures
+                deviceProbe.failedInterval = try p.duration("failed_interval", min: .milliseconds(10))
+                    ?? deviceProbe.interval * 5
+                if kind == .command && deviceProbe.command.isEmpty {
+                    throw ConfigError(key: "\(path).device_probe.command", value: nil,
+                                      expected: "missing: type = \"command\" needs the command's argv")
+                }
+                if kind == .path && deviceProbe.paths.isEmpty {
+                    throw ConfigError(key: "\(path).device_probe.paths", value: nil,
+                                      expected: "missing: type = \"path\" needs the device paths")
+                }
+                do {
+                    _ = try Regex(deviceProbe.healthy)
+                } catch {
+                    throw ConfigError(key: "\(path).device_probe.healthy", value: "\"\(deviceProbe.healthy)\"",
+                                      expected: "a regular expression (\(error))")
+                }
+                try p.rejectUnknownKeys()
+            }
+            var inferenceProbe = InferenceProbeSpec()
+            if let t = try r.table("inference_probe") {
+                var p = TableReader(path: "\(path).inference_probe", table: t)
+                inferenceProbe.enabled = try p.bool("enabled") ?? inferenceProbe.enabled
+                inferenceProbe.payload = try p.string("payload") ?? inferenceProbe.payload
+                inferenceProbe.interval = try p.duration("interval", min: .milliseconds(10)) ?? inferenceProbe.interval
+                inferenceProbe.timeout = try p.duration("timeout", min: .milliseconds(10)) ?? inferenceProbe.timeout
+                inferenceProbe.failures = try p.int("failures", min: 1) ?? inferenceProbe.failures
+                inferenceProbe.textField = try p.string("text_field") ?? inferenceProbe.textField
+                try p.rejectUnknownKeys()
+            }
             self.init(
                 device: id, kind: kind, command: command.map(substitute), environment: env, pinVariable: pin,
                 workingDirectory: try r.string("working_directory").map { resolve(substitute($0), against: baseDirectory) },
                 maxInflight: try r.int("max_inflight", min: 1, max: 100_000) ?? 4,
-                heartbeatInterval: heartbeatInterval, heartbeatTimeout: heartbeatTimeout, policy: policy)
+                heartbeatInterval: heartbeatInterval, heartbeatTimeout: heartbeatTimeout, policy: policy,
+                deviceProbe: deviceProbe, inferenceProbe: inferenceProbe)
         } catch let e as ConfigError {
             throw located(e)
         }

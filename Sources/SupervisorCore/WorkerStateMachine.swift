@@ -82,6 +82,8 @@ public struct WorkerStateMachine: Sendable {
     private var attributed: (reason: ExitReason, until: MonotonicInstant)?
     /// An operator restart: the exit that follows is expected and is followed by an immediate spawn.
     private var restartRequested = false
+    /// ``holdFailed(_:now:)`` is in progress: the exit that follows leaves the worker `failed`.
+    private var holdRequested = false
 
     public init(policy: Policy) {
         self.policy = policy
@@ -126,6 +128,7 @@ public struct WorkerStateMachine: Sendable {
     /// The operator (or start-up) wants the worker running.
     public mutating func start(now: MonotonicInstant) -> Action? {
         desired = .up
+        holdRequested = false
         switch state {
         case .stopped, .backoff, .failed:
             intensity.reset()
@@ -209,6 +212,28 @@ public struct WorkerStateMachine: Sendable {
         }
     }
 
+    /// Stops the worker and keeps it `failed` (no restart, no retry timer) while the operator still wants it:
+    /// its device is bad and restarting the worker did not help. ``start(now:)`` brings it back.
+    public mutating func holdFailed(_ reason: ExitReason, now: MonotonicInstant) -> Action? {
+        switch state {
+        case .starting(let pid, _), .ready(let pid, _):
+            pendingReason = reason
+            holdRequested = true
+            state = .stopping(pid: pid, step: .term, deadline: now + policy.stopTimeout)
+            return .signalGroup(SIGTERM_)
+        case .stopping:
+            holdRequested = true
+            return nil
+        case .backoff, .stopped, .failed:
+            if desired == .up { state = .failed(retryAt: nil) }
+            lastExit = lastExit ?? reason
+            return nil
+        }
+    }
+
+    /// Whether the worker is held `failed` with no timer (exit code 78 or ``holdFailed(_:now:)``).
+    public var isHeldFailed: Bool { state == .failed(retryAt: nil) }
+
     /// Attributes an exit that comes before `until` to `reason`, without killing (the worker reported a
     /// device OOM and is expected to exit by itself).
     public mutating func attribute(_ reason: ExitReason, until: MonotonicInstant) {
@@ -236,6 +261,12 @@ public struct WorkerStateMachine: Sendable {
 
         if desired == .down {
             state = .stopped
+            return nil
+        }
+        if holdRequested {
+            holdRequested = false
+            restartRequested = false
+            state = .failed(retryAt: nil)
             return nil
         }
         if restartRequested {

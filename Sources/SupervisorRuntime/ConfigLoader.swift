@@ -32,6 +32,18 @@ public enum ConfigLoader {
             config.workers[index].command[0] = try resolveExecutable(
                 config.workers[index].command[0], key: "device[\(index)].command[0]", base: base)
         }
+        if var fallback = config.fallback {
+            for index in fallback.workers.indices {
+                fallback.workers[index].command[0] = try resolveExecutable(
+                    fallback.workers[index].command[0], key: "fallback.command[0]", base: base)
+            }
+            config.fallback = fallback
+        }
+        for index in config.workers.indices where config.workers[index].deviceProbe.kind == .command {
+            // A probe command that is not installed is a configuration error, not a sick device.
+            config.workers[index].deviceProbe.command[0] = try resolveExecutable(
+                config.workers[index].deviceProbe.command[0], key: "device[\(index)].device_probe.command[0]", base: base)
+        }
         return config
     }
 

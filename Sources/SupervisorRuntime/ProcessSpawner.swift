@@ -79,6 +79,31 @@ enum ProcessSpawner {
         return SpawnedWorker(pid: pid, channelFD: pair[0], outputFD: pipeFDs[0], pidFD: pidFD)
     }
 
+    /// Starts a probe command (no channel): stdin /dev/null, stdout and stderr into a pipe, its own process
+    /// group (a timeout kills the whole group), the supervisor's environment plus `extra`.
+    /// - Throws: ``SystemError``.
+    static func spawnProbe(_ argv: [String], extraEnvironment extra: [String: String]) throws -> SpawnedWorker {
+        var pipeFDs: [CInt] = [-1, -1]
+        guard npu_pipe_cloexec(&pipeFDs) == 0 else { throw SystemError(call: "pipe2", errno: errno) }
+        var spec = WorkerSpec(device: extra["NPU_DEVICE_ID"] ?? "", kind: .cpu, command: argv, environment: extra,
+                              pinVariable: nil, workingDirectory: nil, maxInflight: 1, heartbeatInterval: .seconds(1),
+                              heartbeatTimeout: .seconds(2), policy: .init())
+        spec.environment.removeValue(forKey: "NPU_DEVICE_ID")
+        let env = environment(for: spec).filter { !$0.hasPrefix("NPU_SUPERVISOR_FD=") }
+        var pid: pid_t = 0
+        let rc = withCStrings(argv) { cArgv in
+            withCStrings(env) { cEnv in npu_spawn(argv[0], cArgv, cEnv, nil, -1, pipeFDs[1], -1, &pid) }
+        }
+        close(pipeFDs[1])
+        guard rc == 0 else {
+            close(pipeFDs[0])
+            throw SystemError(call: "posix_spawn \(argv[0])", errno: rc)
+        }
+        let pidFD = npu_pidfd_open(pid)
+        if pidFD >= 0 { _ = fcntl(pidFD, F_SETFD, FD_CLOEXEC) }
+        return SpawnedWorker(pid: pid, channelFD: -1, outputFD: pipeFDs[0], pidFD: pidFD)
+    }
+
     /// Reaps `pid` if it has exited. Returns the exit reason, or nil while it still runs.
     static func reap(_ pid: pid_t) -> ExitReason? {
         var status: Int32 = 0

@@ -20,14 +20,19 @@ final class PendingRequest: @unchecked Sendable {  // confined to the event loop
     /// Whether any chunk reached the client: then the request must never run again.
     var streamed = false
     var worker: WorkerSlot?
+    /// The last worker it was sent to (for metrics; `worker` is cleared when it dies).
+    unowned(unsafe) var lastWorker: WorkerSlot?
     var isQueued = false
     var isFinished = false
+    /// An inference probe of the supervisor's own: never retried elsewhere; `onFinish` gets the answer.
+    var isProbe = false
+    var onFinish: ((Frame?) -> Void)?
     /// Links in the deadline list of requests with the same timeout (in deadline order).
     var newer: PendingRequest?
     unowned(unsafe) var older: PendingRequest?
     var deadlineList: DeadlineList?
 
-    init(id: UInt64, clientID: UInt64, client: ClientConnection, payload: ByteBuffer, pinnedSlot: WorkerSlot?,
+    init(id: UInt64, clientID: UInt64, client: ClientConnection?, payload: ByteBuffer, pinnedSlot: WorkerSlot?,
          timeout: TimeAmount, now: NIODeadline) {
         self.id = id
         self.clientID = clientID
@@ -196,6 +201,7 @@ extension Supervisor {
         guard let slot = pickWorker(for: request) else { return false }
         request.attempts += 1
         request.worker = slot
+        request.lastWorker = slot
         slot.inflight += 1
         slot.send(Frame(type: .request, requestID: request.id, payload: request.payload))
         if !slot.isDirty {
@@ -205,15 +211,26 @@ extension Supervisor {
         return true
     }
 
+    /// The device worker with the fewest requests in flight that has room; CPU fallback workers only when no
+    /// device worker can serve at all (a busy device is worth waiting for: CPU is ~50x slower).
     func pickWorker(for request: PendingRequest) -> WorkerSlot? {
         if let pinned = request.pinnedSlot { return pinned.hasCapacity ? pinned : nil }
         var best: WorkerSlot?
-        let count = slots.count
+        let count = deviceSlotCount
         roundRobin = roundRobin + 1 < count ? roundRobin + 1 : 0
+        var anyDeviceServing = false
         for offset in 0..<count {
             let index = roundRobin + offset < count ? roundRobin + offset : roundRobin + offset - count
             let slot = slots[index]
-            guard slot.hasCapacity else { continue }
+            guard slot.hasCapacity else {
+                if !anyDeviceServing && slot.isServing { anyDeviceServing = true }
+                continue
+            }
+            anyDeviceServing = true
+            if best == nil || slot.inflight < best!.inflight { best = slot }
+        }
+        if best != nil || anyDeviceServing || count == slots.count { return best }
+        for slot in slots[count...] where slot.hasCapacity {
             if best == nil || slot.inflight < best!.inflight { best = slot }
         }
         return best
@@ -257,7 +274,7 @@ extension Supervisor {
         var retried: [PendingRequest] = []
         for request in held {
             request.worker = nil
-            if !request.streamed && request.attempts <= config.requests.retries && !isShuttingDown {
+            if !request.streamed && !request.isProbe && request.attempts <= config.requests.retries && !isShuttingDown {
                 retried.append(request)
             } else {
                 let why = request.streamed
@@ -289,6 +306,14 @@ extension Supervisor {
         if let slot = request.worker {
             slot.inflight -= 1
             request.worker = nil
+        }
+        if !request.isProbe, let frame {
+            metrics.requestFinished(device: request.lastWorker?.spec.device ?? "none", ok: frame.type == .response,
+                                    latency: .nanoseconds((NIODeadline.now() - (request.deadline - request.timeout)).nanoseconds))
+        }
+        if let onFinish = request.onFinish {
+            request.onFinish = nil
+            onFinish(frame)
         }
         if let client = request.client {
             request.client = nil

@@ -189,9 +189,11 @@ extension Supervisor {
         slot.outbound.clear()
         slot.spawnedAt = nil
         slot.lastFrameAt = nil
+        workerGone(slot)
         failInflight(of: slot, code: ErrorCode.workerLost)
         let action = slot.machine.exited(observed, now: Self.now(), jitter: Double.random(in: 0..<1))
         logTransition(slot, to: slot.machine, pid: pid)
+        if let last = slot.machine.lastExit { metrics.workerExited(device: slot.spec.device, reason: last.kind) }
         perform(action, on: slot)
         answerHopelessQueued()
         dispatchQueued()
@@ -233,6 +235,7 @@ extension Supervisor {
                 if payload.code == ErrorCode.deviceOOM { slot.machine.attribute(.deviceOOM, until: now + .seconds(5)) }
             }
             guard let request = requests[frame.requestID], request.worker === slot else { return }
+            if frame.type == .response && !request.isProbe { slot.lastRealSuccess = .now() }
             finish(request, with: Frame(type: frame.type, flags: frame.flags, requestID: request.clientID,
                                         payload: frame.payload))
             if !queue.isEmpty { dispatchQueued() }
@@ -241,8 +244,10 @@ extension Supervisor {
             request.streamed = true
             request.client?.send(Frame(type: .chunk, flags: frame.flags, requestID: request.clientID,
                                        payload: frame.payload))
-        case .heartbeat, .health:
+        case .heartbeat:
             break
+        case .health:
+            workerHealthReport(slot, frame)
         case .error:
             let payload = frame.errorPayload
             if payload.code == ErrorCode.deviceOOM {
@@ -270,6 +275,7 @@ extension Supervisor {
             if slot.machine.readyReceived(now: now) {
                 let startup = slot.spawnedAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e9 } ?? 0
                 logger.notice("worker ready after \(String(format: "%.3f", startup))s", metadata: slot.metadata())
+                workerBecameReady(slot)
                 rearmTimer(slot)
                 healthChanged()
                 dispatchQueued()

@@ -42,6 +42,12 @@ public final class Supervisor: @unchecked Sendable {
     var deadlineLists: [Int64: DeadlineList] = [:]
     var deadlineTimer: Scheduled<Void>?
     var deadlineTimerAt: NIODeadline?
+    /// Slots `0..<deviceSlotCount` are device workers, the rest CPU fallback workers.
+    var deviceSlotCount = 0
+    var fallbackController: FallbackController?
+    var fallbackTimer: Scheduled<Void>?
+    var httpAddress: String?
+    let metrics = SupervisorMetrics()
 
     /// - Parameters:
     ///   - config: a validated configuration.
@@ -57,6 +63,14 @@ public final class Supervisor: @unchecked Sendable {
         self.shutdownPromise = eventLoop.makePromise(of: Void.self)
         for (index, spec) in config.workers.enumerated() {
             slots.append(WorkerSlot(index: index, spec: spec, outputLines: config.outputLines))
+        }
+        // CPU fallback workers come after the device workers (routing relies on it); they start stopped.
+        deviceSlotCount = slots.count
+        for spec in config.fallback?.workers ?? [] {
+            slots.append(WorkerSlot(index: slots.count, spec: spec, outputLines: config.outputLines))
+        }
+        fallbackController = config.fallback.map {
+            FallbackController(whenFewerThan: $0.whenFewerThan, stopAfter: $0.stopAfter)
         }
     }
 
@@ -97,9 +111,10 @@ public final class Supervisor: @unchecked Sendable {
                 "control": "\(self.config.controlSocket)", "workers": "\(self.slots.count)",
             ])
             let now = Self.now()
-            for slot in self.slots {
+            for slot in self.slots where !slot.isFallback {
                 self.perform(slot.machine.start(now: now), on: slot)
             }
+            self.startHealthProbes()
             let tick = self.housekeepingInterval()
             self.housekeeping = self.eventLoop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { _ in
                 self.tick()
@@ -200,7 +215,12 @@ public final class Supervisor: @unchecked Sendable {
         hasStopped = true
         housekeeping?.cancel()
         deadlineTimer?.cancel()
-        for slot in slots { slot.timer?.cancel() }
+        fallbackTimer?.cancel()
+        for slot in slots {
+            slot.timer?.cancel()
+            slot.deviceProbeTimer?.cancel()
+            slot.inferenceProbeTimer?.cancel()
+        }
         let closes = servers.map { $0.close() } + clients.values.map { $0.channel.close() }
             + outputFollowers.values.map { $0.channel.close() }
         EventLoopFuture.andAllComplete(closes, on: eventLoop).whenComplete { _ in
@@ -226,7 +246,8 @@ public final class Supervisor: @unchecked Sendable {
             WorkerHealthInput(
                 device: slot.spec.device, state: slot.machine.stateName, desiredUp: slot.machine.desired == .up,
                 isServing: slot.isServing, lastExit: slot.machine.lastExit?.description,
-                restarts: slot.machine.restarts)
+                restarts: slot.machine.restarts, isFallback: slot.isFallback,
+                outOfRotation: { if case .bad(let why) = slot.deviceHealth { return why } else { return nil } }())
         }
     }
 
@@ -236,6 +257,7 @@ public final class Supervisor: @unchecked Sendable {
 
     /// Called after any change of a worker's state.
     func healthChanged() {
+        evaluateFallback()
         let (health, line) = aggregate()
         systemdHealthChanged(health: health, summary: line)
     }
@@ -261,14 +283,16 @@ public final class Supervisor: @unchecked Sendable {
                     lastExitDetail: slot.machine.lastExit?.detail,
                     uptimeSeconds: slot.spawnedAt.map { Double((now - $0).nanoseconds) / 1e9 } ?? 0,
                     inflight: slot.inflight, maxInflight: slot.spec.maxInflight,
-                    exits: slot.machine.exitCounts, nextRestartInSeconds: next)
+                    exits: slot.machine.exitCounts, nextRestartInSeconds: next, health: healthLevels(slot, now: mono),
+                    fallback: slot.isFallback)
             }
         return StatusDocument(
             state: health.rawValue, reason: reason,
             supervisor: SupervisorInfo(pid: getpid(), version: Self.version,
                                        uptimeSeconds: Double((now - startedAt).nanoseconds) / 1e9,
-                                       config: configPath.map { resolve($0, against: currentDirectory()) }),
-            queueDepth: queue.count, workers: workers)
+                                       config: configPath.map { resolve($0, against: currentDirectory()) },
+                                       http: httpAddress),
+            queueDepth: queue.count, fallbackActive: fallbackController?.isActive ?? false, workers: workers)
     }
 }
 

@@ -36,8 +36,33 @@ final class WorkerSlot: @unchecked Sendable {  // confined to the event loop
         self.output = LineRing(capacity: outputLines)
     }
 
-    /// In rotation: the process said ready and its channel is open.
-    var isServing: Bool { machine.isReady && channel != nil }
+    // Health levels (Supervisor+Health.swift).
+    enum DeviceHealth: Equatable { case unknown, ok, bad(String) }
+    var deviceHealth = DeviceHealth.unknown
+    var deviceFailures = 0
+    /// The worker was already restarted once for the current device fault: if the fault stays, hold it failed.
+    var restartedForDevice = false
+    var deviceProbeTimer: Scheduled<Void>?
+    var deviceProbeRunning = false
+    var inferenceFailures = 0
+    var inferenceVerdict = "unknown"
+    var inferenceProbeTimer: Scheduled<Void>?
+    var inferenceProbeInFlight = false
+    /// When a real request last succeeded on this worker (a busy, answering worker needs no probe).
+    var lastRealSuccess: NIODeadline?
+    /// The worker's latest `health` frame.
+    var workerReport: (ok: Bool, detail: String, at: NIODeadline)?
+
+    var isFallback: Bool { spec.isFallback }
+    /// Whether any process of this slot ever said ready (the first model load is not an outage).
+    var hasBeenReady = false
+
+    /// In rotation: the process said ready, its channel is open and its device is not known to be bad.
+    var isServing: Bool {
+        guard machine.isReady, channel != nil else { return false }
+        if case .bad = deviceHealth { return false }
+        return true
+    }
 
     var hasCapacity: Bool { isServing && inflight < spec.maxInflight }
 

@@ -7,19 +7,24 @@ public struct StatusDocument: Codable, Sendable, Equatable {
     public var reason: String
     public var supervisor: SupervisorInfo
     public var queueDepth: Int
+    /// Whether CPU fallback workers are running because device workers cannot serve.
+    public var fallbackActive: Bool
     public var workers: [WorkerStatus]
 
-    public init(state: String, reason: String, supervisor: SupervisorInfo, queueDepth: Int, workers: [WorkerStatus]) {
+    public init(state: String, reason: String, supervisor: SupervisorInfo, queueDepth: Int, fallbackActive: Bool,
+                workers: [WorkerStatus]) {
         self.state = state
         self.reason = reason
         self.supervisor = supervisor
         self.queueDepth = queueDepth
+        self.fallbackActive = fallbackActive
         self.workers = workers
     }
 
     enum CodingKeys: String, CodingKey {
         case state, reason, supervisor, workers
         case queueDepth = "queue_depth"
+        case fallbackActive = "fallback_active"
     }
 }
 
@@ -28,16 +33,19 @@ public struct SupervisorInfo: Codable, Sendable, Equatable {
     public var version: String
     public var uptimeSeconds: Double
     public var config: String?
+    /// The HTTP listener's address (`127.0.0.1:8087`), or nil when off.
+    public var http: String?
 
-    public init(pid: Int32, version: String, uptimeSeconds: Double, config: String?) {
+    public init(pid: Int32, version: String, uptimeSeconds: Double, config: String?, http: String?) {
         self.pid = pid
         self.version = version
         self.uptimeSeconds = uptimeSeconds
         self.config = config
+        self.http = http
     }
 
     enum CodingKeys: String, CodingKey {
-        case pid, version, config
+        case pid, version, config, http
         case uptimeSeconds = "uptime_seconds"
     }
 }
@@ -63,10 +71,14 @@ public struct WorkerStatus: Codable, Sendable, Equatable {
     public var exits: [String: Int]
     /// Seconds until the next restart attempt when in `backoff` or `failed`.
     public var nextRestartInSeconds: Double?
+    /// The health levels of DESIGN section 5.
+    public var health: WorkerHealthLevels
+    /// A CPU fallback worker.
+    public var fallback: Bool
 
     public init(device: String, kind: String, state: String, desired: String, pid: Int32?, restarts: Int,
                 lastExit: String?, lastExitDetail: String?, uptimeSeconds: Double, inflight: Int, maxInflight: Int,
-                exits: [String: Int], nextRestartInSeconds: Double?) {
+                exits: [String: Int], nextRestartInSeconds: Double?, health: WorkerHealthLevels, fallback: Bool) {
         self.device = device
         self.kind = kind
         self.state = state
@@ -80,10 +92,12 @@ public struct WorkerStatus: Codable, Sendable, Equatable {
         self.maxInflight = maxInflight
         self.exits = exits
         self.nextRestartInSeconds = nextRestartInSeconds
+        self.health = health
+        self.fallback = fallback
     }
 
     enum CodingKeys: String, CodingKey {
-        case device, kind, state, desired, pid, restarts, inflight, exits
+        case device, kind, state, desired, pid, restarts, inflight, exits, health, fallback
         case lastExit = "last_exit"
         case lastExitDetail = "last_exit_detail"
         case uptimeSeconds = "uptime_seconds"
@@ -107,6 +121,36 @@ public struct WorkerStatus: Codable, Sendable, Equatable {
         try c.encode(maxInflight, forKey: .maxInflight)
         try c.encode(exits, forKey: .exits)
         try c.encode(nextRestartInSeconds, forKey: .nextRestartInSeconds)
+        try c.encode(health, forKey: .health)
+        try c.encode(fallback, forKey: .fallback)
+    }
+}
+
+/// One worker's health levels: liveness, device, model, inference. Each level is `ok`, `unknown` (not checked
+/// yet, or not configured), or a sentence saying what is wrong.
+public struct WorkerHealthLevels: Codable, Sendable, Equatable {
+    /// Heartbeats arrive (`ok`), or how long they have been missing.
+    public var alive: String
+    /// The device probe's verdict.
+    public var device: String
+    /// `ok` once the worker said ready (model loaded), else `loading` or `down`.
+    public var model: String
+    /// The inference probe's verdict.
+    public var inference: String
+    /// Whether the worker is in rotation (gets requests).
+    public var inRotation: Bool
+
+    public init(alive: String, device: String, model: String, inference: String, inRotation: Bool) {
+        self.alive = alive
+        self.device = device
+        self.model = model
+        self.inference = inference
+        self.inRotation = inRotation
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case alive, device, model, inference
+        case inRotation = "in_rotation"
     }
 }
 

@@ -57,15 +57,26 @@ public final class WorkerConnection: @unchecked Sendable {
     public var inflightCount: Int { withLock { inflight } }
 
     /// Starts heart-beating every `interval` on a thread of its own (until ``stopHeartbeats()``).
-    public func startHeartbeats(every interval: Duration) {
+    /// - Parameter health: when given, each heartbeat is followed by a `health` frame with the device's state
+    ///   as this closure reports it (`nil` = ok, else what is wrong) — the supervisor's `worker` device probe.
+    public func startHeartbeats(every interval: Duration, health: (@Sendable () -> String?)? = nil) {
         let io = self.io
         Thread.detach {
             while true {
                 sleepFor(interval)
                 if self.withLock({ self.heartbeatsStopped }) { return }
-                do { try io.write(Frame(type: .heartbeat)) } catch { return }
+                do {
+                    try io.write(Frame(type: .heartbeat))
+                    if let health { try self.reportHealth(deviceProblem: health()) }
+                } catch { return }
             }
         }
+    }
+
+    /// Sends a `health` frame: `{"device": "ok"}` or `{"device": "error", "detail": problem}`.
+    public func reportHealth(deviceProblem: String?) throws {
+        let report = deviceProblem.map { HealthReport(device: "error", detail: $0) } ?? HealthReport(device: "ok", detail: nil)
+        try io.write(Frame(type: .health, payload: JSONCoding.encode(report)))
     }
 
     /// Reads frames until end-of-file, handing each request to `handler`. Returns at EOF or on `shutdown`;
@@ -190,5 +201,17 @@ public enum Thread {
     final class Box {
         let body: @Sendable () -> Void
         init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    }
+}
+
+/// The JSON body of a `health` frame.
+public struct HealthReport: Codable, Sendable, Equatable {
+    /// `ok`, or anything else (`error`) for a device that cannot serve.
+    public var device: String
+    public var detail: String?
+
+    public init(device: String, detail: String?) {
+        self.device = device
+        self.detail = detail
     }
 }

@@ -134,15 +134,15 @@ enum StatusTable {
     static func render(_ doc: StatusDocument) -> String {
         var lines = ["state: \(doc.state) (\(doc.reason)); supervisor pid \(doc.supervisor.pid), up "
             + duration(doc.supervisor.uptimeSeconds) + ", queue \(doc.queueDepth)"]
-        let header = ["DEVICE", "KIND", "STATE", "PID", "UPTIME", "RESTARTS", "INFLIGHT", "LAST EXIT"]
+        let header = ["DEVICE", "KIND", "STATE", "PID", "UPTIME", "RESTARTS", "INFLIGHT", "HEALTH", "LAST EXIT"]
         var rows = [header]
         for w in doc.workers {
             var state = w.state
             if w.desired == "down" && w.state != "stopped" { state += " (stopping)" }
             if let next = w.nextRestartInSeconds { state += " (retry in \(duration(next)))" }
-            rows.append([w.device, w.kind, state, w.pid.map(String.init) ?? "-",
+            rows.append([w.device + (w.fallback ? " (fallback)" : ""), w.kind, state, w.pid.map(String.init) ?? "-",
                          w.pid == nil ? "-" : duration(w.uptimeSeconds), String(w.restarts),
-                         "\(w.inflight)/\(w.maxInflight)", w.lastExit ?? "-"])
+                         "\(w.inflight)/\(w.maxInflight)", healthSummary(w.health), w.lastExit ?? "-"])
         }
         let widths = header.indices.map { i in rows.map { $0[i].count }.max()! }
         for row in rows {
@@ -151,6 +151,15 @@ enum StatusTable {
             }.joined(separator: "  "))
         }
         return lines.joined(separator: "\n")
+    }
+
+    /// `ok`, or the first level that is not, e.g. `device: probe ...: Health Status : Critical`.
+    static func healthSummary(_ h: WorkerHealthLevels) -> String {
+        for (name, value) in [("alive", h.alive), ("device", h.device), ("model", h.model), ("inference", h.inference)]
+        where !value.hasPrefix("ok") && value != "unknown" {
+            return String("\(name): \(value)".prefix(60))
+        }
+        return h.inRotation ? "ok" : "-"
     }
 
     static func duration(_ seconds: Double) -> String {

@@ -35,16 +35,18 @@ final class Engine: Sendable {
     let device: String
     let tokenDelay: Duration
     let connection: WorkerConnection
+    let emptyOutput: Bool
 
     static let vocabulary = [
         "the", "model", "answers", "quickly", "on", "device", "npu", "tokens", "flow", "steadily", "and",
         "serving", "stays", "up", "while", "workers", "restart", "hello", "world", "ascend",
     ]
 
-    init(device: String, tokenDelay: Duration, connection: WorkerConnection) {
+    init(device: String, tokenDelay: Duration, connection: WorkerConnection, emptyOutput: Bool) {
         self.device = device
         self.tokenDelay = tokenDelay
         self.connection = connection
+        self.emptyOutput = emptyOutput
     }
 
     /// Deterministic: the same prompt gives the same tokens on every device and every run.
@@ -91,6 +93,10 @@ final class Engine: Sendable {
             return
         case "stop_heartbeat":
             connection.stopHeartbeats()
+        case "device_unhealthy":
+            DeviceFault.isSet = true
+        case "device_healthy":
+            DeviceFault.isSet = false
         case "hang":
             connection.stopHeartbeats()
             // Wedge the reading thread too: nothing is answered any more.
@@ -135,7 +141,7 @@ final class Engine: Sendable {
             break
         }
         let count = max(0, min(parsed.maxNewTokens ?? 16, 4096))
-        let tokens = parsed.fault == "empty" ? [] : Self.generate(prompt: parsed.prompt ?? "", count: count)
+        let tokens = parsed.fault == "empty" || emptyOutput ? [] : Self.generate(prompt: parsed.prompt ?? "", count: count)
         var text = ""
         for (i, token) in tokens.enumerated() {
             if request.isCancelled {

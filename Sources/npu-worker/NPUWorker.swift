@@ -30,6 +30,9 @@ struct NPUWorker: ParsableCommand {
     @Option(help: "Grace period on SIGTERM to finish requests in flight, in milliseconds.") var termGraceMs: Int = 5000
     @Option(help: "Benchmark baseline: echo frames on this Unix socket instead of serving a supervisor.")
     var listen: String?
+    @Option(help: "Device health drill: while this file exists, its content is reported as a device fault in health frames.")
+    var healthFile: String?
+    @Flag(help: "Answer every request with empty text (inference-probe drills).") var emptyOutput = false
 
     func run() throws {
         // SIGTERM is handled by a thread of its own with sigwait: block it before any thread exists.
@@ -55,7 +58,12 @@ struct NPUWorker: ParsableCommand {
         let hello = try connection.awaitHello()
         try connection.hello(workerVersion: "npu-worker 0.1.0", model: model)
         let interval = Duration.milliseconds(hello?.heartbeatIntervalMS ?? 1000)
-        connection.startHeartbeats(every: interval)
+        let healthFile = self.healthFile
+        connection.startHeartbeats(every: interval) {
+            if DeviceFault.isSet { return "simulated device fault (fault injection)" }
+            guard let healthFile, let text = try? readSmallFile(healthFile) else { return nil }
+            return text.isEmpty ? "device fault (\(healthFile))" : text
+        }
         let grace = termGraceMs
         let termSet = set
         Thread.detach {
@@ -78,7 +86,8 @@ struct NPUWorker: ParsableCommand {
             try connection.ready()
             printErr("npu-worker[\(device)]: ready")
         }
-        let engine = Engine(device: device, tokenDelay: .milliseconds(tokenMs), connection: connection)
+        let engine = Engine(device: device, tokenDelay: .milliseconds(tokenMs), connection: connection,
+                            emptyOutput: emptyOutput)
         do {
             try connection.serve { request in engine.handle(request) }
         } catch {
@@ -95,3 +104,20 @@ func printErr(_ message: String) {
     let line = message + "\n"
     _ = line.withCString { write(2, $0, strlen($0)) }
 }
+
+/// A simulated device fault set by the `device_unhealthy` fault (and cleared by `device_healthy`).
+enum DeviceFault {
+    nonisolated(unsafe) static var isSet = false
+}
+
+func readSmallFile(_ path: String) throws -> String {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { throw FileMissing() }
+    defer { close(fd) }
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    let n = read(fd, &buffer, buffer.count)
+    let text = String(decoding: buffer[0..<max(0, n)], as: UTF8.self)
+    return text.split(separator: "\n").first.map(String.init) ?? ""
+}
+
+struct FileMissing: Error {}

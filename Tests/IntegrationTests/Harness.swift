@@ -86,7 +86,7 @@ final class TestDaemon {
     ///   - defaults: extra lines for the `[defaults]` table.
     ///   - extra: extra TOML appended at the end (e.g. `[requests]`).
     init(devices: [String] = ["0", "1", "2", "3"], workerArgs: [String] = [], defaults: String = "",
-         perDevice: [String: String] = [:], supervisor: String = "", extra: String = "",
+         perDevice: [String: String] = [:], supervisor: String = "", extra: String = "", http: String = "",
          environment: [String: String] = [:], start: Bool = true) throws {
         directory = FileManager.default.temporaryDirectory
             .appendingPathComponent("npu-sv-\(UUID().uuidString.prefix(8))").path
@@ -100,12 +100,15 @@ final class TestDaemon {
             shutdown_timeout = "5s"
             \(supervisor)
 
+            [http]
+            listen = "\(http)"
+
             [defaults]
             command = [\(argv)]
 
             """
         // Test-friendly defaults; a test's own `defaults` lines win (TOML forbids a key twice).
-        let base = ["start_timeout = \"20s\"", "stop_timeout = \"3s\"", "backoff_initial = \"100ms\"",
+        let base = ["inference_probe = { enabled = false }", "start_timeout = \"20s\"", "stop_timeout = \"3s\"", "backoff_initial = \"100ms\"",
                     "backoff_max = \"1s\"", "heartbeat_interval = \"100ms\"", "heartbeat_timeout = \"2s\""]
         let overridden = Set(defaults.split(separator: "\n").compactMap {
             $0.split(separator: "=").first.map { $0.trimmingCharacters(in: .whitespaces) }
@@ -164,7 +167,7 @@ final class TestDaemon {
         var last: StatusDocument?
         let ok = eventually(timeout: timeout) {
             last = status()
-            return last.map { $0.workers.allSatisfy { $0.state == "ready" } } ?? false
+            return last.map { $0.workers.allSatisfy { $0.state == "ready" || ($0.fallback && $0.desired == "down") } } ?? false
         }
         return ok ? last : nil
     }

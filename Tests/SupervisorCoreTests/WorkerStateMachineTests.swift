@@ -317,3 +317,55 @@ struct HealthAggregatorTests {
         #expect(HealthAggregator.aggregate(workers, minReady: 1).0 == .degraded)
     }
 }
+
+struct HealthLevelsTests {
+    @Test func fallbackServingIsDegradedNotUnavailable() {
+        let workers = [
+            WorkerHealthInput(device: "0", state: "failed", desiredUp: true, isServing: false, lastExit: "hang", restarts: 5),
+            WorkerHealthInput(device: "cpu0", state: "ready", desiredUp: true, isServing: true, lastExit: nil, restarts: 0,
+                              isFallback: true),
+        ]
+        let (health, reason) = HealthAggregator.aggregate(workers)
+        #expect(health == .degraded)
+        #expect(reason.contains("CPU fallback active (1/1 ready)"))
+    }
+
+    @Test func outOfRotationIsExplained() {
+        let workers = [
+            WorkerHealthInput(device: "0", state: "ready", desiredUp: true, isServing: false, lastExit: nil, restarts: 0,
+                              outOfRotation: "npu-smi: Health Status : Critical"),
+            WorkerHealthInput(device: "1", state: "ready", desiredUp: true, isServing: true, lastExit: nil, restarts: 0),
+        ]
+        let (health, reason) = HealthAggregator.aggregate(workers)
+        #expect(health == .degraded)
+        #expect(reason.contains("device 0 out of rotation: npu-smi: Health Status : Critical"))
+    }
+
+    @Test func fallbackHysteresis() {
+        var c = FallbackController(whenFewerThan: 2, stopAfter: .seconds(10))
+        let t = MonotonicInstant.seconds(0)
+        #expect(c.evaluate(servingDeviceWorkers: 4, wantedDeviceWorkers: 4, now: t) == .none)
+        #expect(c.evaluate(servingDeviceWorkers: 1, wantedDeviceWorkers: 4, now: t + .seconds(1)) == .start)
+        #expect(c.evaluate(servingDeviceWorkers: 0, wantedDeviceWorkers: 4, now: t + .seconds(2)) == .none)
+        #expect(c.evaluate(servingDeviceWorkers: 3, wantedDeviceWorkers: 4, now: t + .seconds(3)) == .none)
+        #expect(c.nextCheck == t + .seconds(13))
+        #expect(c.evaluate(servingDeviceWorkers: 1, wantedDeviceWorkers: 4, now: t + .seconds(5)) == .none,
+                "devices dipped again: the clock restarts")
+        #expect(c.evaluate(servingDeviceWorkers: 4, wantedDeviceWorkers: 4, now: t + .seconds(6)) == .none)
+        #expect(c.evaluate(servingDeviceWorkers: 4, wantedDeviceWorkers: 4, now: t + .seconds(16)) == .stop)
+        #expect(!c.isActive)
+    }
+
+    @Test func holdFailedStopsAndStaysFailedUntilStarted() {
+        var m = WorkerStateMachineTests.ready()
+        let r1 = m.holdFailed(.deviceUnhealthy("Critical"), now: WorkerStateMachineTests.t0)
+        #expect(r1 == .signalGroup(15))
+        let r2 = m.exited(.exited(code: 0), now: WorkerStateMachineTests.t0 + .seconds(1), jitter: 0)
+        #expect(r2 == nil)
+        #expect(m.isHeldFailed)
+        #expect(m.lastExit?.description == "device_unhealthy")
+        #expect(m.nextDeadline == nil)
+        let r3 = m.start(now: WorkerStateMachineTests.t0 + .seconds(60))
+        #expect(r3 == .spawn)
+    }
+}

@@ -6,7 +6,7 @@
 /// Everything a worker spawn needs, in one call, so that Swift never forks (the daemon is multi-threaded).
 /// The child gets: `channel_fd` as fd 3, /dev/null as stdin, `output_fd` as stdout and stderr, every other fd
 /// closed, its own process group, an empty signal mask and default signal dispositions.
-/// `working_directory` (may be NULL) is entered before exec.
+/// `working_directory` (may be NULL) is entered before exec. `channel_fd` < 0: no fd 3 (probe commands).
 /// When `cgroup_procs_fd` >= 0 the child is spawned through `trampoline` (argv[0] of the trampoline), which
 /// writes its own pid to that fd (passed as fd 4) before it execs the worker, so the worker runs none of its
 /// own code outside its cgroup. Returns 0 and sets *pid, or an errno value.
