@@ -18,6 +18,7 @@ let package = Package(
         .executable(name: "npu-supervisord", targets: ["npu-supervisord"]),
         .executable(name: "npu-supervisorctl", targets: ["npu-supervisorctl"]),
         .executable(name: "npu-worker", targets: ["npu-worker"]),
+        .executable(name: "npu-cgroup-exec", targets: ["npu-cgroup-exec"]),
         .library(name: "NPUClient", targets: ["NPUClient"]),
         .library(name: "WorkerKit", targets: ["WorkerKit"]),
     ],
@@ -99,6 +100,8 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict),
+        // Places a worker in its memory cgroup before the worker's own code runs (see its header comment).
+        .executableTarget(name: "npu-cgroup-exec"),
         // Benchmarks and drills (BENCHMARKS.md): restart latency, idle memory, load generator with chaos.
         .executableTarget(
             name: "npu-bench",

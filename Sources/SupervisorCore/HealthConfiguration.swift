@@ -58,6 +58,20 @@ public struct FallbackSpec: Sendable, Hashable {
     }
 }
 
+/// Per-worker memory cgroups (`[cgroups]`).
+public struct CgroupSettings: Sendable, Hashable {
+    public enum Mode: String, Sendable, Hashable, CaseIterable {
+        /// Use them when the supervisor may create them; otherwise say so once and run without.
+        case auto
+        case off
+    }
+    public var mode: Mode = .auto
+    /// The cgroup folder under which worker cgroups are created (default: the supervisor's own cgroup).
+    public var parent: String?
+
+    public init() {}
+}
+
 /// The optional HTTP listener: `/livez`, `/readyz`, `/health`, `/metrics`.
 public struct HTTPSettings: Sendable, Hashable {
     /// `host:port` to listen on, or nil when off. Port 0 picks a free port (shown in status).

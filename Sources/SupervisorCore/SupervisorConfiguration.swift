@@ -31,6 +31,8 @@ public struct WorkerSpec: Sendable, Hashable {
     public var policy: WorkerStateMachine.Policy
     public var deviceProbe = DeviceProbeSpec()
     public var inferenceProbe = InferenceProbeSpec()
+    /// The worker cgroup's memory limit in bytes (`memory_limit`), nil for none.
+    public var memoryLimit: Int?
     /// A CPU fallback worker (started only while device workers cannot serve).
     public var isFallback = false
 
@@ -105,6 +107,7 @@ public struct SupervisorConfiguration: Sendable, Hashable {
     public var workers: [WorkerSpec] = []
     public var fallback: FallbackSpec?
     public var http = HTTPSettings()
+    public var cgroups = CgroupSettings()
 
     public init() {}
 }
@@ -187,6 +190,24 @@ extension SupervisorConfiguration {
             try r.rejectUnknownKeys()
         }
 
+        if let t = try root.table("cgroups") {
+            var r = TableReader(path: "cgroups", table: t)
+            if let mode = try r.string("mode") {
+                guard let m = CgroupSettings.Mode(rawValue: mode) else {
+                    throw ConfigError(key: "cgroups.mode", value: "\"\(mode)\"", expected: "auto or off")
+                }
+                cgroups.mode = m
+            }
+            if let parent = try r.string("parent"), !parent.isEmpty {
+                guard parent.hasPrefix("/") else {
+                    throw ConfigError(key: "cgroups.parent", value: "\"\(parent)\"",
+                                      expected: "an absolute cgroup folder such as /sys/fs/cgroup/npu.slice/npu-supervisord.service")
+                }
+                cgroups.parent = parent
+            }
+            try r.rejectUnknownKeys()
+        }
+
         let defaults = try root.table("defaults") ?? [:]
         guard let deviceValue = root.raw("device") else {
             throw ConfigError(key: "device", value: nil,
@@ -243,7 +264,7 @@ extension WorkerSpec {
         "kind", "command", "env", "pin_env", "working_directory", "max_inflight", "heartbeat_interval",
         "heartbeat_timeout", "restart", "backoff_initial", "backoff_max", "backoff_multiplier", "backoff_jitter",
         "backoff_reset_after", "restart_limit", "restart_window", "failed_retry_interval", "start_timeout",
-        "stop_timeout", "device_probe", "inference_probe",
+        "stop_timeout", "device_probe", "inference_probe", "memory_limit",
     ]
 
     init(index: Int, device: [String: ConfigValue], defaults: [String: ConfigValue], baseDirectory: String,
@@ -382,6 +403,7 @@ extension WorkerSpec {
                 maxInflight: try r.int("max_inflight", min: 1, max: 100_000) ?? 4,
                 heartbeatInterval: heartbeatInterval, heartbeatTimeout: heartbeatTimeout, policy: policy,
                 deviceProbe: deviceProbe, inferenceProbe: inferenceProbe)
+            self.memoryLimit = try r.bytes("memory_limit", min: 1 << 20)
         } catch let e as ConfigError {
             throw located(e)
         }

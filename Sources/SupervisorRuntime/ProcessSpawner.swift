@@ -45,7 +45,8 @@ enum ProcessSpawner {
     }
 
     /// - Throws: ``SystemError`` with the errno of the failing call (socketpair, pipe, posix_spawn).
-    static func spawn(_ spec: WorkerSpec, cgroupProcsFD: CInt = -1) throws -> SpawnedWorker {
+    /// - Parameter trampoline: with `cgroupProcsFD`, the program that joins the cgroup and execs the worker.
+    static func spawn(_ spec: WorkerSpec, cgroupProcsFD: CInt = -1, trampoline: String? = nil) throws -> SpawnedWorker {
         var pair: [CInt] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
             throw SystemError(call: "socketpair", errno: errno)
@@ -56,7 +57,7 @@ enum ProcessSpawner {
             close(pair[0]); close(pair[1])
             throw SystemError(call: "pipe2", errno: e)
         }
-        let argv = spec.command
+        let argv = cgroupProcsFD >= 0 && trampoline != nil ? [trampoline!] + spec.command : spec.command
         let env = environment(for: spec)
         var pid: pid_t = 0
         let rc = withCStrings(argv) { cArgv in

@@ -49,7 +49,20 @@ extension Supervisor {
         let now = Self.now()
         let spawned: SpawnedWorker
         do {
-            spawned = try ProcessSpawner.spawn(slot.spec)
+            var procsFD: CInt = -1
+            slot.cgroup = nil
+            if let cgroups {
+                do {
+                    let cgroup = try cgroups.create(device: slot.spec.device, limit: slot.spec.memoryLimit)
+                    procsFD = try cgroups.openProcs(cgroup)
+                    slot.cgroup = cgroup
+                } catch {
+                    logger.error("cannot give the worker its memory cgroup (\(error)); starting it without one",
+                                 metadata: slot.metadata())
+                }
+            }
+            defer { if procsFD >= 0 { Glibc.close(procsFD) } }
+            spawned = try ProcessSpawner.spawn(slot.spec, cgroupProcsFD: procsFD, trampoline: cgroups?.trampoline)
         } catch let error as SystemError {
             logger.error("could not start worker: \(error)", metadata: slot.metadata(reason: "spawn_failed"))
             let action = slot.machine.spawnFailed(errno: error.errno, now: now, jitter: Double.random(in: 0..<1))
@@ -181,6 +194,16 @@ extension Supervisor {
 
     /// The process is reaped and its channel drained: hand the exit to the state machine.
     func completeExit(_ slot: WorkerSlot, pid: pid_t, observed: ExitReason) {
+        var observed = observed
+        if let cgroups, let cgroup = slot.cgroup {
+            // The kernel's word, not a guess: the cgroup's oom_kill counter rose while this process lived.
+            if let kills = cgroups.oomKills(cgroup.path), kills > cgroup.oomKillsAtStart {
+                observed = .oomKilled
+            }
+            cgroups.killAll(cgroup.path)
+            cgroups.remove(cgroup.path)
+            slot.cgroup = nil
+        }
         slot.reapedExit = nil
         slot.exitDrain?.cancel()
         slot.exitDrain = nil

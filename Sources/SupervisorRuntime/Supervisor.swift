@@ -48,6 +48,8 @@ public final class Supervisor: @unchecked Sendable {
     var fallbackTimer: Scheduled<Void>?
     var httpAddress: String?
     let metrics = SupervisorMetrics()
+    /// Per-worker memory cgroups, nil when unavailable or off.
+    var cgroups: CgroupManager?
 
     /// - Parameters:
     ///   - config: a validated configuration.
@@ -106,6 +108,15 @@ public final class Supervisor: @unchecked Sendable {
             return self.bindServers()
         }.get()
         try await eventLoop.submit {
+            switch CgroupManager.setUp(settings: self.config.cgroups) {
+            case .success(let manager):
+                self.cgroups = manager
+                self.logger.info("per-worker memory cgroups (\(manager.version.rawValue)) under \(manager.base)")
+            case .failure(let why) where self.config.cgroups.mode == .off:
+                self.logger.info("per-worker memory cgroups: \(why)")
+            case .failure(let why):
+                self.logger.warning("per-worker memory cgroups unavailable: \(why). Workers run without them: memory_limit is not enforced and a SIGKILL is reported as signaled(9) (possibly OOM), not oom_killed")
+            }
             self.logger.info("npu-supervisord \(Self.version) listening", metadata: [
                 "requests": "\(self.config.requestsSocket)", "status": "\(self.config.statusSocket)",
                 "control": "\(self.config.controlSocket)", "workers": "\(self.slots.count)",
@@ -234,6 +245,7 @@ public final class Supervisor: @unchecked Sendable {
                 Glibc.close(self.lockFD)
                 self.lockFD = -1
             }
+            self.cgroups?.tearDown(devices: self.slots.map(\.spec.device))
             self.logger.notice("stopped; no worker left")
             self.shutdownPromise.succeed()
         }
@@ -284,7 +296,8 @@ public final class Supervisor: @unchecked Sendable {
                     uptimeSeconds: slot.spawnedAt.map { Double((now - $0).nanoseconds) / 1e9 } ?? 0,
                     inflight: slot.inflight, maxInflight: slot.spec.maxInflight,
                     exits: slot.machine.exitCounts, nextRestartInSeconds: next, health: healthLevels(slot, now: mono),
-                    fallback: slot.isFallback)
+                    fallback: slot.isFallback, memoryBytes: slot.cgroup.flatMap { cgroups?.memoryUsage($0.path) },
+                    memoryLimitBytes: slot.spec.memoryLimit)
             }
         return StatusDocument(
             state: health.rawValue, reason: reason,

@@ -54,6 +54,8 @@ final class WorkerSlot: @unchecked Sendable {  // confined to the event loop
     var workerReport: (ok: Bool, detail: String, at: NIODeadline)?
 
     var isFallback: Bool { spec.isFallback }
+    /// The current process's memory cgroup, when cgroups are in use.
+    var cgroup: CgroupManager.WorkerCgroup?
     /// Whether any process of this slot ever said ready (the first model load is not an outage).
     var hasBeenReady = false
 

@@ -75,10 +75,15 @@ public struct WorkerStatus: Codable, Sendable, Equatable {
     public var health: WorkerHealthLevels
     /// A CPU fallback worker.
     public var fallback: Bool
+    /// Memory used by the worker's cgroup (bytes), when it has one.
+    public var memoryBytes: Int?
+    /// The cgroup's memory limit (bytes), when one is set.
+    public var memoryLimitBytes: Int?
 
     public init(device: String, kind: String, state: String, desired: String, pid: Int32?, restarts: Int,
                 lastExit: String?, lastExitDetail: String?, uptimeSeconds: Double, inflight: Int, maxInflight: Int,
-                exits: [String: Int], nextRestartInSeconds: Double?, health: WorkerHealthLevels, fallback: Bool) {
+                exits: [String: Int], nextRestartInSeconds: Double?, health: WorkerHealthLevels, fallback: Bool,
+                memoryBytes: Int? = nil, memoryLimitBytes: Int? = nil) {
         self.device = device
         self.kind = kind
         self.state = state
@@ -94,10 +99,14 @@ public struct WorkerStatus: Codable, Sendable, Equatable {
         self.nextRestartInSeconds = nextRestartInSeconds
         self.health = health
         self.fallback = fallback
+        self.memoryBytes = memoryBytes
+        self.memoryLimitBytes = memoryLimitBytes
     }
 
     enum CodingKeys: String, CodingKey {
         case device, kind, state, desired, pid, restarts, inflight, exits, health, fallback
+        case memoryBytes = "memory_bytes"
+        case memoryLimitBytes = "memory_limit_bytes"
         case lastExit = "last_exit"
         case lastExitDetail = "last_exit_detail"
         case uptimeSeconds = "uptime_seconds"
@@ -123,6 +132,8 @@ public struct WorkerStatus: Codable, Sendable, Equatable {
         try c.encode(nextRestartInSeconds, forKey: .nextRestartInSeconds)
         try c.encode(health, forKey: .health)
         try c.encode(fallback, forKey: .fallback)
+        try c.encode(memoryBytes, forKey: .memoryBytes)
+        try c.encode(memoryLimitBytes, forKey: .memoryLimitBytes)
     }
 }
 

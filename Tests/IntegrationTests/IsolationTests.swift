@@ -1,0 +1,100 @@
+import Foundation
+import NIOCore
+import NPUClient
+import Testing
+import WireProtocol
+
+/// DESIGN section 6 on the real kernel of this machine: per-worker memory cgroups, OOM kills proven by the
+/// cgroup's counter, process groups cleaned up, nothing leaking across restarts.
+@Suite(.serialized, .timeLimit(.minutes(3)))
+struct IsolationTests {
+    static var canUseCgroups: Bool { getuid() == 0 }
+
+    @Test(.enabled(if: IsolationTests.canUseCgroups, "needs root to create memory cgroups"))
+    func aWorkerOverItsMemoryLimitIsReportedOOMKilledByTheCounter() throws {
+        let daemon = try TestDaemon(devices: ["0", "1"], defaults: "memory_limit = \"64MiB\"", extra: "[requests]\nretries = 0")
+        let doc = try #require(daemon.waitAllReady())
+        #expect(daemon.log.contains("per-worker memory cgroups"))
+        #expect(doc.workers[0].memoryLimitBytes == 64 << 20)
+        #expect((doc.workers[0].memoryBytes ?? 0) > 0, "usage is read from the worker's cgroup")
+        let victim = try #require(doc.workers[0].pid)
+        let cgroupLine = try String(contentsOfFile: "/proc/\(victim)/cgroup", encoding: .utf8)
+            .split(separator: "\n").first { $0.contains("memory") || $0.hasPrefix("0::") } ?? ""
+        #expect(cgroupLine.hasSuffix("/worker-0"), "the worker runs in its own cgroup: \(cgroupLine)")
+        let client = try daemon.client()
+        let outcome = try client.infer(payload("{\"prompt\": \"x\", \"fault\": \"host_oom\", \"memory_mb\": 1024}"),
+                                       options: RequestOptions(device: "0"))
+        guard case .error(let e) = outcome else {
+            Issue.record("expected worker_lost, got \(outcome)")
+            return
+        }
+        #expect(e.code == "worker_lost")
+        #expect(eventually { daemon.worker("0")?.lastExit == "oom_killed" })
+        #expect(daemon.worker("0")?.exits["oom_killed"] == 1)
+        #expect(daemon.log.contains("reason=oom_killed"))
+        #expect(daemon.log.contains("killed by the kernel OOM killer (memory cgroup oom_kill counter rose)"))
+        #expect(daemon.worker("1")?.pid == doc.workers[1].pid, "the other worker is untouched")
+        #expect(eventually { daemon.worker("0")?.state == "ready" })
+        // The same setup, a plain kill -9: not an OOM.
+        let second = try #require(daemon.worker("0")?.pid)
+        kill(second, SIGKILL)
+        #expect(eventually { daemon.worker("0")?.lastExit == "signaled(9)" })
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func deviceOOMIsReportedAsSuch() throws {
+        let daemon = try TestDaemon(devices: ["0"])
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        guard case .error(let e) = try client.infer(payload("{\"prompt\": \"x\", \"fault\": \"device_oom\"}")) else {
+            Issue.record("expected device_oom")
+            return
+        }
+        #expect(e.code == "device_oom")
+        #expect(e.message.contains("NPU out of memory"))
+        #expect(eventually { daemon.worker("0")?.lastExit == "device_oom" })
+        #expect(daemon.log.contains("reason=device_oom"))
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func aCrashedWorkersHelpersDieWithIt() throws {
+        let daemon = try TestDaemon(devices: ["0"], defaults: "restart = \"never\"")
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        struct Child: Decodable { var child_pid: Int32 }
+        let answer = try client.infer(payload("{\"fault\": \"spawn_child\"}"))
+        guard case .response(let body) = answer,
+              let child = try? JSONDecoder().decode(Child.self, from: Data(body.readableBytesView)) else {
+            Issue.record("no child pid: \(answer)")
+            return
+        }
+        #expect(processExists(child.child_pid))
+        _ = try client.infer(payload("{\"fault\": \"crash\"}"))
+        #expect(eventually { daemon.worker("0")?.lastExit == "signaled(11)" })
+        #expect(eventually(timeout: .seconds(2)) { !processExists(child.child_pid) }, "the helper went with its worker")
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func restartCyclesLeakNoDescriptorsAndLittleMemory() throws {
+        let daemon = try TestDaemon(devices: ["0"], defaults: "restart_limit = 100000\nbackoff_initial = \"10ms\"\nbackoff_max = \"10ms\"")
+        #expect(daemon.waitAllReady() != nil)
+        func fdCount() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(daemon.pid)/fd").count) ?? -1 }
+        // Warm up (lazy allocations, the first cgroup), then measure.
+        for _ in 0..<10 { try cycle(daemon) }
+        let fdsBefore = fdCount()
+        let rssBefore = rssKB(daemon.pid)
+        for _ in 0..<100 { try cycle(daemon) }
+        #expect(fdCount() == fdsBefore, "descriptors: \(fdsBefore) before, \(fdCount()) after 100 restarts")
+        #expect(rssKB(daemon.pid) - rssBefore < 4096, "RSS grew \(rssKB(daemon.pid) - rssBefore) KiB over 100 restarts")
+        #expect(daemon.terminate() == 0)
+    }
+
+    func cycle(_ daemon: TestDaemon) throws {
+        guard let pid = daemon.worker("0")?.pid else { throw CycleError() }
+        kill(pid, SIGKILL)
+        guard eventually(timeout: .seconds(10), { daemon.worker("0").map { $0.state == "ready" && $0.pid != pid } ?? false })
+        else { throw CycleError() }
+    }
+
+    struct CycleError: Error {}
+}
