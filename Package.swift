@@ -123,5 +123,14 @@ let package = Package(
         .testTarget(
             name: "IntegrationTests",
             dependencies: ["NPUClient", "WireProtocol", "SupervisorCore"]),
+        // sd_notify, socket activation, journald, the units: against the real daemon, and under a real systemd
+        // booted in namespaces by scripts/systemd-sandbox.sh.
+        .testTarget(
+            name: "SystemdTests",
+            dependencies: [
+                "NPUClient", "WireProtocol", "SystemdSupport",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]),
     ]
 )
