@@ -51,6 +51,14 @@ remove_cgroup() {
     [ ! -d "$cg" ] || echo "systemd-sandbox: could not remove $cg" >&2
 }
 
+# This process's folder in a v1 memory hierarchy (hybrid hosts), if there is one.
+memory_v1_dir() {
+    local mp path
+    mp=$(findmnt -n -o TARGET -t cgroup -O memory 2>/dev/null | head -1)
+    path=$(awk -F: '$2 ~ /(^|,)memory(,|$)/ {print $3}' /proc/self/cgroup)
+    [ -n "$mp" ] && [ -n "$path" ] && [ -d "$mp$path" ] && echo "$mp${path%/}"
+}
+
 reap_stale() {
     local base=$1 cg name owner
     for cg in "$base"/npu-sd-*; do
@@ -99,8 +107,15 @@ cmd_boot() {
     write_units "$dir"
     cg="$base/npu-sd-$owner-$$"
     mkdir -p "$cg/payload" "$cg/launcher"
-    rm -f "$dir/go" "$dir/init.pid" "$dir/unshare.pid"
+    rm -f "$dir/go" "$dir/init.pid" "$dir/unshare.pid" "$dir/memcg.path"
     echo "$cg" >"$dir/cgroup.path"
+    # The opt-in v1 memory hierarchy (see _init) is rooted at a memory cgroup of the sandbox's own, removed with it.
+    local memroot
+    if [ -e "$dir/with-memory-cgroup" ] && memroot=$(memory_v1_dir); then
+        reap_stale "$memroot"
+        mkdir -p "$memroot/npu-sd-$owner-$$"
+        echo "$memroot/npu-sd-$owner-$$" >"$dir/memcg.path"
+    fi
     # PID 1 wants a tty as its console: `script` provides a pty.
     exec script -qfec "$SELF _launch $dir $cg" "$dir/console.log" </dev/null >/dev/null 2>&1
 }
@@ -143,6 +158,7 @@ cmd_up() {
 cmd_launch() {
     local dir=$1 cg=$2
     echo $$ >"$cg/payload/cgroup.procs"
+    [ -s "$dir/memcg.path" ] && echo $$ >"$(cat "$dir/memcg.path")/cgroup.procs"
     echo $$ >"$dir/unshare.pid"
     exec unshare --pid --fork --mount --uts --ipc --cgroup "$SELF" _init "$dir"
 }
@@ -172,8 +188,19 @@ cmd_init() {
     if [ -e /proc/sysrq-trigger ]; then
         mount -n --bind /proc/sysrq-trigger /proc/sysrq-trigger && mount -n -o remount,bind,ro /proc/sysrq-trigger
     fi
+    # The host's cgroup mounts go (this mount namespace only); systemd gets a pure v2 view rooted at the sandbox's
+    # own folder.
+    umount -n -R -l /sys/fs/cgroup 2>/dev/null || true
     mount -n -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup
     mount -n -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
+    # Opt-in (DIR/with-memory-cgroup): on hosts whose memory controller is on a v1 hierarchy (hybrid), mount that
+    # hierarchy too, rooted (cgroup namespace) at the sandbox's own memory cgroup, so that services can create
+    # memory cgroups for their children and a real OOM kill can happen inside. Nothing outside the sandbox's
+    # memory cgroup is reachable through it.
+    if [ -s "$dir/memcg.path" ]; then
+        mkdir -p /run/sandbox-memory
+        mount -n -t cgroup -o memory,nosuid,nodev,noexec cgroup /run/sandbox-memory || true
+    fi
     mount -n -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
     [ -d /var/tmp ] && mount -n -t tmpfs -o mode=1777,nosuid,nodev tmpfs /var/tmp
     [ -d /var/log/journal ] && mount -n -t tmpfs -o mode=755,nosuid,nodev tmpfs /var/log/journal
@@ -218,7 +245,8 @@ cmd_down() {
         kill -KILL "$init" 2>/dev/null || true
     fi
     [ -n "$cg" ] && remove_cgroup "$cg"
-    rm -f "$dir/init.pid" "$dir/go"
+    [ -s "$dir/memcg.path" ] && remove_cgroup "$(cat "$dir/memcg.path")"
+    rm -f "$dir/init.pid" "$dir/go" "$dir/memcg.path"
 }
 
 case "${1:-}" in

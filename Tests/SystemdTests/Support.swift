@@ -45,6 +45,13 @@ func eventually(timeout: Duration = .seconds(10), _ condition: () throws -> Bool
     return try condition()
 }
 
+/// Wall-clock seconds (the clock of SO_TIMESTAMP).
+func wallClock() -> Double {
+    var tv = timeval()
+    gettimeofday(&tv, nil)
+    return Double(tv.tv_sec) + Double(tv.tv_usec) / 1e6
+}
+
 func processExists(_ pid: Int32) -> Bool {
     guard kill(pid, 0) == 0 else { return false }
     guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
@@ -122,7 +129,7 @@ enum TestConfig {
     /// A config: `devices` simulated devices, sockets in `runDir`.
     static func make(runDir: String, devices: [String] = ["0", "1"], loadMS: Int = 300, minReady: Int = 1,
                      supervisorExtra: String = "", workerArgs: [String] = [], http: String? = nil,
-                     extra: String = "") -> String {
+                     defaultsExtra: String = "", extra: String = "") -> String {
         let argv = ([Paths.worker, "--load-ms", "\(loadMS)"] + workerArgs).map { "\"\($0)\"" }
             .joined(separator: ", ")
         var toml = """
@@ -140,6 +147,7 @@ enum TestConfig {
             backoff_max = "1s"
             heartbeat_interval = "200ms"
             heartbeat_timeout = "5s"
+            \(defaultsExtra)
 
             """
         if knowsHTTP { toml += "\n[http]\nlisten = \"\(http ?? "")\"\n" }
@@ -154,7 +162,10 @@ final class NotifyListener {
     struct Message {
         var pid: Int32
         var text: String
+        /// When the test read it.
         var at: ContinuousClock.Instant
+        /// When the kernel queued it (SO_TIMESTAMP, wall clock seconds): independent of the test's scheduling.
+        var sent: Double
         var assignments: [String] { text.split(separator: "\n").map(String.init) }
         func has(_ assignment: String) -> Bool { assignments.contains(assignment) }
         func value(_ key: String) -> String? {
@@ -172,6 +183,7 @@ final class NotifyListener {
         guard fd >= 0 else { throw POSIXError(.EIO) }
         var on: CInt = 1
         setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &on, socklen_t(MemoryLayout<CInt>.size))
+        setsockopt(fd, SOL_SOCKET, SO_TIMESTAMP, &on, socklen_t(MemoryLayout<CInt>.size))
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         withUnsafeMutableBytes(of: &address.sun_path) { raw in
@@ -198,7 +210,7 @@ final class NotifyListener {
         while poll(&pfd, 1, waitMS) > 0 {
             waitMS = 0
             var buffer = [UInt8](repeating: 0, count: 4096)
-            var control = [UInt8](repeating: 0, count: 64)
+            var control = [UInt8](repeating: 0, count: 128)
             let n = buffer.withUnsafeMutableBytes { data -> Int in
                 control.withUnsafeMutableBytes { ctl -> Int in
                     var iov = iovec(iov_base: data.baseAddress, iov_len: data.count)
@@ -213,11 +225,27 @@ final class NotifyListener {
                 }
             }
             guard n >= 0 else { break }
-            // One SCM_CREDENTIALS control message: cmsghdr (len: size_t, level: int, type: int), then ucred
-            // (pid, uid, gid as 32-bit ints).
-            let pid = control.withUnsafeBytes { $0.load(fromByteOffset: 16, as: Int32.self) }
-            messages.append(Message(pid: pid, text: String(decoding: buffer[0..<n], as: UTF8.self),
-                                    at: .now))
+            // Control messages: cmsghdr (len: size_t, level: int, type: int), data at +16, the next header at
+            // the 8-aligned end. SCM_CREDENTIALS carries ucred (pid, uid, gid: 32-bit ints), SCM_TIMESTAMP a
+            // timeval.
+            var pid: Int32 = 0
+            var sent = 0.0
+            control.withUnsafeBytes { raw in
+                var offset = 0
+                while offset + 16 <= raw.count {
+                    let length = Int(raw.load(fromByteOffset: offset, as: UInt64.self))
+                    guard length >= 16 else { break }
+                    let type = raw.load(fromByteOffset: offset + 12, as: Int32.self)
+                    if type == 2 /* SCM_CREDENTIALS */ { pid = raw.load(fromByteOffset: offset + 16, as: Int32.self) }
+                    if type == SO_TIMESTAMP {
+                        sent = Double(raw.load(fromByteOffset: offset + 16, as: Int64.self))
+                            + Double(raw.load(fromByteOffset: offset + 24, as: Int64.self)) / 1e6
+                    }
+                    offset += (length + 7) & ~7
+                }
+            }
+            messages.append(Message(pid: pid, text: String(decoding: buffer[0..<n], as: UTF8.self), at: .now,
+                                    sent: sent))
         }
     }
 
