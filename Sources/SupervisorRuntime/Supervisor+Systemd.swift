@@ -99,6 +99,16 @@ extension Supervisor {
         if !unused.isEmpty {
             logger.warning("systemd passed sockets this configuration does not use: \(unused.joined(separator: ", "))")
         }
+        // systemd's socket wins over the configured path; clients reading the config would look elsewhere.
+        for (name, configured) in [("requests", config.requestsSocket), ("status", config.statusSocket),
+                                   ("control", config.controlSocket)] {
+            if let passed = ListenFDs.shared.path(ofTaken: name), passed != configured {
+                logger.warning("""
+                    the \(name) socket passed by systemd is \(passed), the configuration says \(configured); \
+                    serving on systemd's (make the two agree so that clients find it)
+                    """)
+            }
+        }
         systemdTick()
     }
 }

@@ -55,8 +55,8 @@ public final class SystemdNotifier: @unchecked Sendable {
 public final class ListenFDs: @unchecked Sendable {
     public static let shared = ListenFDs()
     private var byName: [String: CInt] = [:]
-    /// Unix socket paths of the fds that were taken (their files belong to systemd: never unlink them).
-    private var takenPaths: Set<String> = []
+    /// Unix socket paths of the fds that were taken, by name (their files belong to systemd: never unlink them).
+    private var takenPaths: [String: String] = [:]
     private let lock = NSLockLike()
 
     private init() {
@@ -82,7 +82,7 @@ public final class ListenFDs: @unchecked Sendable {
     public func take(name: String) -> CInt? {
         lock.withLock {
             guard let fd = byName.removeValue(forKey: name) else { return nil }
-            if let path = Self.unixPath(of: fd) { takenPaths.insert(path) }
+            if let path = Self.unixPath(of: fd) { takenPaths[name] = path }
             return fd
         }
     }
@@ -92,7 +92,10 @@ public final class ListenFDs: @unchecked Sendable {
 
     /// Whether the socket file at `path` came from systemd (the daemon must leave it in place at exit: the
     /// socket unit still listens on it and starts the daemon again on the next connection).
-    public func isPassed(path: String) -> Bool { lock.withLock { takenPaths.contains(path) } }
+    public func isPassed(path: String) -> Bool { lock.withLock { takenPaths.values.contains(path) } }
+
+    /// The path of the Unix socket taken under `name`, if it was one.
+    public func path(ofTaken name: String) -> String? { lock.withLock { takenPaths[name] } }
 
     /// The filesystem path a listening Unix socket is bound to, nil for other sockets.
     static func unixPath(of fd: CInt) -> String? {

@@ -56,6 +56,7 @@ struct SocketActivationTests {
             #expect(answer.hasPrefix("HTTP/1.0 200") && answer.hasSuffix("\r\n\r\nok\n"), "\(answer)")
         }
         #expect(!log.contains("does not use"), "every passed socket was taken: \(log)")
+        #expect(!log.contains("passed by systemd is"), "paths agree with the configuration: \(log)")
 
         // Nothing of systemd's reaches the worker.
         let worker = try #require(readStatus(run + "/status.sock")?.workers.first?.pid)
@@ -69,6 +70,32 @@ struct SocketActivationTests {
         for name in ["requests", "status", "control"] {
             #expect(FileManager.default.fileExists(atPath: run + "/\(name).sock"), "\(name).sock was removed")
         }
+    }
+}
+
+extension SocketActivationTests {
+    @Test(.enabled(if: activator != nil, "systemd-socket-activate is not installed (apt-get install systemd)"))
+    func aPassedSocketElsewhereThanConfiguredIsUsedAndReported() throws {
+        let dir = try Paths.scratch("elsewhere")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let elsewhere = dir + "/elsewhere"
+        try FileManager.default.createDirectory(atPath: elsewhere, withIntermediateDirectories: true)
+        let config = dir + "/config.toml"
+        try TestConfig.make(runDir: dir + "/run", devices: ["0"], loadMS: 0)
+            .write(toFile: config, atomically: true, encoding: .utf8)
+        let daemon = try DaemonProcess(
+            executable: Self.activator!,
+            arguments: ["-l", elsewhere + "/status.sock", "--fdname=status", Paths.supervisord, "--config", config],
+            logPath: dir + "/daemon.log")
+        #expect(eventually { FileManager.default.fileExists(atPath: elsewhere + "/status.sock") })
+        let doc = try #require(readStatus(elsewhere + "/status.sock"), "log:\n\(daemon.log)")
+        daemon.remember(doc)
+        #expect(eventually { daemon.log.contains("passed by systemd is") })
+        #expect(daemon.log.contains("the status socket passed by systemd is \(elsewhere)/status.sock, the configuration "
+                                    + "says \(dir)/run/status.sock"), "\(daemon.log)")
+        // The others were bound by the daemon itself, at the configured paths.
+        #expect(FileManager.default.fileExists(atPath: dir + "/run/requests.sock"))
+        #expect(daemon.terminate() == 0)
     }
 }
 
