@@ -4,7 +4,9 @@
 Runs, in one invocation and interleaved round by round (so machine noise hits all three alike):
   direct      clients talk to echoing workers' own Unix sockets (npu-worker --listen), no proxy
   supervisor  clients -> npu-supervisord requests.sock -> the same echo workers (over fd 3)
-  haproxy     clients -> HAProxy (mode tcp, Unix socket front and back, balance leastconn) -> echo workers
+  haproxy     clients -> HAProxy (mode tcp, Unix socket front and back, balance leastconn, nbthread 2 = its
+              default on this 2-CPU machine) -> echo workers
+  haproxy-1t  the same HAProxy limited to one thread (npu-supervisord runs its request path on one thread)
 for 1, 8 and 64 clients, 64 B and 4 KiB payloads; latency with one request in flight per client (depth 1),
 throughput pipelined (depth 16). Reports medians over the rounds and the supervisor/HAProxy ratios.
 Usage: scripts/bench-proxy.py [--rounds 3] [--seconds 2] [--workers 2]
@@ -90,11 +92,21 @@ def main():
         procs.append(subprocess.Popen(["haproxy", "-f", cfg, "-db"], stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL))
         wait_socket(front)
+        front1 = os.path.join(tmp, "haproxy1.sock")
+        cfg1 = os.path.join(tmp, "haproxy1.cfg")
+        with open(cfg) as f:
+            text = f.read().replace("nbthread 2", "nbthread 1").replace(front, front1)
+        with open(cfg1, "w") as f:
+            f.write(text)
+        procs.append(subprocess.Popen(["haproxy", "-f", cfg1, "-db"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        wait_socket(front1)
         conf = os.path.join(tmp, "supervisor.toml")
         with open(conf, "w") as f:
             f.write('[supervisor]\nrun_dir = "run"\nlog_level = "warning"\n[requests]\nmax_queue = 65536\n'
-                    'max_inflight_per_connection = 1024\n'
-                    f'[defaults]\ncommand = ["{os.path.join(BIN, "npu-worker")}"]\nmax_inflight = 1024\n')
+                    'max_inflight_per_connection = 1024\n[http]\nlisten = ""\n'
+                    f'[defaults]\ncommand = ["{os.path.join(BIN, "npu-worker")}"]\nmax_inflight = 1024\n'
+                    'inference_probe = { enabled = false }\n')
             for i in range(args.workers):
                 f.write(f'[[device]]\nid = "{i}"\n')
         procs.append(subprocess.Popen([os.path.join(BIN, "npu-supervisord"), "--config", conf],
@@ -102,7 +114,7 @@ def main():
         status = os.path.join(tmp, "run", "status.sock")
         wait_ready(status, args.workers)
         targets = {"direct": (worker_socks, None), "supervisor": ([os.path.join(tmp, "run", "requests.sock")], status),
-                   "haproxy": ([front], None)}
+                   "haproxy": ([front], None), "haproxy-1t": ([front1], None)}
         results = {}
         cases = [(size, clients, depth) for size in (64, 4096) for clients in (1, 8, 64) for depth in (1, 16)]
         for r in range(args.rounds):
@@ -114,9 +126,10 @@ def main():
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
         print(f"median of {args.rounds} rounds, {args.seconds} s each, {args.workers} echo workers, "
               f"{os.cpu_count()} CPUs")
-        print("| payload | clients | depth | direct req/s | supervisor req/s | haproxy req/s | sup/haproxy "
-              "| direct p50/p99 ms | supervisor p50/p99 ms | haproxy p50/p99 ms | supervisor RSS max |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| payload | clients | depth | direct req/s | supervisor req/s | haproxy req/s | haproxy-1t req/s "
+              "| sup/haproxy | sup/haproxy-1t | direct p50/p99 ms | supervisor p50/p99 ms | haproxy p50/p99 ms "
+              "| haproxy-1t p50/p99 ms | supervisor RSS max |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for case in cases:
             row = {}
             for name in targets:
@@ -124,10 +137,11 @@ def main():
                 row[name] = (statistics.median(x["rps"] for x in rs), statistics.median(x["p50_ms"] for x in rs),
                              statistics.median(x["p99_ms"] for x in rs), max(x["rss_max_kb"] for x in rs))
             ratio = row["supervisor"][0] / row["haproxy"][0] if row["haproxy"][0] else float("nan")
+            ratio1 = row["supervisor"][0] / row["haproxy-1t"][0] if row["haproxy-1t"][0] else float("nan")
+            pl = lambda n: f"{row[n][1]:.3f}/{row[n][2]:.3f}"
             print(f"| {case[0]} B | {case[1]} | {case[2]} | {row['direct'][0]:.0f} | {row['supervisor'][0]:.0f} | "
-                  f"{row['haproxy'][0]:.0f} | {ratio:.2f} | {row['direct'][1]:.3f}/{row['direct'][2]:.3f} | "
-                  f"{row['supervisor'][1]:.3f}/{row['supervisor'][2]:.3f} | {row['haproxy'][1]:.3f}/{row['haproxy'][2]:.3f} | "
-                  f"{row['supervisor'][3] / 1024:.1f} MB |")
+                  f"{row['haproxy'][0]:.0f} | {row['haproxy-1t'][0]:.0f} | {ratio:.2f} | {ratio1:.2f} | {pl('direct')} | "
+                  f"{pl('supervisor')} | {pl('haproxy')} | {pl('haproxy-1t')} | {row['supervisor'][3] / 1024:.1f} MB |")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

@@ -18,9 +18,15 @@ public enum ConfigRenderer {
         out += "max_connections = \(c.requests.maxConnections)\n"
         out += "max_inflight_per_connection = \(c.requests.maxInflightPerConnection)\n"
         out += "max_client_buffer = \(c.requests.maxClientBufferBytes)\n"
-        for w in c.workers {
+        out += "\n[http]\nlisten = \(q(c.http.listen ?? ""))\n"
+        out += "\n[cgroups]\nmode = \(q(c.cgroups.mode.rawValue))\n"
+        if let parent = c.cgroups.parent { out += "parent = \(q(parent))\n" }
+        if let f = c.fallback {
+            out += "\n# [fallback]: when_fewer_than = \(f.whenFewerThan), stop_after = \(q(f.stopAfter.configString))\n"
+        }
+        for w in c.workers + (c.fallback?.workers ?? []) {
             let p = w.policy
-            out += "\n[[device]]\nid = \(q(w.device))\nkind = \(q(w.kind.rawValue))\n"
+            out += "\n[[device]]\(w.isFallback ? "  # CPU fallback worker" : "")\nid = \(q(w.device))\nkind = \(q(w.kind.rawValue))\n"
             out += "command = [" + w.command.map(q).joined(separator: ", ") + "]\n"
             out += "env = {" + w.environment.sorted { $0.key < $1.key }.map { " \($0.key) = \(q($0.value))" }
                 .joined(separator: ",") + " }\n"
@@ -37,6 +43,19 @@ public enum ConfigRenderer {
             out += "restart_limit = \(p.maxRestarts)\nrestart_window = \(q(p.restartWindow.configString))\n"
             out += "failed_retry_interval = \(q(p.failedRetryInterval.configString))\n"
             out += "start_timeout = \(q(p.startTimeout.configString))\nstop_timeout = \(q(p.stopTimeout.configString))\n"
+            if let limit = w.memoryLimit { out += "memory_limit = \(limit)\n" }
+            let d = w.deviceProbe
+            out += "device_probe = { type = \(q(d.kind.rawValue))"
+            if d.kind == .command { out += ", command = [" + d.command.map(q).joined(separator: ", ") + "], healthy = \(q(d.healthy))" }
+            if d.kind == .path { out += ", paths = [" + d.paths.map(q).joined(separator: ", ") + "]" }
+            if d.kind != .none {
+                out += ", interval = \(q(d.interval.configString)), timeout = \(q(d.timeout.configString)), failures = \(d.failures)"
+                    + ", failed_interval = \(q(d.failedInterval.configString))"
+            }
+            out += " }\n"
+            let i = w.inferenceProbe
+            out += "inference_probe = { enabled = \(i.enabled), payload = \(q(i.payload)), interval = \(q(i.interval.configString)), "
+                + "timeout = \(q(i.timeout.configString)), failures = \(i.failures), text_field = \(q(i.textField)) }\n"
         }
         return out
     }

@@ -9,7 +9,7 @@ struct NPUBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "npu-bench",
         abstract: "Benchmarks and drills for npu-supervisor (figures for BENCHMARKS.md).",
-        subcommands: [Load.self, RestartLatency.self, IdleMemory.self])
+        subcommands: [Load.self, RestartLatency.self, IdleMemory.self, Soak.self])
 }
 
 struct BinOption: ParsableArguments {
@@ -79,5 +79,44 @@ struct IdleMemory: ParsableCommand {
             print(String(format: "%7d  %10.1f MB  %5.1f MB  %7d  %3d", n, Double(m.rssKB) / 1024,
                          Double(m.anonKB) / 1024, m.threads, m.fds))
         }
+    }
+}
+
+/// Many kill/restart cycles: the supervisor's descriptors and memory must stay flat (no leak per restart).
+struct Soak: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "soak")
+    @OptionGroup var bin: BinOption
+    @Option(help: "Kill/replace cycles.") var cycles = 1000
+    @Option(help: "Report every this many cycles.") var every = 250
+
+    func run() throws {
+        let daemon = try BenchDaemon(
+            devices: 2, workerArgs: ["--load-ms", "0"],
+            defaults: "backoff_initial = \"10ms\"\nbackoff_max = \"10ms\"\nbackoff_jitter = 0\n"
+                + "restart_limit = 1000000\nrestart_window = \"1s\"",
+            binDirectory: bin.bin)
+        defer { daemon.stop() }
+        _ = try daemon.waitAllReady()
+        func line(_ n: Int) {
+            let m = Memory(pid: daemon.pid)
+            let cgroups = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup/memory"))
+                .map { _ in "" } ?? ""
+            print(String(format: "%6d cycles: supervisor RSS %.1f MB (anon %.1f MB), %d fds, %d threads%@", n,
+                         Double(m.rssKB) / 1024, Double(m.anonKB) / 1024, m.fds, m.threads, cgroups))
+        }
+        line(0)
+        for n in 1...cycles {
+            guard let victim = daemon.status()?.workers[n % 2].pid else { throw BenchError("no worker pid") }
+            kill(victim, SIGKILL)
+            let t0 = now()
+            while true {
+                if let w = daemon.status()?.workers[n % 2], w.state == "ready", w.pid != victim { break }
+                if now() - t0 > 30 { throw BenchError("no replacement within 30 s") }
+                usleep(1000)
+            }
+            if n % every == 0 { line(n) }
+        }
+        let restarts = daemon.status()?.workers.map(\.restarts).reduce(0, +) ?? 0
+        print("total restarts seen by the supervisor: \(restarts)")
     }
 }

@@ -33,6 +33,7 @@ struct NPUWorker: ParsableCommand {
     @Option(help: "Device health drill: while this file exists, its content is reported as a device fault in health frames.")
     var healthFile: String?
     @Flag(help: "Answer every request with empty text (inference-probe drills).") var emptyOutput = false
+    @Flag(help: "Ignore SIGTERM (stop_timeout drills: the supervisor must escalate to SIGKILL).") var ignoreSigterm = false
 
     func run() throws {
         // SIGTERM is handled by a thread of its own with sigwait: block it before any thread exists.
@@ -66,10 +67,15 @@ struct NPUWorker: ParsableCommand {
         }
         let grace = termGraceMs
         let termSet = set
+        let ignoreTerm = ignoreSigterm
         Thread.detach {
             var waitSet = termSet
             var sig: Int32 = 0
             sigwait(&waitSet, &sig)
+            while ignoreTerm {
+                printErr("npu-worker[\(device)]: SIGTERM ignored, as asked")
+                sigwait(&waitSet, &sig)
+            }
             printErr("npu-worker[\(device)]: SIGTERM; finishing \(connection.inflightCount) request(s)")
             var waited = 0
             while connection.inflightCount > 0 && waited < grace {

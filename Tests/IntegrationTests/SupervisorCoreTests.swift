@@ -267,3 +267,21 @@ struct ConfigCheckTests {
         #expect(!FileManager.default.fileExists(atPath: daemon.requestsSocket))
     }
 }
+
+@Suite(.serialized, .timeLimit(.minutes(2)))
+struct StopEscalationTests {
+    @Test func aWorkerIgnoringSIGTERMIsKilledAfterStopTimeout() throws {
+        let daemon = try TestDaemon(devices: ["0"], workerArgs: ["--ignore-sigterm"], defaults: "stop_timeout = \"400ms\"")
+        let pid = try #require(daemon.waitAllReady()?.workers[0].pid)
+        let start = ContinuousClock.now
+        #expect(try daemon.ctl(["stop", "0"]).status == 0)
+        #expect(eventually { daemon.worker("0")?.state == "stopped" })
+        let took = ContinuousClock.now - start
+        #expect(took >= .milliseconds(400) && took < .seconds(3), "stopped after \(took)")
+        #expect(!processExists(pid))
+        #expect(daemon.worker("0")?.lastExit == "signaled(9)", "the escalation is visible in the exit reason")
+        #expect(daemon.log.contains("SIGTERM ignored, as asked"))
+        #expect(daemon.log.contains("sent SIGKILL to worker process group"))
+        #expect(daemon.terminate() == 0)
+    }
+}
