@@ -36,6 +36,8 @@ install -d "$DESTDIR$BINDIR" "$DESTDIR$CONFDIR" "$DESTDIR$UNITDIR" "$DESTDIR$DOC
 for exe in npu-supervisord npu-supervisorctl npu-worker; do
     install -m 0755 "$BUILD_DIR/$exe" "$DESTDIR$BINDIR/$exe"
 done
+# npu-cgroup-exec (per-worker memory cgroups) must sit next to npu-supervisord.
+[ -x "$BUILD_DIR/npu-cgroup-exec" ] && install -m 0755 "$BUILD_DIR/npu-cgroup-exec" "$DESTDIR$BINDIR/npu-cgroup-exec"
 say "binaries in $DESTDIR$BINDIR"
 
 # The example runs simulated devices out of the box; installed, its sockets go where the socket units put them.

@@ -95,6 +95,9 @@ struct UnitFileTests {
         for exe in ["npu-supervisord", "npu-supervisorctl", "npu-worker"] {
             #expect(access(dir + "/prefix/bin/" + exe, X_OK) == 0)
         }
+        if access(Paths.binaries + "/npu-cgroup-exec", X_OK) == 0 {
+            #expect(access(dir + "/prefix/bin/npu-cgroup-exec", X_OK) == 0, "the cgroup trampoline goes along")
+        }
         let config = dir + "/etc/npu-supervisor/config.toml"
         let service = try String(contentsOfFile: dir + "/units/npu-supervisord.service", encoding: .utf8)
         #expect(Self.settings(service)["ExecStart"] == ["\(dir)/prefix/bin/npu-supervisord --config \(config)"])
