@@ -11,6 +11,11 @@
 #   systemd-sandbox.sh down DIR             `systemctl exit` inside, SIGKILL of its PID 1 as fallback, cgroup removed
 #   systemd-sandbox.sh check                exit 0 if namespaces can be created here, else print why and exit 1
 #
+# Opt-in: a file DIR/with-memory-cgroup gives the sandbox a memory controller (pure v2 hosts: enabled for its
+# cgroup folder; hybrid hosts: the v1 memory hierarchy mounted at /run/sandbox-memory inside, rooted at a memory
+# cgroup made for the sandbox and removed with it), so that services can put children in memory cgroups and a
+# real OOM kill can happen inside.
+#
 # SAFETY (a carelessly booted systemd starts the host's boot units, one of which empties the host's /tmp):
 # - systemd sees only a whitelist of units: SYSTEMD_UNIT_PATH=DIR/units, which holds copies of journald, the
 #   exit/shutdown plumbing, a few targets, stub sysinit.target and basic.target written here, and the units
@@ -19,7 +24,7 @@
 # - Every mount inherited from the host is remounted read-only inside (the host root, /sys, /proc/sys, ...); only
 #   what is created here is writable: tmpfs on /run, /tmp, /var/tmp, /var/log/journal, a private /dev, the
 #   namespace's own cgroup2 folder, and DIR itself (bind-mounted read-write). Every mount uses `mount -n`.
-# - `down` always removes everything (tests call it from a defer); `up` also reaps sandboxes whose owner
+# - `down` always removes everything (tests call it from a defer); `boot` also reaps sandboxes whose owner
 #   process is gone (a test run that was killed), recognised by their cgroup folder's name `npu-sd-<owner>-*`.
 set -euo pipefail
 
@@ -110,6 +115,10 @@ cmd_boot() {
     rm -f "$dir/go" "$dir/init.pid" "$dir/unshare.pid" "$dir/memcg.path"
     echo "$cg" >"$dir/cgroup.path"
     # The opt-in v1 memory hierarchy (see _init) is rooted at a memory cgroup of the sandbox's own, removed with it.
+    # On a pure v2 host the same request enables the memory controller for the sandbox's systemd.
+    if [ -e "$dir/with-memory-cgroup" ] && grep -qw memory "$cg/cgroup.controllers" 2>/dev/null; then
+        echo +memory >"$cg/cgroup.subtree_control" 2>/dev/null || true
+    fi
     local memroot
     if [ -e "$dir/with-memory-cgroup" ] && memroot=$(memory_v1_dir); then
         reap_stale "$memroot"
