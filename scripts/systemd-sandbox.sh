@@ -210,8 +210,23 @@ cmd_init() {
         mkdir -p /run/sandbox-memory
         mount -n -t cgroup -o memory,nosuid,nodev,noexec cgroup /run/sandbox-memory || true
     fi
+    # Private /tmp and /var/tmp. The checkout (binaries, this script) and DIR may live below the host's: keep
+    # them visible at the same paths, through a read-only bind held aside while the tmpfs goes on.
+    local hold=/run/sandbox-host tree
+    tree=$(dirname "$(dirname "$SELF")")
+    mkdir -p "$hold/tmp" "$hold/var-tmp"
+    mount -n --bind /tmp "$hold/tmp"
+    [ -d /var/tmp ] && mount -n --bind /var/tmp "$hold/var-tmp"
     mount -n -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
     [ -d /var/tmp ] && mount -n -t tmpfs -o mode=1777,nosuid,nodev tmpfs /var/tmp
+    for keep in "$tree" "$dir"; do
+        case "$keep" in
+            /tmp/*) mkdir -p "$keep" && mount -n --bind "$hold/tmp/${keep#/tmp/}" "$keep" ;;
+            /var/tmp/*) mkdir -p "$keep" && mount -n --bind "$hold/var-tmp/${keep#/var/tmp/}" "$keep" ;;
+        esac
+    done
+    umount -n "$hold/tmp" "$hold/var-tmp" 2>/dev/null || true
+    rmdir "$hold/tmp" "$hold/var-tmp" "$hold" 2>/dev/null || true
     [ -d /var/log/journal ] && mount -n -t tmpfs -o mode=755,nosuid,nodev tmpfs /var/log/journal
     # A private /dev: a few host device nodes, the pty as console, a devpts instance of its own.
     local dev=/run/sandbox-dev node
