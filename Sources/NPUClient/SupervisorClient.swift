@@ -62,7 +62,13 @@ public final class SupervisorClient: @unchecked Sendable {
         let id = makeRequestID()
         try sendRequest(id: id, payload: payload, options: options)
         while let frame = try readFrame() {
-            guard frame.requestID == id || frame.requestID == 0 else { continue }
+            // Id 0 carries connection-level errors; only those that end the connection end this request.
+            if frame.requestID == 0 {
+                let code = frame.type == .error ? frame.errorPayload.code : ""
+                guard code == ErrorCode.protocolError || code == ErrorCode.tooManyConnections else { continue }
+                return .error(frame.errorPayload)
+            }
+            guard frame.requestID == id else { continue }
             switch frame.type {
             case .chunk: onChunk(frame.payload)
             case .response: return .response(frame.payload)

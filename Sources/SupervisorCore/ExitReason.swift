@@ -56,7 +56,9 @@ public enum ExitReason: Hashable, Sendable, CustomStringConvertible {
         case .exited(0): "exited with code 0"
         case .exited(78): "exited with code 78 (EX_CONFIG: the worker says its configuration is wrong)"
         case .exited(let code): "exited with code \(code)"
-        case .signaled(9, _): "killed by SIGKILL (not sent by the supervisor; possibly the kernel OOM killer)"
+        case .signaled(9, _):
+            "killed by SIGKILL (the supervisor's own after stop_timeout, another process, or possibly the kernel OOM "
+                + "killer: without a memory cgroup nothing proves which)"
         case .signaled(let signal, let core):
             "killed by signal \(signal) (\(signalName(signal)))\(core ? ", core dumped" : "")"
         case .oomKilled: "killed by the kernel OOM killer (memory cgroup oom_kill counter rose)"

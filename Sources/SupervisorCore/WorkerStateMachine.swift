@@ -278,14 +278,14 @@ public struct WorkerStateMachine: Sendable {
             state = .failed(retryAt: nil)
             return nil
         }
+        // Not restarted by policy: stopped, but still wanted (so health shows the lost capacity, and
+        // `npu-supervisorctl start` brings it back).
         switch policy.restart {
         case .never:
             state = .stopped
-            desired = .down
             return nil
         case .onFailure where !reason.isFailure:
             state = .stopped
-            desired = .down
             return nil
         default:
             break

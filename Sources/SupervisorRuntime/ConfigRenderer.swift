@@ -25,8 +25,10 @@ public enum ConfigRenderer {
             out += "\n# [fallback]: when_fewer_than = \(f.whenFewerThan), stop_after = \(q(f.stopAfter.configString))\n"
         }
         for w in c.workers + (c.fallback?.workers ?? []) {
+            let whole = out
+            out = ""
             let p = w.policy
-            out += "\n[[device]]\(w.isFallback ? "  # CPU fallback worker" : "")\nid = \(q(w.device))\nkind = \(q(w.kind.rawValue))\n"
+            out += "\n[[device]]\nid = \(q(w.device))\nkind = \(q(w.kind.rawValue))\n"
             out += "command = [" + w.command.map(q).joined(separator: ", ") + "]\n"
             out += "env = {" + w.environment.sorted { $0.key < $1.key }.map { " \($0.key) = \(q($0.value))" }
                 .joined(separator: ",") + " }\n"
@@ -56,6 +58,13 @@ public enum ConfigRenderer {
             let i = w.inferenceProbe
             out += "inference_probe = { enabled = \(i.enabled), payload = \(q(i.payload)), interval = \(q(i.interval.configString)), "
                 + "timeout = \(q(i.timeout.configString)), failures = \(i.failures), text_field = \(q(i.textField)) }\n"
+            if w.isFallback {
+                // Shown for reference only: fallback workers are configured in [fallback], not as devices.
+                out = "\n# CPU fallback worker (from [fallback]):" + out.split(separator: "\n", omittingEmptySubsequences: false)
+                    .dropFirst().map { $0.isEmpty ? "" : "\n# " + $0 }.joined()
+                out += "\n"
+            }
+            out = whole + out
         }
         return out
     }

@@ -27,7 +27,10 @@ extension Supervisor {
         } else {
             do {
                 let (host, port) = try HTTPSettings.parse(listen)
-                bound = bootstrap.bind(host: host, port: port)
+                bound = bootstrap.bind(host: host, port: port).flatMapErrorThrowing { error in
+                    throw SupervisorError("cannot listen for HTTP on \(listen) ([http] listen): \(error); "
+                        + "another daemon may hold the port: give each instance its own port, or \"\" to turn HTTP off")
+                }
             } catch {
                 return eventLoop.makeFailedFuture(error)
             }

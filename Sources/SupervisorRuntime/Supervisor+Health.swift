@@ -44,12 +44,27 @@ extension Supervisor {
             }
             deviceProbeResult(slot, failure: failure)
         case .worker:
+            if slot.machine.isHeldFailed, case .deviceUnhealthy? = slot.machine.lastExit, slot.machine.desired == .up {
+                // Only a running worker can report on its device: start one on trial. If the device is still
+                // bad, the first verdict holds it failed again (it was already restarted for this fault).
+                logger.notice("re-probing the device with a trial worker", metadata: slot.metadata())
+                slot.restartedForDevice = true
+                perform(slot.machine.start(now: Self.now()), on: slot)
+                slot.restartedForDevice = true
+                scheduleDeviceProbe(slot, in: probe.failedInterval)
+                return
+            }
             guard slot.machine.isReady else {
                 // Nothing to ask yet: the worker's own report only exists while it runs.
                 scheduleDeviceProbe(slot, in: probe.interval)
                 return
             }
             let staleAfter = max(probe.interval * 2, slot.spec.heartbeatTimeout)
+            if slot.workerReport == nil, let since = slot.readyAt, NIODeadline.now() - since < .nanoseconds(staleAfter.nanoseconds) {
+                // Just became ready: its first report may not have come yet. No verdict.
+                scheduleDeviceProbe(slot, in: probe.interval)
+                return
+            }
             if let report = slot.workerReport, NIODeadline.now() - report.at <= .nanoseconds(staleAfter.nanoseconds) {
                 deviceProbeResult(slot, failure: report.ok ? nil : "worker reports: \(report.detail)")
             } else {
@@ -144,6 +159,7 @@ extension Supervisor {
 
     func workerBecameReady(_ slot: WorkerSlot) {
         slot.hasBeenReady = true
+        slot.readyAt = .now()
         slot.inferenceFailures = 0
         slot.inferenceVerdict = "unknown"
         scheduleInferenceProbe(slot)
@@ -235,7 +251,8 @@ extension Supervisor {
             slot.inferenceVerdict = skipped ? "ok (real traffic)" : "ok"
             return
         }
-        guard slot.machine.isReady else { return }
+        // A probe lost with its worker says nothing about inference: the worker's exit reason speaks for it.
+        guard slot.machine.isReady, !failure.hasPrefix(ErrorCode.workerLost), slot.channel != nil else { return }
         slot.inferenceFailures += 1
         slot.inferenceVerdict = "failing (\(slot.inferenceFailures)/\(probe.failures)): \(failure)"
         logger.warning("inference probe failed (\(slot.inferenceFailures)/\(probe.failures)): \(failure)",

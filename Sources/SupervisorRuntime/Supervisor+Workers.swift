@@ -216,7 +216,9 @@ extension Supervisor {
         failInflight(of: slot, code: ErrorCode.workerLost)
         let action = slot.machine.exited(observed, now: Self.now(), jitter: Double.random(in: 0..<1))
         logTransition(slot, to: slot.machine, pid: pid)
-        if let last = slot.machine.lastExit { metrics.workerExited(device: slot.spec.device, reason: last.kind) }
+        if let last = slot.machine.lastExit, last != .stopped {
+            metrics.workerExited(device: slot.spec.device, reason: last.kind)
+        }
         perform(action, on: slot)
         answerHopelessQueued()
         dispatchQueued()
@@ -236,7 +238,11 @@ extension Supervisor {
             message += "; too many restarts (\(machine.policy.maxRestarts) in \(machine.policy.restartWindow.configString)), "
                 + "device marked failed, next try in \(Int((retry - Self.now()).seconds))s or on `npu-supervisorctl start`"
         case .failed(nil):
-            message += "; not restarted (exit code 78: fix the worker's configuration, then `npu-supervisorctl start`)"
+            if case .deviceUnhealthy = reason {
+                message += "; held failed while the device probe fails (its worker was already restarted once)"
+            } else {
+                message += "; not restarted (exit code 78: fix the worker's configuration, then `npu-supervisorctl start`)"
+            }
         default:
             break
         }

@@ -90,8 +90,16 @@ public final class Supervisor: @unchecked Sendable {
         do {
             try await bindAndSpawn()
         } catch {
-            // Nothing was started (or what was is torn down by the caller): complete the promise so that a
-            // failed start does not leak it, and release the loop thread.
+            // Nothing was started: undo what was set up (sockets bound so far, the instance lock), complete the
+            // promise so that a failed start does not leak it, and release the loop thread.
+            try? await eventLoop.submit {
+                for channel in self.servers { channel.close(promise: nil) }
+                if self.lockFD >= 0 {
+                    unlink(self.config.requestsSocket + ".lock")
+                    Glibc.close(self.lockFD)
+                    self.lockFD = -1
+                }
+            }.get()
             shutdownPromise.fail(error)
             await close()
             throw error
@@ -297,7 +305,7 @@ public final class Supervisor: @unchecked Sendable {
                     inflight: slot.inflight, maxInflight: slot.spec.maxInflight,
                     exits: slot.machine.exitCounts, nextRestartInSeconds: next, health: healthLevels(slot, now: mono),
                     fallback: slot.isFallback, memoryBytes: slot.cgroup.flatMap { cgroups?.memoryUsage($0.path) },
-                    memoryLimitBytes: slot.spec.memoryLimit)
+                    memoryLimitBytes: slot.cgroup == nil ? nil : slot.spec.memoryLimit)
             }
         return StatusDocument(
             state: health.rawValue, reason: reason,

@@ -58,6 +58,8 @@ final class WorkerSlot: @unchecked Sendable {  // confined to the event loop
     var cgroup: CgroupManager.WorkerCgroup?
     /// Whether any process of this slot ever said ready (the first model load is not an outage).
     var hasBeenReady = false
+    /// When the current process said ready.
+    var readyAt: NIODeadline?
 
     /// In rotation: the process said ready, its channel is open and its device is not known to be bad.
     var isServing: Bool {

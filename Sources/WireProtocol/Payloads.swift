@@ -46,6 +46,16 @@ public struct ErrorPayload: Codable, Sendable, Equatable {
         self.message = message
         self.retryable = retryable
     }
+
+    /// Lenient on input: a worker's error with only `code` (and perhaps `message`) is still understood.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        code = try c.decode(String.self, forKey: .code)
+        message = try c.decodeIfPresent(String.self, forKey: .message) ?? ""
+        retryable = try c.decodeIfPresent(Bool.self, forKey: .retryable) ?? false
+    }
+
+    enum CodingKeys: String, CodingKey { case code, message, retryable }
 }
 
 /// Options a client may put in front of a request payload (flag ``FrameFlags/hasOptions``).

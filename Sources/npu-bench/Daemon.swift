@@ -12,7 +12,8 @@ final class BenchDaemon {
     var statusSocket: String { directory + "/run/status.sock" }
     var pid: Int32 { process.processIdentifier }
 
-    init(devices: Int, workerArgs: [String], defaults: String = "", requests: String = "", binDirectory: String) throws {
+    init(devices: Int, workerArgs: [String], defaults: String = "", requests: String = "", cgroups: String = "auto",
+         binDirectory: String) throws {
         self.binDirectory = binDirectory
         directory = NSTemporaryDirectory() + "npu-bench-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -21,11 +22,16 @@ final class BenchDaemon {
             [supervisor]
             run_dir = "run"
             log_level = "warning"
+            [http]
+            listen = ""
+            [cgroups]
+            mode = "\(cgroups)"
             [requests]
             \(requests)
             [defaults]
             command = [\(argv)]
             heartbeat_interval = "1s"
+            inference_probe = { enabled = false }
             \(defaults)
 
             """

@@ -26,13 +26,14 @@ struct RestartLatency: ParsableCommand {
     @Option(help: "backoff_initial for the run (the supervisor's reaction time is measured on top of it).")
     var backoff = "10ms"
     @Option(help: "Simulated model-load time of the worker, ms.") var loadMs = 0
+    @Option(help: "Per-worker memory cgroups: auto or off.") var cgroups = "auto"
 
     func run() throws {
         let daemon = try BenchDaemon(
             devices: 2, workerArgs: ["--load-ms", "\(loadMs)"],
             defaults: "backoff_initial = \"\(backoff)\"\nbackoff_max = \"\(backoff)\"\nbackoff_jitter = 0\n"
                 + "restart_limit = 1000000\nrestart_window = \"1s\"",
-            binDirectory: bin.bin)
+            cgroups: cgroups, binDirectory: bin.bin)
         defer { daemon.stop() }
         _ = try daemon.waitAllReady()
         var spawned: [Double] = []
@@ -55,7 +56,7 @@ struct RestartLatency: ParsableCommand {
                 if now() - t0 > 30 { throw BenchError("no replacement within 30 s") }
             }
         }
-        print("restart latency over \(repetitions) SIGKILLs (backoff_initial = \(backoff), model load \(loadMs) ms):")
+        print("restart latency over \(repetitions) SIGKILLs (backoff_initial = \(backoff), model load \(loadMs) ms, cgroups \(cgroups)):")
         print("  kill -> replacement spawned: median \(ms(percentile(spawned, 50)))  p90 \(ms(percentile(spawned, 90)))  max \(ms(spawned.max() ?? 0))")
         print("  kill -> replacement ready:   median \(ms(percentile(ready, 50)))  p90 \(ms(percentile(ready, 90)))  max \(ms(ready.max() ?? 0))")
     }

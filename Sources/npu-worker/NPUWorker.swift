@@ -17,8 +17,8 @@ struct NPUWorker: ParsableCommand {
             Started by npu-supervisord with its channel on fd 3 (NPU_SUPERVISOR_FD). A request payload that is
             JSON ({"prompt": "Hi", "max_new_tokens": 5, "stream": false, "fault": "..."}) is generated from;
             any other payload is echoed back unchanged (for benchmarks).
-            Faults: crash, abort, exit (exit_code), host_oom, device_oom, hang, sleep (sleep_ms), garbage,
-            oversized, stop_heartbeat, empty, spawn_child.
+            Faults: crash, abort, exit (exit_code), host_oom (memory_mb), device_oom, hang, sleep (sleep_ms),
+            garbage, oversized, stop_heartbeat, empty, spawn_child, device_unhealthy, device_healthy.
             """)
 
     @Option(help: "Device id (default: NPU_DEVICE_ID).") var device: String?
@@ -36,13 +36,13 @@ struct NPUWorker: ParsableCommand {
     @Flag(help: "Ignore SIGTERM (stop_timeout drills: the supervisor must escalate to SIGKILL).") var ignoreSigterm = false
 
     func run() throws {
+        if let listen { ListenMode.serve(path: listen) }
         // SIGTERM is handled by a thread of its own with sigwait: block it before any thread exists.
         var set = sigset_t()
         sigemptyset(&set)
         sigaddset(&set, SIGTERM)
         pthread_sigmask(SIG_BLOCK, &set, nil)
         signal(SIGPIPE, SIG_IGN)
-        if let listen { ListenMode.serve(path: listen) }
 
         let connection: WorkerConnection
         do {
