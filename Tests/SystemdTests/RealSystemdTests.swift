@@ -39,10 +39,29 @@ final class SystemdSandbox {
         for (name, text) in try UnitFileTests.units(config: configPath, runDir: runDir) {
             try text.write(toFile: unitsDir + "/" + name, atomically: true, encoding: .utf8)
         }
-        for (unit, text) in dropIns {
+        // The unit's PrivateTmp=yes hides the host's /tmp from the service: a checkout built under /tmp (a CI
+        // clone, say) would then have no binaries to run. Test-only: production binaries live in /usr.
+        let tree = URL(fileURLWithPath: Paths.sandboxScript).deletingLastPathComponent().deletingLastPathComponent().path
+        if tree.hasPrefix("/tmp/") || tree.hasPrefix("/var/tmp/") || dir.hasPrefix("/tmp/") || dir.hasPrefix("/var/tmp/") {
+            let folder = unitsDir + "/npu-supervisord.service.d"
+            try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+            try "[Service]\nPrivateTmp=no\n".write(toFile: folder + "/00-tree-in-tmp.conf", atomically: true, encoding: .utf8)
+        }
+        var dropIns = dropIns.mapValues { ["test.conf": $0] }
+        // PrivateTmp=yes gives the service a /tmp of its own: a checkout below /tmp or /var/tmp (binaries, this
+        // scratch folder) must be bound into it. Installed binaries live in /usr/local/bin and need nothing.
+        let below = { (p: String) in p.hasPrefix("/tmp/") || p.hasPrefix("/var/tmp/") }
+        let readOnly = [Paths.packageRoot, Paths.binaries].filter(below)
+        if !readOnly.isEmpty || below(dir) {
+            var conf = "[Service]\n"
+            if !readOnly.isEmpty { conf += "BindReadOnlyPaths=" + readOnly.joined(separator: " ") + "\n" }
+            if below(dir) { conf += "BindPaths=\(dir)\n" }
+            dropIns["npu-supervisord.service", default: [:]]["checkout-in-tmp.conf"] = conf
+        }
+        for (unit, files) in dropIns {
             let folder = unitsDir + "/\(unit).d"
             try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
-            try text.write(toFile: folder + "/test.conf", atomically: true, encoding: .utf8)
+            for (name, text) in files { try text.write(toFile: folder + "/" + name, atomically: true, encoding: .utf8) }
         }
     }
 
@@ -80,6 +99,12 @@ final class SystemdSandbox {
     }
 
     func systemctl(_ arguments: String...) throws -> CommandResult { try exec(["systemctl", "--no-pager"] + arguments) }
+
+    /// `kill -SIGNAL PID` inside, for one real process only (`kill -STOP 0` would stop the test's own helpers).
+    func signal(_ name: String, _ pid: String) throws -> CommandResult {
+        guard let n = Int32(pid), n > 1 else { throw SandboxError(description: "refusing to signal pid '\(pid)'") }
+        return try exec(["kill", "-\(name)", "\(n)"])
+    }
 
     func property(_ unit: String, _ name: String) throws -> String {
         try exec(["systemctl", "show", "-p", name, "--value", unit]).stdout
@@ -161,7 +186,7 @@ struct RealSystemdTests {
         let before = ContinuousClock.now
         let start = try sb.systemctl("start", Self.service)
         let took = ContinuousClock.now - before
-        #expect(start.status == 0, "systemctl start failed: \(start.stderr)\n\(sb.diagnostics)")
+        try #require(start.status == 0, "systemctl start failed: \(start.stderr)\n\(sb.diagnostics)")
         print("measured: systemctl start → active with 2 workers loading 1.5 s: \(seconds(took))")
         // systemctl start returned: READY=1 has arrived, so both workers are ready (min_ready = 2).
         let doc = try #require(sb.status(), "no status.sock answer\n\(sb.diagnostics)")
@@ -210,13 +235,16 @@ struct RealSystemdTests {
         let sb = try sandbox("watchdog", dropIns: [Self.service: "[Service]\nWatchdogSec=3s\nRestartSec=100ms\n"])
         defer { sb.down() }
         let start = try sb.systemctl("start", Self.service)
-        #expect(start.status == 0, "\(start.stderr)\n\(sb.diagnostics)")
+        try #require(start.status == 0, "\(start.stderr)\n\(sb.diagnostics)")
         let oldMain = try sb.property(Self.service, "MainPID")
+        try #require((Int32(oldMain) ?? 0) > 1, "no main process: MainPID=\(oldMain)")
         let oldPIDs = sb.hostPIDs(ofUnit: Self.service)
         #expect(oldPIDs.count == 3)
+        // Never `kill -STOP 0` (that would stop the caller's own process group and hang the suite).
+        guard start.status == 0, Int(oldMain) ?? 0 > 1 else { return }
         // Wedge the whole daemon (event loop included): no more WATCHDOG=1.
         let stopped = ContinuousClock.now
-        #expect(try sb.exec(["kill", "-STOP", oldMain]).status == 0)
+        #expect(try sb.signal("STOP", oldMain).status == 0)
         let restarted = eventually(timeout: .seconds(30)) {
             let main = (try? sb.property(Self.service, "MainPID")) ?? oldMain
             return main != oldMain && main != "0" && (try? sb.property(Self.service, "ActiveState")) == "active"
@@ -262,7 +290,7 @@ struct RealSystemdTests {
         let sb = try sandbox("journal", defaults: "memory_limit = \"64MiB\"", extra: "[requests]\nretries = 0\n",
                              memoryCgroup: true)
         defer { sb.down() }
-        #expect(try sb.systemctl("start", Self.service).status == 0, "\(sb.diagnostics)")
+        try #require(try sb.systemctl("start", Self.service).status == 0, "\(sb.diagnostics)")
         let mainPID = try sb.property(Self.service, "MainPID")
         let doc = try #require(sb.status())
         let crashPID = try #require(doc.workers.first { $0.device == "0" }?.pid)
@@ -303,7 +331,7 @@ struct RealSystemdTests {
         } else {
             print("OOM test: SIGKILL as a stand-in (no memory cgroups in the sandbox: "
                   + "\(messages.first { $0.hasPrefix("per-worker memory cgroups") } ?? "?"))")
-            #expect(try sb.exec(["kill", "-KILL", "\(victim)"]).status == 0)
+            #expect(try sb.signal("KILL", "\(victim)").status == 0)
         }
         #expect(eventually {
             guard let w = sb.status()?.workers.first(where: { $0.device == "1" }) else { return false }
@@ -327,7 +355,7 @@ struct RealSystemdTests {
         let before = ContinuousClock.now
         let start = try sb.systemctl("start", Self.service)
         let took = ContinuousClock.now - before
-        #expect(start.status == 0, "\(start.stderr)\n\(sb.diagnostics)")
+        try #require(start.status == 0, "\(start.stderr)\n\(sb.diagnostics)")
         #expect(took >= .seconds(4))
         print("measured: start with TimeoutStartSec=2s and a 4 s model load: \(seconds(took))")
         let manager = try sb.managerLog()
