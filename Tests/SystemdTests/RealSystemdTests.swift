@@ -29,7 +29,7 @@ final class SystemdSandbox {
         dir = try Paths.scratch(name)
         try FileManager.default.createDirectory(atPath: unitsDir, withIntermediateDirectories: true)
         // Ask for the host's v1 memory hierarchy inside (rooted at the sandbox's own memory cgroup).
-        if memoryCgroup { FileManager.default.createFile(atPath: dir + "/with-memory-cgroup", contents: nil) }
+        if memoryCgroup { _ = FileManager.default.createFile(atPath: dir + "/with-memory-cgroup", contents: nil) }
     }
 
     deinit { down() }
