@@ -143,3 +143,20 @@ public func connectUnixSocket(path: String) throws -> CInt {
     }
     return fd
 }
+
+/// Reads the status document from `status.sock` (the daemon writes one JSON document per connection, then
+/// closes).
+/// - Throws: ``ClientError/unreachable(_:)``, or a decoding error when the answer is not a status document.
+public func readStatusDocument(path: String) throws -> StatusDocument {
+    let fd = try connectUnixSocket(path: path)
+    defer { Glibc.close(fd) }
+    var data = [UInt8]()
+    var buffer = [UInt8](repeating: 0, count: 1 << 16)
+    while true {
+        let n = read(fd, &buffer, buffer.count)
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { break }
+        data += buffer[0..<n]
+    }
+    return try JSONCoding.decode(StatusDocument.self, from: ByteBuffer(bytes: data))
+}

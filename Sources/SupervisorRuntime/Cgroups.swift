@@ -72,7 +72,9 @@ final class CgroupManager: @unchecked Sendable {  // used on the event loop only
             return .success(CgroupManager(version: .v2, base: own, ownsBase: false, trampoline: trampoline))
         }
         if let v1 = CgroupLayout.memoryV1(procSelfCgroup: procCgroup, mountinfo: mountinfo).map({ relocate($0, root) }) {
-            // v1 has no leaf rule: a folder of our own under our cgroup, per supervisor instance.
+            // v1 has no leaf rule: a folder of our own under our cgroup, per supervisor instance. Folders of
+            // instances that died without cleaning up (SIGKILL) are removed first, once empty.
+            removeStaleInstances(in: v1.ownDirectory)
             let dir = v1.ownDirectory + "/npu-supervisor-\(getpid())"
             if mkdir(dir, 0o755) != 0 && errno != EEXIST {
                 return .failure(SupervisorError("cannot create \(dir): \(String(cString: strerror(errno))) (not root?)"))
@@ -80,6 +82,34 @@ final class CgroupManager: @unchecked Sendable {  // used on the event loop only
             return .success(CgroupManager(version: .v1, base: dir, ownsBase: true, trampoline: trampoline))
         }
         return .failure(SupervisorError("no memory cgroup controller is mounted (neither v2 with memory nor v1 memory)"))
+    }
+
+    static func removeStaleInstances(in parent: String) {
+        guard let dir = opendir(parent) else { return }
+        var stale: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+            }
+            guard name.hasPrefix("npu-supervisor-"), let pid = pid_t(name.dropFirst("npu-supervisor-".count)),
+                  pid != getpid(), kill(pid, 0) != 0, errno == ESRCH else { continue }
+            stale.append(parent + "/" + name)
+        }
+        closedir(dir)
+        for path in stale {
+            if let sub = opendir(path) {
+                var workers: [String] = []
+                while let entry = readdir(sub) {
+                    let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                        String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+                    }
+                    if name.hasPrefix("worker-") { workers.append(path + "/" + name) }
+                }
+                closedir(sub)
+                for worker in workers { _ = rmdir(worker) }
+            }
+            _ = rmdir(path)
+        }
     }
 
     static func relocate(_ location: CgroupLayout.Location, _ root: String) -> CgroupLayout.Location {

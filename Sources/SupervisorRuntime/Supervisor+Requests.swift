@@ -183,6 +183,7 @@ extension Supervisor {
 
     /// Why nothing can serve (every candidate stopped or failed with no retry coming soon), or nil.
     func noWorkersReason(pinned: WorkerSlot?) -> String? {
+        if isBooting { return nil }
         let candidates = pinned.map { [$0] } ?? slots
         let hopeful = candidates.contains { slot in
             switch slot.machine.state {

@@ -32,6 +32,9 @@ public final class Supervisor: @unchecked Sendable {
     var lockFD: CInt = -1
     var isShuttingDown = false
     var hasSentReady = false
+    /// Sockets are bound but the workers not started yet: a request arriving now (a client that woke a
+    /// socket-activated service) waits in the queue instead of being refused with `no_workers`.
+    var isBooting = true
     var hasStopped = false
     var lastStatusLine = ""
     var shutdownPromise: EventLoopPromise<Void>
@@ -133,6 +136,7 @@ public final class Supervisor: @unchecked Sendable {
             for slot in self.slots where !slot.isFallback {
                 self.perform(slot.machine.start(now: now), on: slot)
             }
+            self.isBooting = false
             self.startHealthProbes()
             let tick = self.housekeepingInterval()
             self.housekeeping = self.eventLoop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { _ in

@@ -47,18 +47,7 @@ final class BenchDaemon {
         try process.run()
     }
 
-    func status() -> StatusDocument? {
-        guard let fd = try? connectUnixSocket(path: statusSocket) else { return nil }
-        defer { close(fd) }
-        var data = [UInt8]()
-        var buffer = [UInt8](repeating: 0, count: 1 << 16)
-        while true {
-            let n = read(fd, &buffer, buffer.count)
-            if n <= 0 { break }
-            data += buffer[0..<n]
-        }
-        return try? JSONDecoder().decode(StatusDocument.self, from: Data(data))
-    }
+    func status() -> StatusDocument? { try? readStatusDocument(path: statusSocket) }
 
     func waitAllReady(timeout: Double = 60) throws -> StatusDocument {
         let deadline = Date().addingTimeInterval(timeout)

@@ -101,18 +101,7 @@ struct Load: ParsableCommand {
     }
 }
 
-func readStatus(_ path: String) -> StatusDocument? {
-    guard let fd = try? connectUnixSocket(path: path) else { return nil }
-    defer { close(fd) }
-    var data = [UInt8]()
-    var buffer = [UInt8](repeating: 0, count: 1 << 16)
-    while true {
-        let n = read(fd, &buffer, buffer.count)
-        if n <= 0 { break }
-        data += buffer[0..<n]
-    }
-    return try? JSONDecoder().decode(StatusDocument.self, from: Data(data))
-}
+func readStatus(_ path: String) -> StatusDocument? { try? readStatusDocument(path: path) }
 
 final class LoadStats: @unchecked Sendable {
     private let lock = NSLock()

@@ -145,16 +145,7 @@ final class TestDaemon {
 
     /// The status document from status.sock, or nil when the daemon does not answer (yet).
     func status() -> StatusDocument? {
-        guard let fd = try? connectUnixSocket(path: statusSocket) else { return nil }
-        defer { close(fd) }
-        var data = [UInt8]()
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = read(fd, &buffer, buffer.count)
-            if n <= 0 { break }
-            data += buffer[0..<n]
-        }
-        guard let doc = try? JSONDecoder().decode(StatusDocument.self, from: Data(data)) else { return nil }
+        guard let doc = try? readStatusDocument(path: statusSocket) else { return nil }
         for w in doc.workers { if let p = w.pid { seenWorkerPids.insert(p) } }
         return doc
     }
