@@ -17,9 +17,21 @@ extension Supervisor {
     static let systemdExtendEvery: UInt64 = 5_000_000_000
     static let systemdExtendByMicroseconds: UInt64 = 20_000_000
 
-    /// Every health change lands here (on the event loop).
+    /// Every health change lands here (on the event loop). Changes made in one turn of the loop (starting every
+    /// worker, a reaped exit and its restart) are told once, at the end of the turn: no STATUS= for a state that
+    /// only existed half-way through.
     func systemdHealthChanged(health: OverallHealth, summary line: String) {
         systemdStartIfNeeded()
+        guard !notifier.publishPending else { return }
+        notifier.publishPending = true
+        eventLoop.execute {
+            self.notifier.publishPending = false
+            let (health, line) = self.aggregate()
+            self.systemdPublish(health: health, line: line)
+        }
+    }
+
+    private func systemdPublish(health: OverallHealth, line: String) {
         let status = SystemdNotifier.statusText(line)
         if !hasSentReady && health != .unavailable && !isShuttingDown {
             systemdSendReady(status: status)

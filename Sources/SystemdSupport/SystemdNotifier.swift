@@ -16,6 +16,8 @@ public final class SystemdNotifier: @unchecked Sendable {
     public var started = false
     /// A reload is in progress (RELOADING=1 sent, READY=1 not yet).
     public var reloading = false
+    /// A health change waits to be told at the end of the event loop's turn.
+    public var publishPending = false
 
     public init() {
         isEnabled = getenv("NOTIFY_SOCKET") != nil

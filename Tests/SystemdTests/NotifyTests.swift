@@ -34,6 +34,8 @@ struct NotifyTests {
         let before = notify.messages.prefix { !$0.has("READY=1") }
         #expect(before.contains { $0.value("STATUS")?.hasPrefix("unavailable: 0/2 workers ready") == true },
                 "STATUS= should report start-up progress: \(before.map(\.text))")
+        #expect(!before.contains { $0.value("STATUS")?.contains("stopped") == true },
+                "no half-way state (a worker not started yet) may be told: \(before.map(\.text))")
         #expect(before.contains { $0.value("EXTEND_TIMEOUT_USEC") != nil },
                 "start-up should be extended while workers load: \(before.map(\.text))")
 
