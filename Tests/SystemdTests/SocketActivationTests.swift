@@ -35,8 +35,14 @@ struct SocketActivationTests {
         let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(daemon.pid)/exe")
         #expect(exe.hasSuffix("systemd-socket-activate"))
 
-        // The first connection starts it; it answers on the very socket the client connected to.
-        let first = try #require(readStatus(run + "/status.sock"), "no status; log:\n\(daemon.log)")
+        // The first connection starts it; it answers on the very socket the client connected to. (A socket file
+        // appears at bind(), a moment before listen(): a connection in between is refused, so retry.)
+        var firstDoc: StatusDocument?
+        #expect(eventually {
+            firstDoc = readStatus(run + "/status.sock")
+            return firstDoc != nil
+        })
+        let first = try #require(firstDoc, "no status; log:\n\(daemon.log)")
         #expect(first.supervisor.pid == daemon.pid, "the daemon runs in the activator's process (exec)")
         #expect(eventually { readStatus(run + "/status.sock")?.workers.first?.state == "ready" })
         daemon.remember(readStatus(run + "/status.sock"))
@@ -87,8 +93,12 @@ extension SocketActivationTests {
             executable: Self.activator!,
             arguments: ["-l", elsewhere + "/status.sock", "--fdname=status", Paths.supervisord, "--config", config],
             logPath: dir + "/daemon.log")
-        #expect(eventually { FileManager.default.fileExists(atPath: elsewhere + "/status.sock") })
-        let doc = try #require(readStatus(elsewhere + "/status.sock"), "log:\n\(daemon.log)")
+        // The file appears at bind(), a moment before listen(): a connection in between is refused. Retry.
+        var doc: StatusDocument?
+        #expect(eventually {
+            doc = readStatus(elsewhere + "/status.sock")
+            return doc != nil
+        }, "log:\n\(daemon.log)")
         daemon.remember(doc)
         #expect(eventually { daemon.log.contains("passed by systemd is") })
         #expect(daemon.log.contains("the status socket passed by systemd is \(elsewhere)/status.sock, the configuration "
