@@ -312,9 +312,13 @@ class Client:
             for frame in self._reader:
                 if frame.request_id == 0:
                     if frame.type == MessageType.ERROR:
+                        error = RequestError.from_payload(frame.payload)
+                        if error.code not in ("protocol_error", "too_many_connections"):
+                            # Non-fatal notices on id 0 (a duplicate request id was ignored): the connection
+                            # and every request in flight go on.
+                            continue
                         # A connection-level error (protocol_error, too_many_connections): the supervisor
                         # closes the connection after it, so nothing in flight will be answered.
-                        error = RequestError.from_payload(frame.payload)
                         failure = ConnectionClosed("the supervisor ended the connection to %s: %s"
                                                    % (self.path, error), error)
                         with self._lock:

@@ -81,7 +81,7 @@ class ErrorCode:
     WORKER_LOST = "worker_lost"                    # the worker died after streaming, or retries ran out
     NO_WORKERS = "no_workers"                      # nothing can serve and nothing is starting (retryable)
     BAD_REQUEST = "bad_request"                    # bad options, unknown device, unknown command
-    CANCELLED = "cancelled"                        # cancelled by the client or by shutdown
+    CANCELLED = "cancelled"                        # cancelled by the client (a cancel frame)
     PROTOCOL_ERROR = "protocol_error"              # a frame violated the protocol
     UNSUPPORTED = "unsupported"                    # message type not accepted on this socket
     SHUTTING_DOWN = "shutting_down"                # the supervisor accepts nothing new (retryable)
