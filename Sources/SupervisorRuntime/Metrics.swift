@@ -66,25 +66,21 @@ final class SupervisorMetrics: @unchecked Sendable {  // the registry locks; the
         counter.increment()
     }
 
+    private func deviceGauge(_ cache: inout [String: Gauge], _ name: String, _ help: String, _ device: String) -> Gauge {
+        if let gauge = cache[device] { return gauge }
+        let gauge = registry.makeGauge(descriptor: MetricNameDescriptor(
+            namespace: "npu_supervisor", metricName: name, unitName: "", helpText: help), labels: [("device", device)])
+        cache[device] = gauge
+        return gauge
+    }
+
     /// Refreshes the gauges from the supervisor's state (on the event loop) and renders the exposition.
     func render(workers: [(device: String, up: Bool, healthy: Bool)], queueDepth depth: Int, fallback: Bool) -> [UInt8] {
         for w in workers {
-            let u = up[w.device] ?? {
-                let g = registry.makeGauge(descriptor: MetricNameDescriptor(
-                    namespace: "npu_supervisor", metricName: "worker_up", unitName: "",
-                    helpText: "1 when the device's worker is ready and in rotation."), labels: [("device", w.device)])
-                up[w.device] = g
-                return g
-            }()
-            u.set(w.up ? 1.0 : 0.0)
-            let h = healthy[w.device] ?? {
-                let g = registry.makeGauge(descriptor: MetricNameDescriptor(
-                    namespace: "npu_supervisor", metricName: "device_healthy", unitName: "",
-                    helpText: "1 when the device passes its device probe (or has none)."), labels: [("device", w.device)])
-                healthy[w.device] = g
-                return g
-            }()
-            h.set(w.healthy ? 1.0 : 0.0)
+            deviceGauge(&up, "worker_up", "1 when the device's worker is ready and in rotation.", w.device)
+                .set(w.up ? 1.0 : 0.0)
+            deviceGauge(&healthy, "device_healthy", "1 when the device passes its device probe (or has none).", w.device)
+                .set(w.healthy ? 1.0 : 0.0)
         }
         queueDepth.set(Double(depth))
         fallbackActive.set(fallback ? 1.0 : 0.0)

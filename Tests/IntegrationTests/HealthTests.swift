@@ -23,6 +23,12 @@ struct HealthTests {
         return path
     }
 
+    static func scratch() throws -> String {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("npu-smi-\(UUID().uuidString.prefix(6))").path
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        return path
+    }
+
     static func setDevice(_ dir: String, _ id: String, _ state: String) throws {
         try state.write(toFile: "\(dir)/state-\(id)", atomically: true, encoding: .utf8)
     }
@@ -52,8 +58,7 @@ struct HealthTests {
     }
 
     @Test func npuSmiCriticalTakesTheDeviceOutOfRotationAndOKBringsItBack() throws {
-        let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("npu-smi-\(UUID().uuidString.prefix(6))").path
-        try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
+        let scratch = try Self.scratch()
         defer { try? FileManager.default.removeItem(atPath: scratch) }
         let smi = try Self.fakeNPUSmi(in: scratch)
         let daemon = try TestDaemon(
@@ -88,8 +93,7 @@ struct HealthTests {
     }
 
     @Test func aHangingNPUSmiIsTimedOut() throws {
-        let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("npu-smi-\(UUID().uuidString.prefix(6))").path
-        try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
+        let scratch = try Self.scratch()
         defer { try? FileManager.default.removeItem(atPath: scratch) }
         let smi = try Self.fakeNPUSmi(in: scratch)
         try Self.setDevice(scratch, "0", "HANG")
@@ -147,8 +151,7 @@ struct HealthTests {
     }
 
     @Test func cpuFallbackServesWhileDevicesAreDownAndStopsWhenTheyReturn() throws {
-        let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("npu-smi-\(UUID().uuidString.prefix(6))").path
-        try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
+        let scratch = try Self.scratch()
         defer { try? FileManager.default.removeItem(atPath: scratch) }
         let smi = try Self.fakeNPUSmi(in: scratch)
         let daemon = try TestDaemon(
