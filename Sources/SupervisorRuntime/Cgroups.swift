@@ -154,7 +154,7 @@ final class CgroupManager: @unchecked Sendable {  // used on the event loop only
 
     func memoryUsage(_ path: String) -> Int? {
         let file = version == .v2 ? "/memory.current" : "/memory.usage_in_bytes"
-        return (try? readFile(path + file)).flatMap { Int($0.trimmingCharacters()) }
+        return (try? readFile(path + file)).flatMap { Int($0.trimmingWhitespace()) }
     }
 
     /// SIGKILLs everything left in the cgroup: helpers that escaped the process group (setsid) cannot escape

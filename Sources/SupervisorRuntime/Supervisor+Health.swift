@@ -48,7 +48,6 @@ extension Supervisor {
                 // Only a running worker can report on its device: start one on trial. If the device is still
                 // bad, the first verdict holds it failed again (it was already restarted for this fault).
                 logger.notice("re-probing the device with a trial worker", metadata: slot.metadata())
-                slot.restartedForDevice = true
                 perform(slot.machine.start(now: Self.now()), on: slot)
                 slot.restartedForDevice = true
                 scheduleDeviceProbe(slot, in: probe.failedInterval)
@@ -230,7 +229,6 @@ extension Supervisor {
             return "\(e.code): \(e.message)"
         }
         guard frame.payload.readableBytes > 0 else { return "empty answer" }
-        struct Text: Decodable { var value: String? }
         if frame.payload.getInteger(at: frame.payload.readerIndex, as: UInt8.self) == UInt8(ascii: "{"),
            let object = try? JSONCoding.decode([String: JSONScalar].self, from: frame.payload),
            let field = object[textField] {
@@ -358,7 +356,7 @@ struct ProbeCommand {
 
         /// The line worth quoting: npu-smi's "Health Status" line, else the last non-empty line.
         static func relevantLine(_ output: String) -> String {
-            let lines = output.split(separator: "\n").map { String($0).trimmingCharacters() }.filter { !$0.isEmpty }
+            let lines = output.split(separator: "\n").map { String($0).trimmingWhitespace() }.filter { !$0.isEmpty }
             let line = lines.first { $0.contains("Health") || $0.contains("health") } ?? lines.last ?? ""
             return String(line.prefix(200))
         }

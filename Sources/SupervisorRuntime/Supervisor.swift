@@ -189,7 +189,7 @@ public final class Supervisor: @unchecked Sendable {
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw SystemError(call: "open \(path)", errno: errno) }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
-            let other = (try? readFile(path))?.trimmingCharacters() ?? "?"
+            let other = (try? readFile(path))?.trimmingWhitespace() ?? "?"
             Glibc.close(fd)
             throw SupervisorError(
                 "another npu-supervisord (pid \(other)) already serves \(config.requestsSocket); "
@@ -339,14 +339,6 @@ func makeDirectories(for socketPath: String) throws {
     }
 }
 
-extension String {
-    func trimmingCharacters() -> String {
-        var s = Substring(self)
-        while let c = s.first, c.isWhitespace { s = s.dropFirst() }
-        while let c = s.last, c.isWhitespace { s = s.dropLast() }
-        return String(s)
-    }
-}
 
 extension Supervisor {
     /// SIGHUP. Applying a changed configuration (rolling replacement) is not implemented yet: say so instead

@@ -177,10 +177,6 @@ final class TestDaemon {
         guard eventually(timeout: timeout, { !process.isRunning }) else { return nil }
         return process.terminationStatus
     }
-
-    func rememberWorkers() {
-        _ = status()
-    }
 }
 
 /// JSON helpers for the reference worker's answers.
