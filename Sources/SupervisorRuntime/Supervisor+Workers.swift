@@ -195,10 +195,13 @@ extension Supervisor {
     /// The process is reaped and its channel drained: hand the exit to the state machine.
     func completeExit(_ slot: WorkerSlot, pid: pid_t, observed: ExitReason) {
         var observed = observed
+        var note: String?
         if let cgroups, let cgroup = slot.cgroup {
             // The kernel's word, not a guess: the cgroup's oom_kill counter rose while this process lived.
             if let kills = cgroups.oomKills(cgroup.path), kills > cgroup.oomKillsAtStart {
                 observed = .oomKilled
+            } else if observed == .signaled(signal: 9, coreDumped: false) {
+                note = "not the kernel OOM killer: its memory cgroup's oom_kill counter did not rise"
             }
             cgroups.killAll(cgroup.path)
             cgroups.remove(cgroup.path)
@@ -215,7 +218,7 @@ extension Supervisor {
         workerGone(slot)
         failInflight(of: slot, code: ErrorCode.workerLost)
         let action = slot.machine.exited(observed, now: Self.now(), jitter: Double.random(in: 0..<1))
-        logTransition(slot, to: slot.machine, pid: pid)
+        logTransition(slot, to: slot.machine, pid: pid, note: note)
         if let last = slot.machine.lastExit, last != .stopped {
             metrics.workerExited(device: slot.spec.device, reason: last.kind)
         }
@@ -226,11 +229,13 @@ extension Supervisor {
         checkStopped()
     }
 
-    func logTransition(_ slot: WorkerSlot, to machine: WorkerStateMachine, pid: pid_t? = nil) {
+    func logTransition(_ slot: WorkerSlot, to machine: WorkerStateMachine, pid: pid_t? = nil, note: String? = nil) {
         guard let reason = machine.lastExit else { return }
         var metadata = slot.metadata(reason: reason.description)
         if let pid { metadata["worker_pid"] = "\(pid)" }
-        var message = "worker \(reason.detail) → \(machine.stateName)"
+        // A SIGKILL while a memory cgroup watched the worker: say what the counter proves instead of "possibly OOM".
+        let detail = reason == .signaled(signal: 9, coreDumped: false) ? note.map { "killed by SIGKILL (\($0))" } : nil
+        var message = "worker \(detail ?? reason.detail) → \(machine.stateName)"
         switch machine.state {
         case .backoff(let until):
             message += String(format: "; restart #%d in %.2fs", machine.restarts, (until - Self.now()).seconds)

@@ -142,7 +142,8 @@ enum StatusTable {
             if let next = w.nextRestartInSeconds { state += " (retry in \(duration(next)))" }
             rows.append([w.device + (w.fallback ? " (fallback)" : ""), w.kind, state, w.pid.map(String.init) ?? "-",
                          w.pid == nil ? "-" : duration(w.uptimeSeconds), String(w.restarts),
-                         "\(w.inflight)/\(w.maxInflight)", healthSummary(w.health), w.lastExit ?? "-"])
+                         "\(w.inflight)/\(w.maxInflight)", w.state == "stopped" ? "-" : healthSummary(w.health),
+                         w.lastExit ?? "-"])
         }
         let widths = header.indices.map { i in rows.map { $0[i].count }.max()! }
         for row in rows {
@@ -252,7 +253,8 @@ struct Health: ParsableCommand {
     @OptionGroup var sockets: SocketOptions
     func run() throws {
         let doc = try JSONCoding.decode(StatusDocument.self, from: sockets.run(ControlCommand(command: "health")))
-        out("\(doc.state): \(doc.reason)")
+        // The reason already starts with the state when it is not ok ("degraded: 3/4 workers ready ...").
+        out(doc.reason.hasPrefix(doc.state) ? doc.reason : "\(doc.state): \(doc.reason)")
         switch doc.state {
         case "ok": throw ExitCode(CtlExit.ok)
         case "degraded": throw ExitCode(CtlExit.refused)
