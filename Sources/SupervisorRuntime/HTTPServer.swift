@@ -61,13 +61,11 @@ extension Supervisor {
             return (health == .unavailable ? .serviceUnavailable : .ok, "application/json",
                     Array(body.readableBytesView))
         case "/metrics":
-            let workers = slots.map { slot -> (String, Bool, Bool) in
-                let healthy: Bool = if case .bad = slot.deviceHealth { false } else { true }
-                return (slot.spec.device, slot.isServing, healthy)
+            let workers = machine.workers.map { worker in
+                (worker.spec.device, worker.isServing, !worker.device.isOutOfRotation)
             }
             return (.ok, "text/plain; version=0.0.4; charset=utf-8",
-                    metrics.render(workers: workers, queueDepth: queue.count,
-                                   fallback: fallbackController?.isActive ?? false))
+                    metrics.render(workers: workers, queueDepth: queue.count, fallback: machine.isFallbackActive))
         default:
             return (.notFound, "text/plain; charset=utf-8",
                     Array("not found; try /livez, /readyz, /health or /metrics\n".utf8))

@@ -5,8 +5,6 @@ import SupervisorCore
 import WireProtocol
 
 extension Supervisor {
-    static let mutatingCommands: Set<String> = ["start", "stop", "restart", "shutdown"]
-
     /// Whether the peer may change things: root, the daemon's own user, or a member of `control_group`.
     func isAllowedToMutate(_ peer: PeerCredentials?) -> Bool {
         guard let peer else { return false }
@@ -24,75 +22,56 @@ extension Supervisor {
         return false
     }
 
-    /// Selects slots by device id; `all` (or nothing, where allowed) means every slot.
-    func selectSlots(_ devices: [String]?, allowEmpty: Bool) throws -> [WorkerSlot] {
-        let devices = devices ?? []
-        if devices.isEmpty {
-            guard allowEmpty else { throw SupervisorError("name one or more devices, or all") }
-            return slots
-        }
-        if devices == ["all"] { return slots }
-        return try devices.map { device in
-            guard let slot = slots.first(where: { $0.spec.device == device }) else {
-                throw SupervisorError("unknown device '\(device)'; configured: "
-                    + slots.map(\.spec.device).joined(separator: ", "))
-            }
-            return slot
-        }
-    }
-
-    /// Runs one control command and answers on `channel` under `requestID`.
+    /// Runs one control command and answers on `channel` under `requestID`. The read-only verbs are answered
+    /// from the machine's state; the others are events for the machine.
     func control(_ command: ControlCommand, requestID: UInt64, peer: PeerCredentials?, channel: any Channel) {
         func answer(_ frame: Frame) { channel.writeAndFlush(frame, promise: nil) }
         func fail(_ code: String, _ message: String) {
             answer(.error(requestID: requestID, code: code, message: message))
         }
-        if Self.mutatingCommands.contains(command.command) && !isAllowedToMutate(peer) {
+        guard let verb = ControlVerb(rawValue: command.command) else {
+            fail(ErrorCode.badRequest, "unknown command '\(command.command)'; known: \(ControlVerb.known)")
+            return
+        }
+        if verb.isMutating && !isAllowedToMutate(peer) {
             fail(ErrorCode.permissionDenied,
-                 "'\(command.command)' needs root, the daemon's user or membership of control_group"
+                 "'\(verb.rawValue)' needs root, the daemon's user or membership of control_group"
                     + (config.controlGroup.map { " (\($0))" } ?? " (none configured)"))
             return
         }
+        let devices = machine.devices
+        func select(allowEmpty: Bool) throws -> [Int] {
+            try WorkerSelection.select(command.devices, among: devices, allowEmpty: allowEmpty)
+        }
         do {
-            let now = Self.now()
-            switch command.command {
-            case "status", "health":
-                let document = statusDocument(devices: command.command == "status" ? command.devices : nil)
-                if let devices = command.devices, command.command == "status", !devices.isEmpty, devices != ["all"] {
-                    _ = try selectSlots(devices, allowEmpty: true)
-                }
+            switch verb {
+            case .status, .health:
+                if verb == .status { _ = try select(allowEmpty: true) }
+                let document = statusDocument(devices: verb == .status ? command.devices : nil)
                 answer(Frame(type: .response, requestID: requestID, payload: JSONCoding.encode(document)))
-            case "pid":
+            case .pid:
                 var pid: Int32? = getpid()
-                if let devices = command.devices, !devices.isEmpty {
-                    guard devices.count == 1, devices != ["all"] else { throw SupervisorError("pid takes one device") }
-                    pid = try selectSlots(devices, allowEmpty: false).first?.machine.pid.flatMap { $0 > 0 ? $0 : nil }
+                if let named = command.devices, !named.isEmpty {
+                    guard named.count == 1, named != ["all"] else { throw SupervisorError("pid takes one device") }
+                    pid = try select(allowEmpty: false).first.flatMap { machine.workers[$0].pid }
                 }
                 answer(Frame(type: .response, requestID: requestID, payload: JSONCoding.encode(PidResult(pid: pid))))
-            case "start", "stop", "restart":
-                let selected = try selectSlots(command.devices, allowEmpty: false)
+            case .start, .stop, .restart:
+                let selected = try select(allowEmpty: false)
                 guard !isShuttingDown else {
-                    fail(ErrorCode.commandFailed, "the supervisor is shutting down; \(command.command) refused")
+                    fail(ErrorCode.commandFailed, "the supervisor is shutting down; \(verb.rawValue) refused")
                     return
                 }
-                for slot in selected {
-                    logger.notice("\(command.command) requested by uid \(peer?.uid ?? 0)", metadata: slot.metadata())
-                    let action: WorkerStateMachine.Action?
-                    switch command.command {
-                    case "start": action = slot.machine.start(now: now)
-                    case "stop": action = slot.machine.stop(now: now)
-                    default: action = slot.machine.restart(now: now)
-                    }
-                    perform(action, on: slot)
-                }
-                let devices = selected.map(\.spec.device)
-                let result = ControlResult(ok: true, message: "\(command.command): \(devices.joined(separator: ", "))",
-                                           devices: devices)
+                feed(.control(verb, slots: selected, requestedBy: peer?.uid))
+                let names = selected.map { devices[$0] }
+                let result = ControlResult(ok: true, message: "\(verb.rawValue): \(names.joined(separator: ", "))",
+                                           devices: names)
                 answer(Frame(type: .response, requestID: requestID, payload: JSONCoding.encode(result)))
-            case "tail":
-                guard let slot = try selectSlots(command.devices, allowEmpty: false).first,
+            case .tail:
+                guard let index = try select(allowEmpty: false).first,
                       command.devices?.count == 1, command.devices != ["all"]
                 else { throw SupervisorError("tail takes exactly one device") }
+                let slot = slots[index]
                 let lines = slot.output.last(command.lines ?? 50)
                 if command.follow == true {
                     for line in lines { channel.write(Frame(type: .chunk, requestID: requestID, string: line), promise: nil) }
@@ -103,13 +82,10 @@ extension Supervisor {
                     answer(Frame(type: .response, requestID: requestID,
                                  payload: JSONCoding.encode(TailResult(device: slot.spec.device, lines: lines))))
                 }
-            case "shutdown":
-                let result = ControlResult(ok: true, message: "shutting down", devices: slots.map(\.spec.device))
+            case .shutdown:
+                let result = ControlResult(ok: true, message: "shutting down", devices: devices)
                 answer(Frame(type: .response, requestID: requestID, payload: JSONCoding.encode(result)))
                 shutdown(reason: "shutdown requested by uid \(peer?.uid ?? 0)")
-            default:
-                fail(ErrorCode.badRequest, "unknown command '\(command.command)'; known: status, health, pid, "
-                    + "start, stop, restart, tail, shutdown")
             }
         } catch {
             fail(ErrorCode.badRequest, "\(error)")

@@ -12,16 +12,18 @@ final class PendingRequest: @unchecked Sendable {  // confined to the event loop
     /// Cleared when the client hangs up.
     var client: ClientConnection?
     let payload: ByteBuffer
-    let pinnedSlot: WorkerSlot?
+    /// The slot the client pinned it to (`device` option), -1 for any.
+    let pinned: Int
     let deadline: NIODeadline
     let timeout: TimeAmount
     /// Dispatches so far (1 = first try).
     var attempts = 0
     /// Whether any chunk reached the client: then the request must never run again.
     var streamed = false
-    var worker: WorkerSlot?
-    /// The last worker it was sent to (for metrics; `worker` is cleared when it dies).
-    unowned(unsafe) var lastWorker: WorkerSlot?
+    /// The slot holding it now, -1 for none.
+    var worker = -1
+    /// The last slot it was sent to (for metrics; `worker` is cleared when it dies), -1 for none.
+    var lastWorker = -1
     var isQueued = false
     var isFinished = false
     /// An inference probe of the supervisor's own: never retried elsewhere; `onFinish` gets the answer.
@@ -32,13 +34,13 @@ final class PendingRequest: @unchecked Sendable {  // confined to the event loop
     unowned(unsafe) var older: PendingRequest?
     var deadlineList: DeadlineList?
 
-    init(id: UInt64, clientID: UInt64, client: ClientConnection?, payload: ByteBuffer, pinnedSlot: WorkerSlot?,
+    init(id: UInt64, clientID: UInt64, client: ClientConnection?, payload: ByteBuffer, pinned: Int,
          timeout: TimeAmount, now: NIODeadline) {
         self.id = id
         self.clientID = clientID
         self.client = client
         self.payload = payload
-        self.pinnedSlot = pinnedSlot
+        self.pinned = pinned
         self.timeout = timeout
         self.deadline = now + timeout
     }
@@ -103,29 +105,28 @@ extension Supervisor {
                 return
             }
         }
-        var pinned: WorkerSlot?
+        var pinned = -1
         if let device = options.device {
-            guard let slot = slots.first(where: { $0.spec.device == device }) else {
+            guard let slot = machine.slot(of: device) else {
                 client.send(.error(requestID: clientID, code: ErrorCode.badRequest,
                                    message: "unknown device '\(device)'; configured: "
-                                       + slots.map(\.spec.device).joined(separator: ", ")))
+                                       + machine.devices.joined(separator: ", ")))
                 return
             }
             pinned = slot
         }
-        if let reason = noWorkersReason(pinned: pinned) {
+        if let reason = machine.noWorkersReason(pinned: pinned >= 0 ? pinned : nil) {
             client.send(.error(requestID: clientID, code: ErrorCode.noWorkers, message: reason, retryable: true))
             return
         }
         let timeout: TimeAmount = options.deadlineMS.map { .milliseconds(Int64(max(1, $0))) } ?? defaultTimeout
         let request = PendingRequest(id: nextRequestID, clientID: clientID, client: client, payload: payload,
-                                     pinnedSlot: pinned, timeout: timeout, now: .now())
+                                     pinned: pinned, timeout: timeout, now: .now())
         nextRequestID &+= 1
         if !dispatchNow(request) {
-            guard queue.count < config.requests.maxQueue else {
-                client.send(.error(requestID: clientID, code: ErrorCode.overloaded,
-                                   message: "all workers are at max_inflight and the queue is full "
-                                       + "(\(config.requests.maxQueue) waiting)", retryable: true))
+            if case .refuse(let code, let message, let retryable) =
+                Admission.queueOrRefuse(queued: queue.count, maxQueue: config.requests.maxQueue) {
+                client.send(.error(requestID: clientID, code: code, message: message, retryable: retryable))
                 return
             }
             request.isQueued = true
@@ -150,60 +151,34 @@ extension Supervisor {
         let wasEmpty = list.isEmpty
         list.append(request)
         // Only a list that was empty can bring the earliest deadline forward.
-        if wasEmpty && (deadlineTimerAt == nil || request.deadline < deadlineTimerAt!) {
-            armDeadlineTimer(at: request.deadline)
+        if wasEmpty && (timerAt == nil || request.deadline < timerAt!) {
+            armTimer(at: request.deadline)
         }
     }
 
-    func armDeadlineTimer(at deadline: NIODeadline) {
-        deadlineTimer?.cancel()
-        deadlineTimerAt = deadline
-        deadlineTimer = eventLoop.scheduleTask(deadline: deadline) { self.deadlineTimerFired() }
-    }
-
-    func deadlineTimerFired() {
-        deadlineTimer = nil
-        deadlineTimerAt = nil
+    /// Answers `deadline_exceeded` to every request past its deadline (from the one timer).
+    func expireRequests() {
         let now = NIODeadline.now()
-        var next: NIODeadline?
         for (key, list) in deadlineLists {
             while let oldest = list.oldest, oldest.deadline <= now {
                 expire(oldest)
             }
-            if let oldest = list.oldest {
-                next = next.map { min($0, oldest.deadline) } ?? oldest.deadline
-            } else if deadlineLists.count > 16 {
+            if list.oldest == nil && deadlineLists.count > 16 {
                 deadlineLists.removeValue(forKey: key)  // many distinct client deadlines: drop idle lists
             }
         }
-        if let next { armDeadlineTimer(at: next) }
         flushAll()
         dispatchQueued()
     }
 
-    /// Why nothing can serve (every candidate stopped or failed with no retry coming soon), or nil.
-    func noWorkersReason(pinned: WorkerSlot?) -> String? {
-        if isBooting { return nil }
-        let candidates = pinned.map { [$0] } ?? slots
-        let hopeful = candidates.contains { slot in
-            switch slot.machine.state {
-            case .starting, .ready, .backoff: return true
-            case .stopping: return slot.machine.desired == .up
-            case .stopped, .failed: return false
-            }
-        }
-        if hopeful { return nil }
-        let states = candidates.map { "device \($0.spec.device) \($0.machine.stateName)" }.joined(separator: ", ")
-        return "no worker can serve: " + states
-    }
-
-    /// Sends the request to the least-loaded ready worker, if one has room.
-    func dispatchNow(_ request: PendingRequest) -> Bool {
-        guard let slot = pickWorker(for: request) else { return false }
+    /// Sends the request to the worker the router picks, if one has room.
+    @inline(__always) func dispatchNow(_ request: PendingRequest) -> Bool {
+        guard let index = machine.router.pick(pinned: request.pinned >= 0 ? request.pinned : nil) else { return false }
+        machine.router.assign(index)
         request.attempts += 1
-        request.worker = slot
-        request.lastWorker = slot
-        slot.inflight += 1
+        request.worker = index
+        request.lastWorker = index
+        let slot = slots[index]
         slot.send(Frame(type: .request, requestID: request.id, payload: request.payload))
         if !slot.isDirty {
             slot.isDirty = true
@@ -212,43 +187,18 @@ extension Supervisor {
         return true
     }
 
-    /// The device worker with the fewest requests in flight that has room; CPU fallback workers only when no
-    /// device worker can serve at all (a busy device is worth waiting for: CPU is ~50x slower).
-    func pickWorker(for request: PendingRequest) -> WorkerSlot? {
-        if let pinned = request.pinnedSlot { return pinned.hasCapacity ? pinned : nil }
-        var best: WorkerSlot?
-        let count = deviceSlotCount
-        roundRobin = roundRobin + 1 < count ? roundRobin + 1 : 0
-        var anyDeviceServing = false
-        for offset in 0..<count {
-            let index = roundRobin + offset < count ? roundRobin + offset : roundRobin + offset - count
-            let slot = slots[index]
-            guard slot.hasCapacity else {
-                if !anyDeviceServing && slot.isServing { anyDeviceServing = true }
-                continue
-            }
-            anyDeviceServing = true
-            if best == nil || slot.inflight < best!.inflight { best = slot }
-        }
-        if best != nil || anyDeviceServing || count == slots.count { return best }
-        for slot in slots[count...] where slot.hasCapacity {
-            if best == nil || slot.inflight < best!.inflight { best = slot }
-        }
-        return best
-    }
-
     /// Moves queued requests to workers that have room, oldest first.
     func dispatchQueued() {
         guard !queue.isEmpty else { return }
         var kept = CircularBuffer<PendingRequest>()
-        var blocked = false
+        var scan = QueueScan()
         while let request = queue.popFirst() {
             if !request.isQueued { continue }
-            if !blocked && dispatchNow(request) {
+            if scan.shouldTry && dispatchNow(request) {
                 request.isQueued = false
                 continue
             }
-            if request.pinnedSlot == nil { blocked = true }
+            scan.notPlaced(isPinned: request.pinned >= 0)
             kept.append(request)
         }
         queue = kept
@@ -268,24 +218,24 @@ extension Supervisor {
 
     /// Every request the slot holds: re-dispatched if nothing of it reached the client yet and retries remain,
     /// else answered with `code`.
-    func failInflight(of slot: WorkerSlot, code: String) {
-        guard slot.inflight > 0 else { return }
-        let held = requests.values.filter { $0.worker === slot }.sorted { $0.id < $1.id }
-        slot.inflight = 0
+    func failInflight(of index: Int, code: String) {
+        guard machine.router.releaseAll(index) > 0 else { return }
+        let device = slots[index].spec.device
+        let held = requests.values.filter { $0.worker == index }.sorted { $0.id < $1.id }
         var retried: [PendingRequest] = []
         for request in held {
-            request.worker = nil
-            if !request.streamed && !request.isProbe && request.attempts <= config.requests.retries && !isShuttingDown {
+            request.worker = -1
+            switch RetryPolicy.afterWorkerLost(device: device, streamed: request.streamed, isProbe: request.isProbe,
+                                               attempts: request.attempts, retries: config.requests.retries,
+                                               isShuttingDown: isShuttingDown) {
+            case .retry:
                 retried.append(request)
-            } else {
-                let why = request.streamed
-                    ? "the worker on device \(slot.spec.device) died after streaming part of the answer"
-                    : "the worker on device \(slot.spec.device) died; retries exhausted (\(request.attempts) attempts)"
+            case .fail(let why):
                 finish(request, with: .error(requestID: request.clientID, code: code, message: why))
             }
         }
         if !retried.isEmpty {
-            logger.warning("re-dispatching \(retried.count) request(s) of a lost worker", metadata: slot.metadata())
+            logger.warning("re-dispatching \(retried.count) request(s) of a lost worker", metadata: slots[index].metadata())
         }
         // Retries go to the front of the queue: they are the oldest requests.
         for request in retried.reversed() {
@@ -304,12 +254,13 @@ extension Supervisor {
             request.isQueued = false
             if let index = queue.firstIndex(where: { $0 === request }) { queue.remove(at: index) }
         }
-        if let slot = request.worker {
-            slot.inflight -= 1
-            request.worker = nil
+        if request.worker >= 0 {
+            machine.router.release(request.worker)
+            request.worker = -1
         }
         if !request.isProbe, let frame {
-            metrics.requestFinished(device: request.lastWorker?.spec.device ?? "none", ok: frame.type == .response,
+            metrics.requestFinished(device: request.lastWorker >= 0 ? slots[request.lastWorker].spec.device : "none",
+                                    ok: frame.type == .response,
                                     latency: .nanoseconds((NIODeadline.now() - (request.deadline - request.timeout)).nanoseconds))
         }
         if let onFinish = request.onFinish {
@@ -323,6 +274,8 @@ extension Supervisor {
             if client.isReadingPaused { client.updateReading() }
             if client.isInputClosed && client.requests.isEmpty { client.closeAfterFlush() }
         }
+        // Draining for a shutdown: the last answer lets the machine stop the workers.
+        if requests.isEmpty, case .draining = machine.shutdown.state { feed(.requestsInFlight(0)) }
     }
 
     /// Queued requests none of whose candidate workers can come back (failed, stopped) are answered
@@ -330,7 +283,7 @@ extension Supervisor {
     func answerHopelessQueued() {
         guard !queue.isEmpty else { return }
         for request in Array(queue) where request.isQueued {
-            if let reason = noWorkersReason(pinned: request.pinnedSlot) {
+            if let reason = machine.noWorkersReason(pinned: request.pinned >= 0 ? request.pinned : nil) {
                 finish(request, with: .error(requestID: request.clientID, code: ErrorCode.noWorkers,
                                              message: reason, retryable: true))
             }
@@ -340,12 +293,15 @@ extension Supervisor {
     func expire(_ request: PendingRequest) {
         cancelOnWorker(request)
         finish(request, with: .error(requestID: request.clientID, code: ErrorCode.deadlineExceeded,
-                                     message: "no answer within \(request.timeout.nanoseconds / 1_000_000) ms"
-                                         + (request.isQueued ? " (still queued: every worker was busy)" : "")))
+                                     message: RetryPolicy.deadlineMessage(
+                                        timeoutMilliseconds: request.timeout.nanoseconds / 1_000_000,
+                                        wasQueued: request.isQueued)))
     }
 
     func cancelOnWorker(_ request: PendingRequest) {
-        guard let slot = request.worker, slot.channel != nil else { return }
+        guard request.worker >= 0 else { return }
+        let slot = slots[request.worker]
+        guard slot.channel != nil else { return }
         slot.send(Frame(type: .cancel, requestID: request.id))
         if !slot.isDirty {
             slot.isDirty = true

@@ -6,47 +6,10 @@ import NIOPosix
 import SupervisorCore
 import WireProtocol
 
+/// Worker processes as I/O: spawning, the frame channel, the output pipe, exit watching and reaping. What to do
+/// about any of it is the machine's (``SupervisorMachine``); this file only turns it into events.
 extension Supervisor {
-    /// Carries out what the state machine decided, then re-arms the slot's timer.
-    func perform(_ action: WorkerStateMachine.Action?, on slot: WorkerSlot) {
-        switch action {
-        case .spawn?:
-            spawn(slot)
-        case .signalGroup(let signal)?:
-            if let pid = slot.machine.pid, pid > 0 {
-                // The whole group: a worker's helpers (tokenizer servers, data loaders) go with it.
-                if kill(-pid, signal) != 0 && errno == ESRCH { _ = kill(pid, signal) }
-                logger.info("sent \(signalName(signal)) to worker process group", metadata: slot.metadata())
-            }
-        case nil:
-            break
-        }
-        rearmTimer(slot)
-        healthChanged()
-    }
-
-    func rearmTimer(_ slot: WorkerSlot) {
-        slot.timer?.cancel()
-        slot.timer = nil
-        guard let deadline = slot.machine.nextDeadline else { return }
-        slot.timer = eventLoop.scheduleTask(deadline: Self.deadline(deadline)) { [weak slot] in
-            guard let slot else { return }
-            slot.timer = nil
-            let before = slot.machine.stateName
-            let action = slot.machine.timerFired(now: Self.now())
-            if case .starting = slot.machine.state, action != nil {
-                self.logger.error("worker not ready within start_timeout (\(slot.spec.policy.startTimeout.configString)); killing it",
-                                  metadata: slot.metadata(reason: "start_timeout"))
-            }
-            if before == "failed", action == .spawn {
-                self.logger.notice("retrying failed device", metadata: slot.metadata())
-            }
-            self.perform(action, on: slot)
-        }
-    }
-
-    func spawn(_ slot: WorkerSlot) {
-        let now = Self.now()
+    func spawn(_ slot: WorkerIO) {
         let spawned: SpawnedWorker
         do {
             var procsFD: CInt = -1
@@ -64,25 +27,22 @@ extension Supervisor {
             defer { if procsFD >= 0 { Glibc.close(procsFD) } }
             spawned = try ProcessSpawner.spawn(slot.spec, cgroupProcsFD: procsFD, trampoline: cgroups?.trampoline)
         } catch let error as SystemError {
-            logger.error("could not start worker: \(error)", metadata: slot.metadata(reason: "spawn_failed"))
-            let action = slot.machine.spawnFailed(errno: error.errno, now: now, jitter: Double.random(in: 0..<1))
-            logTransition(slot, to: slot.machine)
-            perform(action, on: slot)
+            feed(.spawnFailed(slot: slot.index, errno: error.errno, message: "\(error)", jitter: Double.random(in: 0..<1)))
             return
         } catch {
             preconditionFailure("ProcessSpawner.spawn throws only SystemError")
         }
-        slot.machine.spawned(pid: spawned.pid, now: now)
+        slot.pid = spawned.pid
+        slot.isReaped = false
         slot.spawnedAt = .now()
-        slot.lastFrameAt = now
         slot.hello = nil
-        logger.info("started worker: \(slot.spec.command.joined(separator: " "))", metadata: slot.metadata())
+        feed(.spawned(slot: slot.index, pid: spawned.pid))
         attachChannel(slot, pid: spawned.pid, fd: spawned.channelFD)
         attachOutput(slot, pid: spawned.pid, fd: spawned.outputFD)
         watchExit(slot, pid: spawned.pid, pidFD: spawned.pidFD)
     }
 
-    func attachChannel(_ slot: WorkerSlot, pid: pid_t, fd: CInt) {
+    func attachChannel(_ slot: WorkerIO, pid: pid_t, fd: CInt) {
         let maxFrame = config.maxFrameBytes
         let hello = HelloFromSupervisor(
             device: slot.spec.device,
@@ -99,7 +59,7 @@ extension Supervisor {
             .whenComplete { result in
                 switch result {
                 case .success(let channel):
-                    guard slot.machine.pid == pid else {
+                    guard slot.pid == pid, !slot.isReaped else {
                         channel.close(promise: nil)
                         return
                     }
@@ -107,16 +67,15 @@ extension Supervisor {
                     slot.outbound = channel.allocator.buffer(capacity: 4096)
                     slot.send(Frame(type: .hello, payload: JSONCoding.encode(hello)))
                     slot.flush()
+                    self.feed(.channelOpened(slot: slot.index, pid: pid))
                 case .failure(let error):
                     Glibc.close(fd)
-                    self.logger.error("could not adopt worker channel: \(error)", metadata: slot.metadata())
-                    self.perform(slot.machine.fault(.protocolError("channel setup failed"), now: Self.now()),
-                                 on: slot)
+                    self.feed(.channelFailed(slot: slot.index, pid: pid, message: "\(error)"))
                 }
             }
     }
 
-    func attachOutput(_ slot: WorkerSlot, pid: pid_t, fd: CInt) {
+    func attachOutput(_ slot: WorkerIO, pid: pid_t, fd: CInt) {
         let device = slot.spec.device
         NIOPipeBootstrap(group: eventLoop)
             .channelInitializer { channel in
@@ -138,8 +97,8 @@ extension Supervisor {
     }
 
     /// The parent learns of a child's death at once: a pidfd becomes readable when the process exits.
-    func watchExit(_ slot: WorkerSlot, pid: pid_t, pidFD: CInt) {
-        guard pidFD >= 0 else { return }  // no pidfd: the housekeeping tick reaps instead
+    func watchExit(_ slot: WorkerIO, pid: pid_t, pidFD: CInt) {
+        guard pidFD >= 0 else { return }  // no pidfd: the timer polls (see rearmTimer)
         let source = DispatchSource.makeReadSource(fileDescriptor: pidFD, queue: .global())
         let eventLoop = self.eventLoop
         source.setEventHandler {
@@ -151,7 +110,7 @@ extension Supervisor {
         source.resume()
     }
 
-    func workerOutput(_ slot: WorkerSlot, pid: pid_t, device: String, line: String) {
+    func workerOutput(_ slot: WorkerIO, pid: pid_t, device: String, line: String) {
         slot.output.append(line)
         logger.info("\(line)", metadata: ["device": "\(device)", "worker_pid": "\(pid)", "stream": "output"])
         for (key, follower) in outputFollowers where follower.device == device {
@@ -171,180 +130,97 @@ extension Supervisor {
         }
     }
 
-    /// Reaps the slot's process if it has exited and hands the exit to the state machine.
-    func reapIfExited(_ slot: WorkerSlot) {
-        guard let pid = slot.machine.pid, pid > 0, slot.reapedExit == nil,
-              let observed = ProcessSpawner.reap(pid) else { return }
+    /// Reaps the slot's process if it has exited, gathers the evidence (the memory cgroup's OOM counter) and
+    /// hands the exit to the machine.
+    func reapIfExited(_ slot: WorkerIO) {
+        let pid = slot.pid
+        guard pid > 0, !slot.isReaped, let observed = ProcessSpawner.reap(pid) else { return }
+        slot.isReaped = true
         // Anything still in the group (helpers the worker forked) dies with it.
         _ = kill(-pid, SIGKILL)
         slot.exitWatch?.cancel()
         slot.exitWatch = nil
-        slot.channelClosedCheck?.cancel()
-        if let channel = slot.channel {
-            // Frames the worker wrote just before it exited (its last answers, a device_oom report) are still
-            // in the socket: read them up to the EOF before deciding anything, or an answered request would be
-            // run again and the exit misattributed. The EOF is immediate now that the process is gone; the
-            // timer only guards against a descendant that escaped the group and still holds fd 3.
-            slot.reapedExit = observed
-            slot.exitDrain = eventLoop.scheduleTask(in: .milliseconds(500)) { channel.close(promise: nil) }
-            return
-        }
-        completeExit(slot, pid: pid, observed: observed)
-    }
-
-    /// The process is reaped and its channel drained: hand the exit to the state machine.
-    func completeExit(_ slot: WorkerSlot, pid: pid_t, observed: ExitReason) {
-        var observed = observed
-        var note: String?
+        var oomKillsRose: Bool?
         if let cgroups, let cgroup = slot.cgroup {
             // The kernel's word, not a guess: the cgroup's oom_kill counter rose while this process lived.
-            if let kills = cgroups.oomKills(cgroup.path), kills > cgroup.oomKillsAtStart {
-                observed = .oomKilled
-            } else if observed == .signaled(signal: 9, coreDumped: false) {
-                note = "not the kernel OOM killer: its memory cgroup's oom_kill counter did not rise"
-            }
+            oomKillsRose = (cgroups.oomKills(cgroup.path) ?? 0) > cgroup.oomKillsAtStart
             cgroups.killAll(cgroup.path)
             cgroups.remove(cgroup.path)
             slot.cgroup = nil
         }
-        slot.reapedExit = nil
-        slot.exitDrain?.cancel()
-        slot.exitDrain = nil
-        slot.channel?.close(promise: nil)
-        slot.channel = nil
-        slot.outbound.clear()
         slot.spawnedAt = nil
-        slot.lastFrameAt = nil
-        workerGone(slot)
-        failInflight(of: slot, code: ErrorCode.workerLost)
-        let action = slot.machine.exited(observed, now: Self.now(), jitter: Double.random(in: 0..<1))
-        logTransition(slot, to: slot.machine, pid: pid, note: note)
-        if let last = slot.machine.lastExit, last != .stopped {
-            metrics.workerExited(device: slot.spec.device, reason: last.kind)
-        }
-        perform(action, on: slot)
-        answerHopelessQueued()
-        dispatchQueued()
-        flushAll()
-        checkStopped()
-    }
-
-    func logTransition(_ slot: WorkerSlot, to machine: WorkerStateMachine, pid: pid_t? = nil, note: String? = nil) {
-        guard let reason = machine.lastExit else { return }
-        var metadata = slot.metadata(reason: reason.description)
-        if let pid { metadata["worker_pid"] = "\(pid)" }
-        // A SIGKILL while a memory cgroup watched the worker: say what the counter proves instead of "possibly OOM".
-        let detail = reason == .signaled(signal: 9, coreDumped: false) ? note.map { "killed by SIGKILL (\($0))" } : nil
-        var message = "worker \(detail ?? reason.detail) → \(machine.stateName)"
-        switch machine.state {
-        case .backoff(let until):
-            message += String(format: "; restart #%d in %.2fs", machine.restarts, (until - Self.now()).seconds)
-        case .failed(let retry?):
-            message += "; too many restarts (\(machine.policy.maxRestarts) in \(machine.policy.restartWindow.configString)), "
-                + "device marked failed, next try in \(Int((retry - Self.now()).seconds))s or on `npu-supervisorctl start`"
-        case .failed(nil):
-            if case .deviceUnhealthy = reason {
-                message += "; held failed while the device probe fails (its worker was already restarted once)"
-            } else {
-                message += "; not restarted (exit code 78: fix the worker's configuration, then `npu-supervisorctl start`)"
-            }
-        default:
-            break
-        }
-        if case .stopped = reason { logger.info("\(message)", metadata: metadata) }
-        else if machine.desired == .down { logger.info("\(message)", metadata: metadata) }
-        else { logger.error("\(message)", metadata: metadata) }
+        feed(.processExited(slot: slot.index, pid: pid, observed, oomKillsRose: oomKillsRose,
+                            jitter: Double.random(in: 0..<1)))
     }
 
     // MARK: Frames from a worker
 
-    func workerFrame(_ slot: WorkerSlot, pid: pid_t, _ frame: Frame) {
-        guard slot.machine.pid == pid else { return }
-        let now = Self.now()
-        slot.lastFrameAt = now
+    /// One frame from the worker's channel. Answers and chunks go straight to their requests (the hot path);
+    /// everything else is an event for the machine.
+    func workerFrame(_ slot: WorkerIO, pid: pid_t, _ frame: Frame, now: MonotonicInstant) {
+        guard slot.pid == pid else { return }
+        let index = slot.index
+        machine.frameReceived(slot: index, now: now)
         switch frame.type {
         case .response where frame.requestID != 0, .error where frame.requestID != 0:
             if frame.type == .error {
                 let payload = frame.errorPayload
-                if payload.code == ErrorCode.deviceOOM { slot.machine.attribute(.deviceOOM, until: now + .seconds(5)) }
+                if payload.code == ErrorCode.deviceOOM {
+                    feed(.workerError(slot: index, pid: pid, code: payload.code, message: payload.message, onRequest: true))
+                }
             }
-            guard let request = requests[frame.requestID], request.worker === slot else { return }
-            if frame.type == .response && !request.isProbe { slot.lastRealSuccess = .now() }
+            guard let request = requests[frame.requestID], request.worker == index else { return }
+            if frame.type == .response && !request.isProbe { machine.requestSucceeded(slot: index, now: now) }
             finish(request, with: Frame(type: frame.type, flags: frame.flags, requestID: request.clientID,
                                         payload: frame.payload))
             if !queue.isEmpty { dispatchQueued() }
         case .chunk:
-            guard let request = requests[frame.requestID], request.worker === slot else { return }
+            guard let request = requests[frame.requestID], request.worker == index else { return }
             request.streamed = true
             request.client?.send(Frame(type: .chunk, flags: frame.flags, requestID: request.clientID,
                                        payload: frame.payload))
         case .heartbeat:
             break
         case .health:
-            workerHealthReport(slot, frame)
+            struct Report: Decodable {
+                var device: String?
+                var detail: String?
+            }
+            if let report = try? JSONCoding.decode(Report.self, from: frame.payload) {
+                feed(.workerHealth(slot: index, pid: pid, ok: (report.device ?? "ok") == "ok",
+                                   detail: report.detail ?? report.device ?? ""))
+            } else {
+                feed(.workerHealth(slot: index, pid: pid, ok: false,
+                                   detail: "unreadable health report: \(frame.payloadString.prefix(200))"))
+            }
         case .error:
             let payload = frame.errorPayload
-            if payload.code == ErrorCode.deviceOOM {
-                slot.machine.attribute(.deviceOOM, until: now + .seconds(5))
-            }
-            logger.warning("worker error: \(payload.code): \(payload.message)", metadata: slot.metadata())
+            feed(.workerError(slot: index, pid: pid, code: payload.code, message: payload.message, onRequest: false))
         case .hello:
             do {
                 let hello = try JSONCoding.decode(HelloFromWorker.self, from: frame.payload)
-                guard hello.protocolVersion == wireProtocolVersion else {
-                    protocolViolation(slot, "speaks protocol \(hello.protocolVersion), supervisor speaks \(wireProtocolVersion)")
-                    return
+                if hello.protocolVersion == wireProtocolVersion {
+                    slot.hello = hello
+                    logger.info("worker hello: version \(hello.workerVersion ?? "?"), model \(hello.model ?? "?")",
+                                metadata: slot.metadata())
                 }
-                slot.hello = hello
-                logger.info("worker hello: version \(hello.workerVersion ?? "?"), model \(hello.model ?? "?")",
-                            metadata: slot.metadata())
+                feed(.workerMessage(slot: index, pid: pid, .hello(protocolVersion: hello.protocolVersion)))
             } catch {
-                protocolViolation(slot, "hello payload is not valid JSON: \(error)")
+                feed(.workerMessage(slot: index, pid: pid, .unreadableHello("\(error)")))
             }
         case .ready:
-            guard slot.hello != nil else {
-                protocolViolation(slot, "sent ready before hello (the protocol version was never agreed)")
-                return
-            }
-            if slot.machine.readyReceived(now: now) {
-                let startup = slot.spawnedAt.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e9 } ?? 0
-                logger.notice("worker ready after \(String(format: "%.3f", startup))s", metadata: slot.metadata())
-                workerBecameReady(slot)
-                rearmTimer(slot)
-                healthChanged()
-                dispatchQueued()
-                flushAll()
-            }
+            feed(.workerMessage(slot: index, pid: pid, .ready))
         default:
-            protocolViolation(slot, "sent a \(frame.type) frame, which workers may not send")
+            feed(.workerMessage(slot: index, pid: pid, .forbidden("\(frame.type)")))
         }
     }
 
-    func protocolViolation(_ slot: WorkerSlot, _ why: String) {
-        logger.error("worker broke the protocol: \(why); killing it", metadata: slot.metadata(reason: "protocol_error"))
-        perform(slot.machine.fault(.protocolError(why), now: Self.now()), on: slot)
-    }
-
-    /// The worker's channel closed. Its requests cannot be answered any more: re-dispatch them at once. If the
-    /// process does not exit by itself shortly, it is a worker that closed fd 3 and kept running: kill it.
-    func workerChannelClosed(_ slot: WorkerSlot, pid: pid_t) {
-        guard slot.machine.pid == pid else { return }
-        if let observed = slot.reapedExit {
-            completeExit(slot, pid: pid, observed: observed)
-            return
-        }
+    /// The worker's channel closed (EOF, error, or closed by us).
+    func workerChannelClosed(_ slot: WorkerIO, pid: pid_t) {
+        guard slot.pid == pid else { return }
         slot.channel = nil
         slot.outbound.clear()
-        failInflight(of: slot, code: ErrorCode.workerLost)
-        healthChanged()
-        dispatchQueued()
-        flushAll()
-        slot.channelClosedCheck = eventLoop.scheduleTask(in: .seconds(1)) {
-            self.reapIfExited(slot)
-            guard slot.machine.pid == pid else { return }
-            if case .stopping = slot.machine.state { return }
-            self.protocolViolation(slot, "closed its channel (fd 3) but kept running")
-        }
+        feed(.channelClosed(slot: slot.index, pid: pid))
     }
 }
 
@@ -352,11 +228,11 @@ extension Supervisor {
 final class WorkerChannelHandler: ChannelInboundHandler, @unchecked Sendable {  // confined to the event loop
     typealias InboundIn = ByteBuffer
     let supervisor: Supervisor
-    let slot: WorkerSlot
+    let slot: WorkerIO
     let pid: pid_t
     var reader: FrameReader
 
-    init(supervisor: Supervisor, slot: WorkerSlot, pid: pid_t, maxFrame: Int) {
+    init(supervisor: Supervisor, slot: WorkerIO, pid: pid_t, maxFrame: Int) {
         self.supervisor = supervisor
         self.slot = slot
         self.pid = pid
@@ -364,10 +240,12 @@ final class WorkerChannelHandler: ChannelInboundHandler, @unchecked Sendable {  
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        // One clock read per burst of frames: liveness needs no finer time.
+        let now = Supervisor.now()
         do {
-            try reader.read(unwrapInboundIn(data)) { frame in supervisor.workerFrame(slot, pid: pid, frame) }
+            try reader.read(unwrapInboundIn(data)) { frame in supervisor.workerFrame(slot, pid: pid, frame, now: now) }
         } catch {
-            supervisor.protocolViolation(slot, "\(error)")
+            supervisor.feed(.undecodable(slot: slot.index, pid: pid, message: "\(error)"))
             context.close(promise: nil)
         }
     }

@@ -7,10 +7,15 @@ import SupervisorCore
 import SystemdSupport
 import WireProtocol
 
-/// The daemon's heart. Every piece of mutable state (workers, requests, clients) lives on one NIO event loop
-/// and is touched only from it: the event loop is the lock. Channels of clients and workers are bound to the
-/// same loop, so a request travels client → worker → client without a single thread hop.
-public final class Supervisor: @unchecked Sendable {
+/// The I/O driver (docs/ARCHITECTURE.md): it turns sockets, pidfds, timers and probe processes into events for
+/// the pure ``SupervisorMachine``, and carries out the machine's actions. It decides nothing of its own beyond
+/// moving bytes: every rule (restarts, health verdicts, routing, readiness, shutdown) is in SupervisorCore.
+///
+/// Every piece of mutable state lives on one NIO event loop and is touched only from it (checked with
+/// `assertInEventLoop` where entered from outside). Channels of clients and workers are bound to the same loop,
+/// so a request travels client → worker → client without a thread hop. One timer is armed at the earliest of
+/// the machine's ``SupervisorMachine/nextDeadline`` and the request deadlines.
+public final class Supervisor: @unchecked Sendable {  // state confined to `eventLoop`; entry points hop onto it
     public static let version = "0.1.0"
 
     let eventLoop: any EventLoop
@@ -21,34 +26,28 @@ public final class Supervisor: @unchecked Sendable {
     let notifier: SystemdNotifier
     let startedAt = NIODeadline.now()
 
-    var slots: [WorkerSlot] = []
+    /// Every decision.
+    var machine: SupervisorMachine
+    /// The I/O of each worker slot (same indices as `machine.workers`).
+    var slots: [WorkerIO] = []
     var requests: [UInt64: PendingRequest] = [:]
     var queue = CircularBuffer<PendingRequest>()
     var clients: [ObjectIdentifier: ClientConnection] = [:]
     var nextRequestID: UInt64 = 1
-    var roundRobin = 0
     var servers: [any Channel] = []
-    var housekeeping: RepeatedTask?
     var lockFD: CInt = -1
-    var isShuttingDown = false
-    var hasSentReady = false
-    /// Sockets are bound but the workers not started yet: a request arriving now (a client that woke a
-    /// socket-activated service) waits in the queue instead of being refused with `no_workers`.
-    var isBooting = true
-    var hasStopped = false
-    var lastStatusLine = ""
     var shutdownPromise: EventLoopPromise<Void>
     var outputFollowers: [ObjectIdentifier: OutputFollower] = [:]
     var dirtyClients: [ClientConnection] = []
-    var dirtyWorkers: [WorkerSlot] = []
+    var dirtyWorkers: [WorkerIO] = []
     /// Requests by timeout value, each list in deadline order (see ``DeadlineList``).
     var deadlineLists: [Int64: DeadlineList] = [:]
-    var deadlineTimer: Scheduled<Void>?
-    var deadlineTimerAt: NIODeadline?
-    /// Slots `0..<deviceSlotCount` are device workers, the rest CPU fallback workers.
-    var deviceSlotCount = 0
-    var fallbackController: FallbackController?
-    var fallbackTimer: Scheduled<Void>?
+    /// The one timer, and when it fires.
+    var timer: Scheduled<Void>?
+    var timerAt: NIODeadline?
+    var healthPublishPending = false
+    /// Shutdown completed: nothing is armed any more.
+    var hasStopped = false
     var httpAddress: String?
     let metrics = SupervisorMetrics()
     /// Per-worker memory cgroups, nil when unavailable or off.
@@ -66,23 +65,139 @@ public final class Supervisor: @unchecked Sendable {
         self.logger = logger
         self.notifier = notifier
         self.shutdownPromise = eventLoop.makePromise(of: Void.self)
-        for (index, spec) in config.workers.enumerated() {
-            slots.append(WorkerSlot(index: index, spec: spec, outputLines: config.outputLines))
-        }
-        // CPU fallback workers come after the device workers (routing relies on it); they start stopped.
-        deviceSlotCount = slots.count
-        for spec in config.fallback?.workers ?? [] {
-            slots.append(WorkerSlot(index: slots.count, spec: spec, outputLines: config.outputLines))
-        }
-        fallbackController = config.fallback.map {
-            FallbackController(whenFewerThan: $0.whenFewerThan, stopAfter: $0.stopAfter)
+        self.machine = SupervisorMachine(
+            config: config, protocolVersion: wireProtocolVersion,
+            watchdogInterval: notifier.watchdogInterval.map { .nanoseconds(Int64($0)) })
+        // CPU fallback workers come after the device workers (the machine's slot order).
+        for (index, worker) in machine.workers.enumerated() {
+            slots.append(WorkerIO(index: index, spec: worker.spec, outputLines: config.outputLines))
         }
     }
 
-    static func now() -> MonotonicInstant { MonotonicInstant(nanoseconds: Int64(NIODeadline.now().uptimeNanoseconds)) }
+    /// The monotonic clock, the only one the driver reads; the machine gets it as `now`.
+    @inline(__always) static func now() -> MonotonicInstant {
+        MonotonicInstant(nanoseconds: Int64(NIODeadline.now().uptimeNanoseconds))
+    }
 
     static func deadline(_ instant: MonotonicInstant) -> NIODeadline {
         .uptimeNanoseconds(UInt64(max(0, instant.nanoseconds)))
+    }
+
+    var isShuttingDown: Bool { machine.isShuttingDown }
+
+    // MARK: Feeding the machine
+
+    /// Hands one event to the machine and carries out what it decided, in order.
+    func feed(_ event: SupervisorMachine.Event) {
+        eventLoop.assertInEventLoop()
+        let actions = machine.handle(event, now: Self.now())
+        for action in actions { execute(action) }
+        rearmTimer()
+    }
+
+    func execute(_ action: SupervisorMachine.Action) {
+        switch action {
+        case .spawn(let slot):
+            spawn(slots[slot])
+        case .signal(_, let pid, let signal):
+            // The whole group: a worker's helpers (tokenizer servers, data loaders) go with it.
+            if kill(-pid, signal) != 0 && errno == ESRCH { _ = kill(pid, signal) }
+        case .closeChannel(let slot):
+            slots[slot].closeChannel()
+        case .failInflight(let slot):
+            failInflight(of: slot, code: ErrorCode.workerLost)
+        case .runDeviceProbe(let slot):
+            runDeviceProbe(slots[slot])
+        case .sendInferenceProbe(let slot):
+            sendInferenceProbe(slots[slot])
+        case .dispatchQueued:
+            dispatchQueued()
+            flushAll()
+        case .answerHopelessQueued:
+            answerHopelessQueued()
+        case .exitRecorded(let slot, let reason):
+            metrics.workerExited(device: slots[slot].spec.device, reason: reason.kind)
+        case .log(let record):
+            log(record)
+        case .notify(let message):
+            systemdNotify(message)
+        case .healthChanged:
+            // Changes made in one turn of the loop (starting every worker, a reaped exit and its restart) are
+            // told once, at its end: no STATUS= for a state that only existed half-way through.
+            guard !healthPublishPending else { return }
+            healthPublishPending = true
+            eventLoop.execute {
+                self.healthPublishPending = false
+                self.feed(.publishHealth)
+            }
+        case .answerAllShuttingDown:
+            for request in Array(requests.values) {
+                cancelOnWorker(request)
+                finish(request, with: .error(requestID: request.clientID, code: ErrorCode.shuttingDown,
+                                             message: "the supervisor is shutting down; shutdown_timeout "
+                                                 + "(\(config.shutdownTimeout.configString)) passed before an answer",
+                                             retryable: true))
+            }
+            flushAll()
+        case .closeSockets:
+            closeSockets()
+        }
+    }
+
+    func log(_ record: LogRecord) {
+        var metadata: Logger.Metadata = [:]
+        if let slot = record.slot { metadata["device"] = "\(slots[slot].spec.device)" }
+        if let pid = record.pid, pid > 0 { metadata["worker_pid"] = "\(pid)" }
+        if let reason = record.reason { metadata["reason"] = "\(reason)" }
+        let level: Logger.Level = switch record.level {
+        case .debug: .debug
+        case .info: .info
+        case .notice: .notice
+        case .warning: .warning
+        case .error: .error
+        }
+        logger.log(level: level, "\(record.message)", metadata: metadata.isEmpty ? nil : metadata)
+    }
+
+    // MARK: The one timer
+
+    /// Arms the timer at the earliest deadline: the machine's, the oldest request's, and a reap poll for
+    /// workers without a pidfd. A timer armed earlier is left alone (it fires, finds nothing due, re-arms).
+    func rearmTimer() {
+        guard !hasStopped else { return }
+        var next = machine.nextDeadline.map(Self.deadline)
+        for list in deadlineLists.values {
+            if let oldest = list.oldest, next.map({ oldest.deadline < $0 }) ?? true { next = oldest.deadline }
+        }
+        if slots.contains(where: { $0.needsReapPoll }) {
+            let poll = NIODeadline.now() + reapPollInterval
+            if next.map({ poll < $0 }) ?? true { next = poll }
+        }
+        guard let next else { return }
+        if let armed = timerAt, armed <= next { return }
+        armTimer(at: next)
+    }
+
+    func armTimer(at deadline: NIODeadline) {
+        timer?.cancel()
+        timerAt = deadline
+        timer = eventLoop.scheduleTask(deadline: deadline) { self.timerFired() }
+    }
+
+    /// Without a pidfd (kernels before 5.3, seccomp refusing pidfd_open) exits are found by polling.
+    var reapPollInterval: TimeAmount {
+        let smallest = slots.map(\.spec.heartbeatInterval).min() ?? .seconds(1)
+        return .nanoseconds(min(max(smallest.nanoseconds / 2, 20_000_000), 500_000_000))
+    }
+
+    func timerFired() {
+        timer = nil
+        timerAt = nil
+        // A safety-net reap first: an exit found now is handled before the machine judges silence or a closed
+        // channel (a worker that closed fd 3 and exited is not a protocol violation).
+        for slot in slots where slot.pid > 0 && (slot.needsReapPoll || !slot.isChannelOpen) { reapIfExited(slot) }
+        expireRequests()
+        feed(.timer)
     }
 
     // MARK: Lifecycle
@@ -132,17 +247,8 @@ public final class Supervisor: @unchecked Sendable {
                 "requests": "\(self.config.requestsSocket)", "status": "\(self.config.statusSocket)",
                 "control": "\(self.config.controlSocket)", "workers": "\(self.slots.count)",
             ])
-            let now = Self.now()
-            for slot in self.slots where !slot.isFallback {
-                self.perform(slot.machine.start(now: now), on: slot)
-            }
-            self.isBooting = false
-            self.startHealthProbes()
-            let tick = self.housekeepingInterval()
-            self.housekeeping = self.eventLoop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { _ in
-                self.tick()
-            }
-            self.healthChanged()
+            self.systemdBoot()
+            self.feed(.boot)
         }.get()
     }
 
@@ -156,29 +262,19 @@ public final class Supervisor: @unchecked Sendable {
         eventLoop.execute { self.shutdown(reason: reason) }
     }
 
+    /// SIGHUP, from any thread. Applying a changed configuration is not implemented yet: the machine says so
+    /// (an untrapped SIGHUP would terminate the process).
+    public func reloadRequested() {
+        eventLoop.execute { self.feed(.reloadRequested) }
+    }
+
     /// Releases the event loop thread. Call after ``waitUntilStopped()``.
     public func close() async {
         try? await group.shutdownGracefully()
     }
 
-    func housekeepingInterval() -> TimeAmount {
-        let smallest = slots.map(\.spec.heartbeatInterval).min() ?? .seconds(1)
-        let ns = min(max(smallest.nanoseconds / 2, 20_000_000), 500_000_000)
-        return .nanoseconds(ns)
-    }
-
-    /// Periodic duties: heartbeat checks, a safety-net reap, systemd watchdog.
-    func tick() {
-        let now = Self.now()
-        for slot in slots {
-            reapIfExited(slot)
-            if slot.machine.isReady, let last = slot.lastFrameAt,
-               now - last > slot.spec.heartbeatTimeout {
-                logger.error("worker missed heartbeats; killing it", metadata: slot.metadata(reason: "hang"))
-                perform(slot.machine.fault(.hang, now: now), on: slot)
-            }
-        }
-        systemdTick()
+    func shutdown(reason: String) {
+        feed(.shutdown(reason: reason, requestsInFlight: requests.count))
     }
 
     func acquireLock() throws {
@@ -201,49 +297,11 @@ public final class Supervisor: @unchecked Sendable {
         lockFD = fd
     }
 
-    func shutdown(reason: String) {
-        guard !isShuttingDown else { return }
-        isShuttingDown = true
-        logger.notice("shutting down: \(reason); draining \(requests.count) request(s)")
-        systemdStopping(reason: reason)
-        let drainDeadline = NIODeadline.now() + TimeAmount.nanoseconds(config.shutdownTimeout.nanoseconds)
-        drainThenStop(until: drainDeadline)
-    }
-
-    func drainThenStop(until deadline: NIODeadline) {
-        let serving = slots.contains { $0.machine.isReady }
-        if requests.isEmpty || NIODeadline.now() >= deadline || !serving {
-            for request in Array(requests.values) {
-                cancelOnWorker(request)
-                finish(request, with: .error(requestID: request.clientID, code: ErrorCode.shuttingDown,
-                                             message: "the supervisor is shutting down; shutdown_timeout "
-                                                 + "(\(config.shutdownTimeout.configString)) passed before an answer",
-                                             retryable: true))
-            }
-            flushAll()
-            let now = Self.now()
-            for slot in slots {
-                perform(slot.machine.stop(now: now), on: slot)
-            }
-            checkStopped()
-            return
-        }
-        eventLoop.scheduleTask(in: .milliseconds(20)) { self.drainThenStop(until: deadline) }
-    }
-
-    /// Completes shutdown once every worker is gone.
-    func checkStopped() {
-        guard isShuttingDown, slots.allSatisfy({ $0.machine.pid == nil }) else { return }
-        guard !hasStopped else { return }
+    /// Every worker is gone after a shutdown: close everything and complete.
+    func closeSockets() {
         hasStopped = true
-        housekeeping?.cancel()
-        deadlineTimer?.cancel()
-        fallbackTimer?.cancel()
-        for slot in slots {
-            slot.timer?.cancel()
-            slot.deviceProbeTimer?.cancel()
-            slot.inferenceProbeTimer?.cancel()
-        }
+        timer?.cancel()
+        timer = nil
         let closes = servers.map { $0.close() } + clients.values.map { $0.channel.close() }
             + outputFollowers.values.map { $0.channel.close() }
         EventLoopFuture.andAllComplete(closes, on: eventLoop).whenComplete { _ in
@@ -262,63 +320,6 @@ public final class Supervisor: @unchecked Sendable {
             self.shutdownPromise.succeed()
         }
     }
-
-    // MARK: Health
-
-    func healthInputs() -> [WorkerHealthInput] {
-        slots.map { slot in
-            WorkerHealthInput(
-                device: slot.spec.device, state: slot.machine.stateName, desiredUp: slot.machine.desired == .up,
-                isServing: slot.isServing, lastExit: slot.machine.lastExit?.description,
-                restarts: slot.machine.restarts, isFallback: slot.isFallback,
-                outOfRotation: { if case .bad(let why) = slot.deviceHealth { return why } else { return nil } }())
-        }
-    }
-
-    func aggregate() -> (OverallHealth, String) {
-        HealthAggregator.aggregate(healthInputs(), minReady: config.minReady)
-    }
-
-    /// Called after any change of a worker's state.
-    func healthChanged() {
-        evaluateFallback()
-        let (health, line) = aggregate()
-        systemdHealthChanged(health: health, summary: line)
-    }
-
-    func statusDocument(devices: [String]? = nil) -> StatusDocument {
-        let (health, reason) = aggregate()
-        let now = NIODeadline.now()
-        let mono = Self.now()
-        let all = devices == nil || devices!.isEmpty || devices! == ["all"]
-        let workers = slots.filter { all || devices!.contains($0.spec.device) }
-            .map { slot -> WorkerStatus in
-                var next: Double?
-                if let d = slot.machine.nextDeadline {
-                    switch slot.machine.state {
-                    case .backoff, .failed: next = max(0, (d - mono).seconds)
-                    default: break
-                    }
-                }
-                return WorkerStatus(
-                    device: slot.spec.device, kind: slot.spec.kind.rawValue, state: slot.machine.stateName,
-                    desired: slot.machine.desired.rawValue, pid: slot.machine.pid.flatMap { $0 > 0 ? $0 : nil },
-                    restarts: slot.machine.restarts, lastExit: slot.machine.lastExit?.description,
-                    lastExitDetail: slot.machine.lastExit?.detail,
-                    uptimeSeconds: slot.spawnedAt.map { Double((now - $0).nanoseconds) / 1e9 } ?? 0,
-                    inflight: slot.inflight, maxInflight: slot.spec.maxInflight,
-                    exits: slot.machine.exitCounts, nextRestartInSeconds: next, health: healthLevels(slot, now: mono),
-                    fallback: slot.isFallback, memoryBytes: slot.cgroup.flatMap { cgroups?.memoryUsage($0.path) },
-                    memoryLimitBytes: slot.cgroup == nil ? nil : slot.spec.memoryLimit)
-            }
-        return StatusDocument(
-            state: health.rawValue, reason: reason,
-            supervisor: SupervisorInfo(pid: getpid(), version: Self.version,
-                                       uptimeSeconds: Double((now - startedAt).nanoseconds) / 1e9,
-                                       config: configPath.map { resolve($0, against: currentDirectory()) },
-                                       http: httpAddress),
-            queueDepth: queue.count, fallbackActive: fallbackController?.isActive ?? false, workers: workers)
-    }
 }
 
 /// An error the supervisor reports to its operator as a sentence.
@@ -335,19 +336,6 @@ func makeDirectories(for socketPath: String) throws {
         path += "/" + part
         if mkdir(path, 0o755) != 0 && errno != EEXIST {
             throw SystemError(call: "mkdir \(path)", errno: errno)
-        }
-    }
-}
-
-
-extension Supervisor {
-    /// SIGHUP. Applying a changed configuration (rolling replacement) is not implemented yet: say so instead
-    /// of dying (an untrapped SIGHUP terminates a process).
-    public func reloadRequested() {
-        eventLoop.execute {
-            self.systemdReloadBegan()  // RELOADING=1 ... READY=1 (Supervisor+Systemd.swift) around the reload
-            self.logger.warning("SIGHUP received: configuration reload is not supported by this version; ignored")
-            self.systemdReloadFinished()
         }
     }
 }

@@ -3,21 +3,11 @@ import Glibc
 
 /// sd_notify(3) for the daemon: READY=1, STATUS=, WATCHDOG=1, STOPPING=1, RELOADING=1, EXTEND_TIMEOUT_USEC=,
 /// MAINPID=. A no-op when the daemon does not run under systemd (no `NOTIFY_SOCKET`). `notify` is thread-safe
-/// (sd_notify opens a fresh datagram per call); the bookkeeping properties belong to the caller's event loop.
-public final class SystemdNotifier: @unchecked Sendable {
+/// (sd_notify opens a fresh datagram per call). When to send what is decided by SupervisorCore's `Readiness`.
+public final class SystemdNotifier: Sendable {
     /// Half of the watchdog period (systemd's advice), nil when no watchdog is asked for.
     public let watchdogInterval: UInt64?
     public let isEnabled: Bool
-
-    // Bookkeeping for the supervisor's systemd hooks (touched only on its event loop).
-    /// When EXTEND_TIMEOUT_USEC= was last sent (monotonic nanoseconds), 0 for never.
-    public var lastExtend: UInt64 = 0
-    /// The hooks' one-time set-up (watchdog timer, unused-fd warning) has run.
-    public var started = false
-    /// A reload is in progress (RELOADING=1 sent, READY=1 not yet).
-    public var reloading = false
-    /// A health change waits to be told at the end of the event loop's turn.
-    public var publishPending = false
 
     public init() {
         isEnabled = getenv("NOTIFY_SOCKET") != nil

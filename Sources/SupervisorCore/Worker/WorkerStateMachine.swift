@@ -179,11 +179,18 @@ public struct WorkerStateMachine: Sendable {
 
     // MARK: Facts from the runtime
 
-    public mutating func spawned(pid: Int32, now: MonotonicInstant) {
+    /// A process was started after a ``Action/spawn``. Refused (false, nothing changes) while a process is
+    /// already running: that would be the runtime's bug, and the running process stays the one supervised.
+    @discardableResult
+    public mutating func spawned(pid: Int32, now: MonotonicInstant) -> Bool {
+        guard self.pid == nil else { return false }
         state = .starting(pid: pid, since: now)
+        return true
     }
 
+    /// `posix_spawn` failed after a ``Action/spawn``: counted as an exit. Refused while a process runs.
     public mutating func spawnFailed(errno: Int32, now: MonotonicInstant, jitter: Double) -> Action? {
+        guard pid == nil else { return nil }
         state = .starting(pid: -1, since: now)
         return exited(.spawnFailed(errno: errno), now: now, jitter: jitter)
     }
@@ -242,7 +249,9 @@ public struct WorkerStateMachine: Sendable {
 
     /// The worker process is gone (reaped). Decides what comes next.
     /// - Parameter jitter: a sample in [0, 1) for the backoff jitter.
+    /// Refused (nil, nothing changes) when no process runs: only a process can exit.
     public mutating func exited(_ observed: ExitReason, now: MonotonicInstant, jitter: Double) -> Action? {
+        guard pid != nil else { return nil }
         let wasReadySince: MonotonicInstant? = if case .ready(_, let since) = state { since } else { nil }
         var reason = observed
         if let fault = pendingReason {
@@ -272,6 +281,7 @@ public struct WorkerStateMachine: Sendable {
         if restartRequested {
             restartRequested = false
             backoffAttempt = 0
+            state = .stopped  // the process is gone; the spawn follows at once
             return .spawn
         }
         if case .exited(78) = reason {

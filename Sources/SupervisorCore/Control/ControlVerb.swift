@@ -1,0 +1,45 @@
+/// The verbs of control.sock (docs/PROTOCOL.md, "control.sock"), with their wire names. What each verb does
+/// to the workers is decided in ``SupervisorMachine/handle(_:now:)`` (event ``SupervisorMachine/Event/control(_:slots:requestedBy:)``);
+/// the runtime only reads state for the read-only verbs.
+public enum ControlVerb: String, Sendable, Hashable, CaseIterable {
+    case status, health, pid, start, stop, restart, tail, shutdown
+
+    /// Verbs that change something: allowed only for root, the daemon's user or `control_group`.
+    public var isMutating: Bool {
+        switch self {
+        case .start, .stop, .restart, .shutdown: true
+        case .status, .health, .pid, .tail: false
+        }
+    }
+
+    /// The known verbs, for the error message of an unknown one.
+    public static var known: String { allCases.map(\.rawValue).joined(separator: ", ") }
+}
+
+/// Picks workers by device id for a control verb: `all` (or nothing, where allowed) means every one.
+public enum WorkerSelection {
+    public struct Failure: Error, Sendable, Hashable, CustomStringConvertible {
+        public var description: String
+        public init(description: String) { self.description = description }
+    }
+
+    /// - Returns: slot indices in the order named.
+    /// - Throws: ``Failure`` naming the unknown device and the configured ones.
+    public static func select(_ devices: [String]?, among configured: [String], allowEmpty: Bool) throws(Failure) -> [Int] {
+        let devices = devices ?? []
+        if devices.isEmpty {
+            guard allowEmpty else { throw Failure(description: "name one or more devices, or all") }
+            return Array(configured.indices)
+        }
+        if devices == ["all"] { return Array(configured.indices) }
+        var slots: [Int] = []
+        for device in devices {
+            guard let slot = configured.firstIndex(of: device) else {
+                throw Failure(description: "unknown device '\(device)'; configured: "
+                    + configured.joined(separator: ", "))
+            }
+            slots.append(slot)
+        }
+        return slots
+    }
+}

@@ -1,0 +1,85 @@
+/// The routing policy (docs/ARCHITECTURE.md, "Routing"): a request goes to the ready device worker with the
+/// fewest requests in flight that has room (`max_inflight`); ties are broken round-robin so that idle workers
+/// share the load; CPU fallback workers are used only when no device worker can serve at all (a busy device
+/// is worth waiting for: CPU is about 50x slower). A request pinned to a device goes there or waits.
+///
+/// Workers are integer slot indices: `0..<deviceCount` are device workers, the rest fallback workers. This is
+/// the request hot path: no allocation, no dictionary, no clock.
+public struct Router: Sendable, Hashable {
+    /// Requests each worker holds now.
+    public private(set) var inflight: [Int]
+    public private(set) var maxInflight: [Int]
+    /// In rotation: ready, channel open, device not known to be bad. Kept current by ``SupervisorMachine``.
+    public private(set) var serving: [Bool]
+    public let deviceCount: Int
+    private var roundRobin = 0
+
+    public init(maxInflight: [Int], deviceCount: Int) {
+        self.maxInflight = maxInflight
+        self.inflight = Array(repeating: 0, count: maxInflight.count)
+        self.serving = Array(repeating: false, count: maxInflight.count)
+        self.deviceCount = deviceCount
+    }
+
+    public var slotCount: Int { inflight.count }
+
+    @inline(__always) public func hasCapacity(_ slot: Int) -> Bool {
+        serving[slot] && inflight[slot] < maxInflight[slot]
+    }
+
+    /// The worker for the next request, or nil when it must wait. Does not count it in: see ``assign(_:)``.
+    public mutating func pick(pinned: Int?) -> Int? {
+        if let pinned { return hasCapacity(pinned) ? pinned : nil }
+        let count = deviceCount
+        var best = -1
+        if count > 0 {
+            roundRobin = roundRobin + 1 < count ? roundRobin + 1 : 0
+            var anyDeviceServing = false
+            for offset in 0..<count {
+                let index = roundRobin + offset < count ? roundRobin + offset : roundRobin + offset - count
+                guard serving[index] else { continue }
+                anyDeviceServing = true
+                guard inflight[index] < maxInflight[index] else { continue }
+                if best < 0 || inflight[index] < inflight[best] { best = index }
+            }
+            if best >= 0 { return best }
+            if anyDeviceServing { return nil }
+        }
+        for index in count..<inflight.count where hasCapacity(index) {
+            if best < 0 || inflight[index] < inflight[best] { best = index }
+        }
+        return best >= 0 ? best : nil
+    }
+
+    @inline(__always) public mutating func assign(_ slot: Int) { inflight[slot] += 1 }
+
+    @inline(__always) public mutating func release(_ slot: Int) { inflight[slot] -= 1 }
+
+    /// The worker lost every request it held (it died): returns how many.
+    public mutating func releaseAll(_ slot: Int) -> Int {
+        let held = inflight[slot]
+        inflight[slot] = 0
+        return held
+    }
+
+    mutating func setServing(_ slot: Int, _ isServing: Bool) { serving[slot] = isServing }
+
+    mutating func setMaxInflight(_ slot: Int, _ value: Int) { maxInflight[slot] = value }
+}
+
+/// The queue's head-of-line rule: queued requests are tried oldest first; once a request that may go to any
+/// worker cannot be placed, nothing behind it is tried in this pass (a later request must not overtake an
+/// older one for the same workers). A pinned request that cannot be placed does not block the others.
+public struct QueueScan: Sendable {
+    public private(set) var isBlocked = false
+
+    public init() {}
+
+    /// Whether to try placing the next queued request.
+    @inline(__always) public var shouldTry: Bool { !isBlocked }
+
+    /// The request could not be placed (or was not tried).
+    @inline(__always) public mutating func notPlaced(isPinned: Bool) {
+        if !isPinned { isBlocked = true }
+    }
+}

@@ -1,0 +1,332 @@
+/// Every decision the supervisor makes, as one pure state machine composed of smaller ones (docs/ARCHITECTURE.md):
+/// per worker its lifecycle (``WorkerStateMachine``), session (``WorkerSession``), liveness (``Liveness``),
+/// device health (``DeviceHealth``) and inference probe (``InferenceProbe``); across workers the routing
+/// (``Router``), the CPU fallback (``FallbackController``), what systemd is told (``Readiness``) and the
+/// graceful shutdown (``Shutdown``).
+///
+/// The runtime turns sockets, pidfds, timers and probe processes into ``Event``s, calls ``handle(_:now:)`` and
+/// carries out the returned ``Action``s in order; it arms one timer at ``nextDeadline`` and feeds
+/// ``Event/timer`` when it fires. Time enters only as `now`; nothing here reads a clock or does I/O, so every
+/// rule is tested as a table (Tests/SupervisorCoreTests).
+///
+/// The request hot path does not go through ``handle(_:now:)``: the runtime calls ``router`` (an integer-indexed
+/// policy) and the one-store methods ``frameReceived(slot:now:)`` and ``requestSucceeded(slot:now:)`` directly,
+/// so the design costs nothing per request.
+public struct SupervisorMachine: Sendable {
+    /// One worker slot: a device's (or a CPU fallback's) worker, whatever process currently fills it.
+    public struct Worker: Sendable {
+        public let spec: WorkerSpec
+        public internal(set) var lifecycle: WorkerStateMachine
+        public internal(set) var session: WorkerSession
+        public internal(set) var liveness: Liveness
+        public internal(set) var device: DeviceHealth
+        public internal(set) var inference: InferenceProbe
+        /// The current process's frame channel (its fd 3) is open.
+        public internal(set) var isChannelOpen = false
+        /// Whether any process of this slot ever said ready (the first model load is not an outage).
+        public internal(set) var hasBeenReady = false
+        /// When the current process was started.
+        public internal(set) var startedAt: MonotonicInstant?
+        /// A ``Action/spawn`` was asked for and its outcome not reported yet: counts as starting.
+        public internal(set) var isSpawnPending = false
+        /// The process was reaped while its channel still held frames: they are read before the exit is handled.
+        var reapedExit: (reason: ExitReason, note: String?, jitter: Double)?
+        var exitDrainDeadline: MonotonicInstant?
+        /// The channel closed while the process still ran: it must exit by this time, or it is killed.
+        var channelClosedDeadline: MonotonicInstant?
+
+        init(spec: WorkerSpec, protocolVersion: Int) {
+            self.spec = spec
+            self.lifecycle = WorkerStateMachine(policy: spec.policy)
+            self.session = WorkerSession(protocolVersion: protocolVersion)
+            self.liveness = Liveness(heartbeatInterval: spec.heartbeatInterval, heartbeatTimeout: spec.heartbeatTimeout)
+            self.device = DeviceHealth(spec: spec.deviceProbe, heartbeatInterval: spec.heartbeatInterval,
+                                       heartbeatTimeout: spec.heartbeatTimeout)
+            self.inference = InferenceProbe(spec: spec.inferenceProbe)
+        }
+
+        /// In rotation: the process said ready, its channel is open and its device is not known to be bad.
+        public var isServing: Bool { lifecycle.isReady && isChannelOpen && !device.isOutOfRotation }
+
+        public var isFallback: Bool { spec.isFallback }
+
+        /// The process id of the running worker (nil between processes).
+        public var pid: Int32? { lifecycle.pid.flatMap { $0 > 0 ? $0 : nil } }
+
+        /// Starting, or about to (a spawn was asked for).
+        var isStarting: Bool {
+            if isSpawnPending { return true }
+            if case .starting = lifecycle.state { return true }
+            return false
+        }
+
+        var isHeldFailedForDevice: Bool {
+            guard lifecycle.isHeldFailed, lifecycle.desired == .up, case .deviceUnhealthy? = lifecycle.lastExit
+            else { return false }
+            return true
+        }
+
+        var deviceView: DeviceHealth.WorkerView {
+            let state = lifecycle.state
+            return DeviceHealth.WorkerView(
+                isStarting: { if case .starting = state { true } else { false } }(),
+                isReady: lifecycle.isReady,
+                isBackoff: { if case .backoff = state { true } else { false } }(),
+                isHeldFailedForDevice: isHeldFailedForDevice)
+        }
+    }
+
+    public enum Event: Sendable {
+        /// The sockets are bound: start every device worker, begin probing and telling systemd.
+        case boot
+        /// A worker process was started for the slot.
+        case spawned(slot: Int, pid: Int32)
+        /// `posix_spawn` failed. `jitter` is a sample in [0, 1) for the backoff.
+        case spawnFailed(slot: Int, errno: Int32, message: String, jitter: Double)
+        /// The worker's frame channel is set up (the runtime has sent the supervisor's hello).
+        case channelOpened(slot: Int, pid: Int32)
+        case channelFailed(slot: Int, pid: Int32, message: String)
+        /// A frame from the worker other than an answer to a request.
+        case workerMessage(slot: Int, pid: Int32, WorkerSession.Message)
+        /// The worker's `health` frame.
+        case workerHealth(slot: Int, pid: Int32, ok: Bool, detail: String)
+        /// An `error` frame from the worker; `onRequest` when it answered a request (only a `device_oom` code
+        /// matters then).
+        case workerError(slot: Int, pid: Int32, code: String, message: String, onRequest: Bool)
+        /// The worker's byte stream could not be decoded (oversized length, malformed frame).
+        case undecodable(slot: Int, pid: Int32, message: String)
+        /// The worker's channel reached EOF or failed.
+        case channelClosed(slot: Int, pid: Int32)
+        /// The process was reaped. `oomKillsRose`: its memory cgroup's `oom_kill` counter rose (nil without
+        /// one). `jitter` is a sample in [0, 1) for the backoff.
+        case processExited(slot: Int, pid: Int32, ExitReason, oomKillsRose: Bool?, jitter: Double)
+        /// A `command` or `path` device probe finished: nil is healthy, else what is wrong.
+        case deviceProbeFinished(slot: Int, failure: String?)
+        /// The inference probe's answer, judged (``InferenceProbe/judge(_:textField:)``): nil is a pass.
+        case inferenceProbeFinished(slot: Int, failure: String?)
+        /// The inference probe could not be dispatched after all.
+        case inferenceProbeNotSent(slot: Int)
+        /// An operator's verb (start, stop, restart, shutdown) for these slots.
+        case control(ControlVerb, slots: [Int], requestedBy: UInt32?)
+        /// SIGTERM, SIGINT or `shutdown`: drain, then stop. `requestsInFlight` is what there is to drain.
+        case shutdown(reason: String, requestsInFlight: Int)
+        /// While shutting down: the number of accepted requests not yet answered changed to this.
+        case requestsInFlight(Int)
+        /// SIGHUP / reload.
+        case reloadRequested
+        /// The runtime's coalesced "health changed" (once per event-loop turn): tell systemd what changed.
+        case publishHealth
+        /// ``nextDeadline`` has (perhaps) passed.
+        case timer
+    }
+
+    public enum Action: Sendable, Hashable {
+        /// Start a worker process for the slot; report ``Event/spawned(slot:pid:)`` or ``Event/spawnFailed(slot:errno:message:jitter:)``.
+        case spawn(slot: Int)
+        /// Send a signal to the worker's process group.
+        case signal(slot: Int, pid: Int32, signal: Int32)
+        /// Close the slot's frame channel (its process is gone).
+        case closeChannel(slot: Int)
+        /// The slot's worker can no longer answer what it holds: retry or answer each (``RetryPolicy``).
+        case failInflight(slot: Int)
+        case runDeviceProbe(slot: Int)
+        /// Send the inference probe as a request pinned to the slot; report its judged answer.
+        case sendInferenceProbe(slot: Int)
+        /// Workers may have room: move queued requests to them.
+        case dispatchQueued
+        /// Answer `no_workers` to queued requests that no worker can serve any more.
+        case answerHopelessQueued
+        /// Count the exit in the metrics.
+        case exitRecorded(slot: Int, reason: ExitReason)
+        case log(LogRecord)
+        case notify(Readiness.Message)
+        /// The aggregated health may have changed: publish it (coalesced) with ``Event/publishHealth``.
+        case healthChanged
+        /// Shutdown: answer every request still unanswered `shutting_down` (and cancel it on its worker).
+        case answerAllShuttingDown
+        /// Shutdown is complete: close the sockets, remove the lock, finish.
+        case closeSockets
+    }
+
+    public let config: SupervisorConfiguration
+    public internal(set) var workers: [Worker]
+    /// The routing policy and the per-worker load; the runtime uses it directly on the hot path.
+    public var router: Router
+    public internal(set) var fallback: FallbackController?
+    public internal(set) var readiness: Readiness
+    public internal(set) var shutdown = Shutdown()
+    /// Slots `0..<deviceCount` are device workers, the rest CPU fallback workers.
+    public let deviceCount: Int
+    /// Before ``Event/boot``: requests wait instead of being refused (a socket-activated service woken by its
+    /// first client has not started its workers yet).
+    public internal(set) var isBooting = true
+    var requestsInFlight = 0
+    var actions: [Action] = []
+    var healthDirty = false
+
+    /// - Parameters:
+    ///   - protocolVersion: the wire protocol version workers must say in their hello.
+    ///   - watchdogInterval: half of systemd's `WATCHDOG_USEC`, nil when the watchdog is off.
+    public init(config: SupervisorConfiguration, protocolVersion: Int, watchdogInterval: Duration? = nil) {
+        self.config = config
+        var workers = config.workers.map { Worker(spec: $0, protocolVersion: protocolVersion) }
+        deviceCount = workers.count
+        workers += (config.fallback?.workers ?? []).map { Worker(spec: $0, protocolVersion: protocolVersion) }
+        self.workers = workers
+        router = Router(maxInflight: workers.map(\.spec.maxInflight), deviceCount: deviceCount)
+        fallback = config.fallback.map { FallbackController(whenFewerThan: $0.whenFewerThan, stopAfter: $0.stopAfter) }
+        readiness = Readiness(readyTimeout: config.readyTimeout, watchdogInterval: watchdogInterval)
+    }
+
+    public var isShuttingDown: Bool { shutdown.isShuttingDown }
+
+    // MARK: Hot path (no allocation, no action)
+
+    /// Any frame from the slot's worker proves it alive.
+    @inline(__always) public mutating func frameReceived(slot: Int, now: MonotonicInstant) {
+        workers[slot].liveness.frameReceived(now: now)
+    }
+
+    /// A real request succeeded on the slot's worker (its inference probe may be skipped).
+    @inline(__always) public mutating func requestSucceeded(slot: Int, now: MonotonicInstant) {
+        workers[slot].inference.realRequestSucceeded(now: now)
+    }
+
+    // MARK: Events
+
+    /// Feeds one event; returns what the runtime must do, in order.
+    public mutating func handle(_ event: Event, now: MonotonicInstant) -> [Action] {
+        actions.removeAll(keepingCapacity: true)
+        switch event {
+        case .boot: boot(now: now)
+        case .spawned(let slot, let pid): spawned(slot, pid: pid, now: now)
+        case .spawnFailed(let slot, let errno, let message, let jitter):
+            spawnFailed(slot, errno: errno, message: message, jitter: jitter, now: now)
+        case .channelOpened(let slot, let pid):
+            if workers[slot].lifecycle.pid == pid {
+                workers[slot].isChannelOpen = true
+                healthDirty = true
+            }
+        case .channelFailed(let slot, let pid, let message):
+            guard workers[slot].lifecycle.pid == pid else { break }
+            log(.error, slot, "could not adopt worker channel: \(message)")
+            perform(workers[slot].lifecycle.fault(.protocolError("channel setup failed"), now: now), on: slot)
+        case .workerMessage(let slot, let pid, let message): workerMessage(slot, pid: pid, message, now: now)
+        case .workerHealth(let slot, let pid, let ok, let detail):
+            guard workers[slot].lifecycle.pid == pid else { break }
+            workers[slot].liveness.frameReceived(now: now)
+            workers[slot].device.workerReported(ok: ok, detail: detail, now: now)
+        case .workerError(let slot, let pid, let code, let message, let onRequest):
+            guard workers[slot].lifecycle.pid == pid else { break }
+            workers[slot].liveness.frameReceived(now: now)
+            if code == "device_oom" { workers[slot].lifecycle.attribute(.deviceOOM, until: now + .seconds(5)) }
+            if !onRequest { log(.warning, slot, "worker error: \(code): \(message)") }
+        case .undecodable(let slot, let pid, let message):
+            guard workers[slot].lifecycle.pid == pid else { break }
+            protocolViolation(slot, message, now: now)
+        case .channelClosed(let slot, let pid): channelClosed(slot, pid: pid, now: now)
+        case .processExited(let slot, let pid, let observed, let oomKillsRose, let jitter):
+            processExited(slot, pid: pid, observed, oomKillsRose: oomKillsRose, jitter: jitter, now: now)
+        case .deviceProbeFinished(let slot, let failure): deviceProbeResult(slot, failure: failure, now: now)
+        case .inferenceProbeFinished(let slot, let failure): inferenceProbeResult(slot, failure: failure, now: now)
+        case .inferenceProbeNotSent(let slot): workers[slot].inference.sendFailed(now: now)
+        case .control(let verb, let slots, let uid): control(verb, slots: slots, uid: uid, now: now)
+        case .shutdown(let reason, let inFlight): beginShutdown(reason: reason, requestsInFlight: inFlight, now: now)
+        case .requestsInFlight(let count): requestsInFlight = count
+        case .reloadRequested: reload(now: now)
+        case .publishHealth: publishHealth()
+        case .timer: timer(now: now)
+        }
+        finishTurn(now: now)
+        return actions
+    }
+
+    /// When ``Event/timer`` must next be fed, or nil when nothing is scheduled.
+    public var nextDeadline: MonotonicInstant? {
+        var next: MonotonicInstant?
+        func consider(_ instant: MonotonicInstant?) {
+            if let instant, next.map({ instant < $0 }) ?? true { next = instant }
+        }
+        for worker in workers {
+            consider(worker.lifecycle.nextDeadline)
+            consider(worker.liveness.deadline(isReady: worker.lifecycle.isReady))
+            consider(worker.exitDrainDeadline)
+            consider(worker.channelClosedDeadline)
+            consider(worker.device.nextProbeAt)
+            consider(worker.inference.nextProbeAt)
+        }
+        if !isShuttingDown { consider(fallback?.nextCheck) }
+        consider(readiness.nextDeadline)
+        consider(shutdown.nextDeadline)
+        return next
+    }
+
+    // MARK: Reads for status, health and routing
+
+    /// Why no worker can serve a request (pinned to `slot`, or any), or nil when one may.
+    public func noWorkersReason(pinned slot: Int?) -> String? {
+        if isBooting { return nil }
+        let candidates = slot.map { [$0] } ?? Array(workers.indices)
+        return Admission.noWorkersReason(candidates.map { (workers[$0].spec.device, workers[$0].lifecycle) })
+    }
+
+    /// The slot of a device id.
+    public func slot(of device: String) -> Int? { workers.firstIndex { $0.spec.device == device } }
+
+    public var devices: [String] { workers.map(\.spec.device) }
+
+    // MARK: Internals shared by the extensions
+
+    mutating func emit(_ action: Action) { actions.append(action) }
+
+    mutating func log(_ level: LogRecord.Level, _ slot: Int?, _ message: String, reason: String? = nil,
+                      pid: Int32? = nil) {
+        actions.append(.log(LogRecord(level: level, slot: slot, pid: pid ?? slot.flatMap { workers[$0].pid },
+                                      message: message, reason: reason)))
+    }
+
+    /// Carries out a lifecycle decision.
+    mutating func perform(_ action: WorkerStateMachine.Action?, on slot: Int) {
+        switch action {
+        case .spawn?:
+            workers[slot].isSpawnPending = true
+            emit(.spawn(slot: slot))
+        case .signalGroup(let signal)?:
+            if let pid = workers[slot].pid {
+                emit(.signal(slot: slot, pid: pid, signal: signal))
+                log(.info, slot, "sent \(signalName(signal)) to worker process group")
+            }
+        case nil:
+            break
+        }
+        healthDirty = true
+    }
+
+    /// End of every event: keep the router's view current, run the fallback rule, finish a drained shutdown.
+    mutating func finishTurn(now: MonotonicInstant) {
+        for slot in workers.indices where router.serving[slot] != workers[slot].isServing {
+            router.setServing(slot, workers[slot].isServing)
+            healthDirty = true
+        }
+        if case .draining = shutdown.state { drainCheck(now: now) }
+        if healthDirty {
+            healthDirty = false
+            evaluateFallback(now: now)
+            for slot in workers.indices where router.serving[slot] != workers[slot].isServing {
+                router.setServing(slot, workers[slot].isServing)
+            }
+            emit(.healthChanged)
+        }
+    }
+}
+
+/// A line for the log, with the slot it concerns (the runtime adds `device=` and `worker_pid=`).
+public struct LogRecord: Sendable, Hashable {
+    public enum Level: Sendable, Hashable { case debug, info, notice, warning, error }
+    public var level: Level
+    public var slot: Int?
+    public var pid: Int32?
+    public var message: String
+    /// `REASON=` in the journal: an exit reason or a verdict (`hang`, `fallback`, ...).
+    public var reason: String?
+}

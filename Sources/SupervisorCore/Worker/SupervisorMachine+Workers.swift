@@ -1,0 +1,186 @@
+/// Worker lifecycle events: spawn, session frames, channel, exit, and the timers of the lifecycle.
+extension SupervisorMachine {
+    mutating func boot(now: MonotonicInstant) {
+        guard isBooting else { return }
+        isBooting = false
+        for slot in workers.indices where !workers[slot].isFallback {
+            perform(workers[slot].lifecycle.start(now: now), on: slot)
+        }
+        for slot in workers.indices { workers[slot].device.boot(now: now) }
+        for message in readiness.begin(now: now, loading: isLoading) { emit(.notify(message)) }
+    }
+
+    /// A wanted worker is starting or backing off (systemd's start-up is extended meanwhile).
+    var isLoading: Bool {
+        workers.contains { worker in
+            guard worker.lifecycle.desired == .up else { return false }
+            if worker.isSpawnPending { return true }
+            switch worker.lifecycle.state {
+            case .starting, .backoff: return true
+            default: return false
+            }
+        }
+    }
+
+    mutating func spawned(_ slot: Int, pid: Int32, now: MonotonicInstant) {
+        workers[slot].isSpawnPending = false
+        guard workers[slot].lifecycle.spawned(pid: pid, now: now) else { return }
+        workers[slot].session = WorkerSession(protocolVersion: workers[slot].session.protocolVersion)
+        workers[slot].liveness.processStarted(now: now)
+        workers[slot].startedAt = now
+        workers[slot].isChannelOpen = false
+        workers[slot].reapedExit = nil
+        workers[slot].exitDrainDeadline = nil
+        workers[slot].channelClosedDeadline = nil
+        log(.info, slot, "started worker: \(workers[slot].spec.command.joined(separator: " "))")
+        healthDirty = true
+    }
+
+    mutating func spawnFailed(_ slot: Int, errno: Int32, message: String, jitter: Double, now: MonotonicInstant) {
+        workers[slot].isSpawnPending = false
+        log(.error, slot, "could not start worker: \(message)", reason: "spawn_failed")
+        let action = workers[slot].lifecycle.spawnFailed(errno: errno, now: now, jitter: jitter)
+        logTransition(slot, pid: nil, note: nil, now: now)
+        perform(action, on: slot)
+    }
+
+    mutating func workerMessage(_ slot: Int, pid: Int32, _ message: WorkerSession.Message, now: MonotonicInstant) {
+        guard workers[slot].lifecycle.pid == pid else { return }
+        workers[slot].liveness.frameReceived(now: now)
+        switch workers[slot].session.received(message) {
+        case .accepted, .greeted:
+            break
+        case .violation(let why):
+            protocolViolation(slot, why, now: now)
+        case .becameReady:
+            guard workers[slot].lifecycle.readyReceived(now: now) else { return }
+            let startup = workers[slot].startedAt.map { now - $0 } ?? .zero
+            log(.notice, slot, "worker ready after \(formatSeconds(startup, decimals: 3))s")
+            workers[slot].hasBeenReady = true
+            workers[slot].device.workerBecameReady(now: now)
+            workers[slot].inference.workerBecameReady(now: now)
+            if isShuttingDown { workers[slot].inference.stop() }
+            healthDirty = true
+            emit(.dispatchQueued)
+        }
+    }
+
+    mutating func protocolViolation(_ slot: Int, _ why: String, now: MonotonicInstant) {
+        log(.error, slot, "worker broke the protocol: \(why); killing it", reason: "protocol_error")
+        perform(workers[slot].lifecycle.fault(.protocolError(why), now: now), on: slot)
+    }
+
+    /// The channel closed. If the process was already reaped, its exit is handled now (every frame it wrote
+    /// has been read). Otherwise its requests cannot be answered any more (retried at once), and a process
+    /// that does not exit by itself within a second closed fd 3 but kept running: it is killed.
+    mutating func channelClosed(_ slot: Int, pid: Int32, now: MonotonicInstant) {
+        guard workers[slot].lifecycle.pid == pid else { return }
+        if workers[slot].reapedExit != nil {
+            finishExit(slot, pid: pid, now: now)
+            return
+        }
+        guard workers[slot].isChannelOpen else { return }
+        workers[slot].isChannelOpen = false
+        emit(.failInflight(slot: slot))
+        emit(.dispatchQueued)
+        workers[slot].channelClosedDeadline = now + .seconds(1)
+        healthDirty = true
+    }
+
+    mutating func processExited(_ slot: Int, pid: Int32, _ observed: ExitReason, oomKillsRose: Bool?, jitter: Double,
+                                now: MonotonicInstant) {
+        guard workers[slot].lifecycle.pid == pid, workers[slot].reapedExit == nil else { return }
+        let (reason, note) = ExitVerdict.classify(observed, oomKillsRose: oomKillsRose)
+        workers[slot].reapedExit = (reason, note, jitter)
+        workers[slot].channelClosedDeadline = nil
+        if workers[slot].isChannelOpen {
+            // Frames the worker wrote just before it exited (its last answers, a device_oom report) are still
+            // in the socket: read them up to the EOF before deciding anything, or an answered request would be
+            // run again and the exit misattributed. The EOF is immediate now that the process is gone; the
+            // deadline only guards against a descendant that escaped the group and still holds fd 3.
+            workers[slot].exitDrainDeadline = now + .milliseconds(500)
+            return
+        }
+        finishExit(slot, pid: pid, now: now)
+    }
+
+    /// The process is reaped and its channel drained: hand the exit to the lifecycle.
+    mutating func finishExit(_ slot: Int, pid: Int32, now: MonotonicInstant) {
+        guard let (reason, note, jitter) = workers[slot].reapedExit else { return }
+        workers[slot].reapedExit = nil
+        workers[slot].exitDrainDeadline = nil
+        workers[slot].channelClosedDeadline = nil
+        if workers[slot].isChannelOpen {
+            workers[slot].isChannelOpen = false
+        }
+        emit(.closeChannel(slot: slot))
+        workers[slot].startedAt = nil
+        workers[slot].liveness.processGone()
+        workers[slot].device.workerGone()
+        workers[slot].inference.workerGone()
+        emit(.failInflight(slot: slot))
+        let action = workers[slot].lifecycle.exited(reason, now: now, jitter: jitter)
+        logTransition(slot, pid: pid, note: note, now: now)
+        if let last = workers[slot].lifecycle.lastExit, last != .stopped {
+            emit(.exitRecorded(slot: slot, reason: last))
+        }
+        perform(action, on: slot)
+        emit(.answerHopelessQueued)
+        emit(.dispatchQueued)
+        workerGoneDuringShutdown()
+    }
+
+    /// One line per exit: what happened and what comes next.
+    mutating func logTransition(_ slot: Int, pid: Int32?, note: String?, now: MonotonicInstant) {
+        let machine = workers[slot].lifecycle
+        guard let reason = machine.lastExit else { return }
+        // A SIGKILL while a memory cgroup watched the worker: say what the counter proves instead of "possibly OOM".
+        let detail = reason == .signaled(signal: 9, coreDumped: false) ? note.map { "killed by SIGKILL (\($0))" } : nil
+        var message = "worker \(detail ?? reason.detail) → \(machine.stateName)"
+        switch machine.state {
+        case .backoff(let until):
+            message += "; restart #\(machine.restarts) in \(formatSeconds(until - now, decimals: 2))s"
+        case .failed(let retry?):
+            message += "; too many restarts (\(machine.policy.maxRestarts) in \(machine.policy.restartWindow.configString)), "
+                + "device marked failed, next try in \((retry - now).nanoseconds / 1_000_000_000)s or on `npu-supervisorctl start`"
+        case .failed(nil):
+            if case .deviceUnhealthy = reason {
+                message += "; held failed while the device probe fails (its worker was already restarted once)"
+            } else {
+                message += "; not restarted (exit code 78: fix the worker's configuration, then `npu-supervisorctl start`)"
+            }
+        default:
+            break
+        }
+        let level: LogRecord.Level = reason == .stopped || machine.desired == .down ? .info : .error
+        log(level, slot, message, reason: reason.description, pid: pid)
+    }
+
+    /// Lifecycle deadlines, liveness, the exit drain and the closed-channel check.
+    mutating func workerTimers(_ slot: Int, now: MonotonicInstant) {
+        if let deadline = workers[slot].lifecycle.nextDeadline, now >= deadline {
+            let before = workers[slot].lifecycle.stateName
+            let isStarting: Bool = if case .starting = workers[slot].lifecycle.state { true } else { false }
+            let action = workers[slot].lifecycle.timerFired(now: now)
+            if isStarting, action != nil {
+                log(.error, slot, "worker not ready within start_timeout "
+                    + "(\(workers[slot].spec.policy.startTimeout.configString)); killing it", reason: "start_timeout")
+            }
+            if before == "failed", action == .spawn { log(.notice, slot, "retrying failed device") }
+            perform(action, on: slot)
+        }
+        if workers[slot].liveness.isHung(isReady: workers[slot].lifecycle.isReady, now: now) {
+            log(.error, slot, "worker missed heartbeats; killing it", reason: "hang")
+            perform(workers[slot].lifecycle.fault(.hang, now: now), on: slot)
+        }
+        if let deadline = workers[slot].exitDrainDeadline, now >= deadline, let pid = workers[slot].lifecycle.pid {
+            finishExit(slot, pid: pid, now: now)
+        }
+        if let deadline = workers[slot].channelClosedDeadline, now >= deadline {
+            workers[slot].channelClosedDeadline = nil
+            if case .stopping = workers[slot].lifecycle.state {} else if workers[slot].pid != nil {
+                protocolViolation(slot, "closed its channel (fd 3) but kept running", now: now)
+            }
+        }
+    }
+}

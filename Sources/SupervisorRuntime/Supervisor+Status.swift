@@ -1,0 +1,49 @@
+import Glibc
+import NIOCore
+import SupervisorCore
+import WireProtocol
+
+/// The status document (status.sock, `npu-supervisorctl status`, `/health`): a read of the machine's state.
+extension Supervisor {
+    func aggregate() -> (OverallHealth, String) { machine.aggregate() }
+
+    func statusDocument(devices: [String]? = nil) -> StatusDocument {
+        let (health, reason) = machine.aggregate()
+        let now = NIODeadline.now()
+        let mono = Self.now()
+        let all = devices == nil || devices!.isEmpty || devices! == ["all"]
+        let workers = machine.workers.indices.filter { all || devices!.contains(machine.workers[$0].spec.device) }
+            .map { index -> WorkerStatus in
+                let worker = machine.workers[index]
+                let lifecycle = worker.lifecycle
+                let slot = slots[index]
+                var next: Double?
+                if let d = lifecycle.nextDeadline {
+                    switch lifecycle.state {
+                    case .backoff, .failed: next = max(0, (d - mono).seconds)
+                    default: break
+                    }
+                }
+                let levels = machine.healthLevels(index, now: mono)
+                return WorkerStatus(
+                    device: worker.spec.device, kind: worker.spec.kind.rawValue, state: lifecycle.stateName,
+                    desired: lifecycle.desired.rawValue, pid: worker.pid,
+                    restarts: lifecycle.restarts, lastExit: lifecycle.lastExit?.description,
+                    lastExitDetail: lifecycle.lastExit?.detail,
+                    uptimeSeconds: slot.spawnedAt.map { Double((now - $0).nanoseconds) / 1e9 } ?? 0,
+                    inflight: machine.router.inflight[index], maxInflight: worker.spec.maxInflight,
+                    exits: lifecycle.exitCounts, nextRestartInSeconds: next,
+                    health: WorkerHealthLevels(alive: levels.alive, device: levels.device, model: levels.model,
+                                               inference: levels.inference, inRotation: levels.inRotation),
+                    fallback: worker.isFallback, memoryBytes: slot.cgroup.flatMap { cgroups?.memoryUsage($0.path) },
+                    memoryLimitBytes: slot.cgroup == nil ? nil : worker.spec.memoryLimit)
+            }
+        return StatusDocument(
+            state: health.rawValue, reason: reason,
+            supervisor: SupervisorInfo(pid: getpid(), version: Self.version,
+                                       uptimeSeconds: Double((now - startedAt).nanoseconds) / 1e9,
+                                       config: configPath.map { resolve($0, against: currentDirectory()) },
+                                       http: httpAddress),
+            queueDepth: queue.count, fallbackActive: machine.isFallbackActive, workers: workers)
+    }
+}

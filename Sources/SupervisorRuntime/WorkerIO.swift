@@ -1,0 +1,100 @@
+@preconcurrency import Dispatch
+import Glibc
+import Logging
+import NIOCore
+import SupervisorCore
+import WireProtocol
+
+/// The I/O of one worker slot: while a process runs, its frame channel (fd 3), output pipe, exit watcher and
+/// memory cgroup. Its decisions (state, health, restarts) are in ``SupervisorMachine/Worker``; this holds only
+/// what the driver needs to move bytes. Touched only on the supervisor's event loop.
+final class WorkerIO: @unchecked Sendable {  // confined to the supervisor's event loop (see Supervisor.feed)
+    let index: Int
+    let spec: WorkerSpec
+    /// The current process, 0 between processes. Frames and exits of an older process are ignored.
+    var pid: pid_t = 0
+    /// The frame channel to the current process (its fd 3), nil between processes.
+    var channel: (any Channel)?
+    var outputChannel: (any Channel)?
+    var exitWatch: (any DispatchSourceRead)?
+    /// When the current process was started (wall-clock for uptime).
+    var spawnedAt: NIODeadline?
+    var hello: HelloFromWorker?
+    /// The process was reaped; its exit has been handed to the machine.
+    var isReaped = false
+    var output: LineRing
+    /// Frames for the worker, written once per burst (``flush()``).
+    var outbound = ByteBuffer()
+    var isDirty = false
+    /// The current process's memory cgroup, when cgroups are in use.
+    var cgroup: CgroupManager.WorkerCgroup?
+
+    init(index: Int, spec: WorkerSpec, outputLines: Int) {
+        self.index = index
+        self.spec = spec
+        self.output = LineRing(capacity: outputLines)
+    }
+
+    var isChannelOpen: Bool { channel != nil }
+
+    /// A running process whose exit no pidfd will announce.
+    var needsReapPoll: Bool { pid > 0 && !isReaped && exitWatch == nil }
+
+    /// Queues a frame for the worker.
+    @inline(__always) func send(_ frame: Frame) {
+        guard channel != nil else { return }
+        frame.write(to: &outbound)
+    }
+
+    func flush() {
+        isDirty = false
+        guard let channel, outbound.readableBytes > 0 else { return }
+        channel.writeAndFlush(outbound, promise: nil)
+        outbound = channel.allocator.buffer(capacity: 4096)
+    }
+
+    func closeChannel() {
+        channel?.close(promise: nil)
+        channel = nil
+        outbound.clear()
+    }
+
+    func metadata(reason: String? = nil) -> Logger.Metadata {
+        var m: Logger.Metadata = ["device": "\(spec.device)"]
+        if pid > 0 { m["worker_pid"] = "\(pid)" }
+        if let reason { m["reason"] = "\(reason)" }
+        return m
+    }
+}
+
+/// The last N lines of a worker's output, for `tail`.
+struct LineRing {
+    let capacity: Int
+    private var lines: [String] = []
+    private var start = 0
+
+    init(capacity: Int) { self.capacity = capacity }
+
+    mutating func append(_ line: String) {
+        guard capacity > 0 else { return }
+        if lines.count < capacity {
+            lines.append(line)
+        } else {
+            lines[start] = line
+            start = (start + 1) % capacity
+        }
+    }
+
+    func last(_ n: Int) -> [String] {
+        let ordered = Array(lines[start...] + lines[..<start])
+        return Array(ordered.suffix(max(0, n)))
+    }
+}
+
+/// A `tail -f` client on control.sock.
+struct OutputFollower {
+    let device: String
+    let requestID: UInt64
+    let channel: any Channel
+    var dropped = 0
+}

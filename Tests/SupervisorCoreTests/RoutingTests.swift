@@ -1,0 +1,174 @@
+import SupervisorCore
+import Testing
+
+/// The routing policy, the queue's head-of-line rule, admission and retries as tables.
+struct RoutingTests {
+    /// A router over `devices` device slots and `fallback` fallback slots, each `max` deep, with the given
+    /// slots serving and loads.
+    static func router(devices: Int, fallback: Int = 0, max: Int = 2, serving: Set<Int>, load: [Int: Int] = [:])
+        -> Router
+    {
+        var machine = SupervisorMachine(config: config(devices: devices, fallback: fallback, maxInflight: max),
+                                        protocolVersion: 1)
+        for slot in serving { machine.makeServing(slot) }
+        var router = machine.router
+        for (slot, count) in load { for _ in 0..<count { router.assign(slot) } }
+        return router
+    }
+
+    @Test(arguments: [
+        // (serving, load, expected pick)
+        ([0, 1, 2], [0: 1, 1: 0, 2: 1], 1),  // the least loaded
+        ([0, 1, 2], [0: 2, 1: 2, 2: 1], 2),  // full workers are skipped
+        ([0, 2], [0: 1, 2: 0], 2),           // a worker out of rotation is never picked
+        ([1], [1: 1], 1),
+    ] as [(Set<Int>, [Int: Int], Int)])
+    func picksTheLeastLoadedServingWorkerWithRoom(serving: Set<Int>, load: [Int: Int], expected: Int) {
+        var router = Self.router(devices: 3, serving: serving, load: load)
+        #expect(router.pick(pinned: nil) == expected)
+    }
+
+    @Test func everyDeviceFullMeansWaitNotFallback() {
+        var router = Self.router(devices: 2, fallback: 1, max: 1, serving: [0, 1, 2], load: [0: 1, 1: 1])
+        #expect(router.pick(pinned: nil) == nil, "a busy device is worth waiting for: CPU is ~50x slower")
+    }
+
+    @Test func fallbackOnlyWhenNoDeviceServes() {
+        var router = Self.router(devices: 2, fallback: 2, serving: [2, 3], load: [2: 1])
+        #expect(router.pick(pinned: nil) == 3, "the least loaded fallback worker")
+        var none = Self.router(devices: 2, fallback: 1, serving: [])
+        #expect(none.pick(pinned: nil) == nil)
+    }
+
+    @Test func idleWorkersShareTheLoadRoundRobin() {
+        var router = Self.router(devices: 3, max: 100, serving: [0, 1, 2])
+        var picks: [Int] = []
+        for _ in 0..<6 {
+            let slot = router.pick(pinned: nil)!
+            picks.append(slot)
+            router.assign(slot)
+            router.release(slot)  // answered at once: loads stay equal
+        }
+        #expect(Set(picks) == [0, 1, 2], "ties rotate instead of always hitting slot 0: \(picks)")
+    }
+
+    @Test func pinnedRequestsGoToTheirWorkerOrWait() {
+        var router = Self.router(devices: 2, max: 1, serving: [0, 1], load: [1: 1])
+        #expect(router.pick(pinned: 0) == 0)
+        #expect(router.pick(pinned: 1) == nil, "full: it waits, it does not go elsewhere")
+        var down = Self.router(devices: 2, serving: [0])
+        #expect(down.pick(pinned: 1) == nil)
+    }
+
+    @Test func releaseAllReturnsWhatTheLostWorkerHeld() {
+        var router = Self.router(devices: 1, max: 8, serving: [0], load: [0: 3])
+        #expect(router.releaseAll(0) == 3)
+        #expect(router.inflight[0] == 0)
+    }
+
+    @Test func headOfLineUnpinnedBlocksPinnedDoesNot() {
+        var scan = QueueScan()
+        #expect(scan.shouldTry)
+        scan.notPlaced(isPinned: true)
+        #expect(scan.shouldTry, "a pinned request waiting for its device blocks nobody")
+        scan.notPlaced(isPinned: false)
+        #expect(!scan.shouldTry, "nothing overtakes an older request for the same workers")
+    }
+
+    @Test(arguments: [(0, 2, true), (1, 2, true), (2, 2, false), (5, 2, false)])
+    func queueOrRefuse(queued: Int, maxQueue: Int, accepted: Bool) {
+        let verdict = Admission.queueOrRefuse(queued: queued, maxQueue: maxQueue)
+        if accepted {
+            #expect(verdict == .accept)
+        } else {
+            #expect(verdict == .refuse(code: "overloaded", message: "all workers are at max_inflight and the queue is full (\(maxQueue) waiting)", retryable: true))
+        }
+    }
+
+    @Test(arguments: [
+        // (streamed, probe, attempts, retries, shutting down, retried)
+        (false, false, 1, 1, false, true),
+        (false, false, 2, 1, false, false),
+        (true, false, 1, 3, false, false),
+        (false, true, 1, 3, false, false),
+        (false, false, 1, 0, false, false),
+        (false, false, 1, 1, true, false),
+    ])
+    func retryAfterALostWorker(streamed: Bool, probe: Bool, attempts: Int, retries: Int, shuttingDown: Bool,
+                               retried: Bool) {
+        let decision = RetryPolicy.afterWorkerLost(device: "3", streamed: streamed, isProbe: probe, attempts: attempts,
+                                                   retries: retries, isShuttingDown: shuttingDown)
+        #expect((decision == .retry) == retried)
+        if streamed { #expect(decision == .fail("the worker on device 3 died after streaming part of the answer")) }
+    }
+
+    @Test func deadlineMessageSaysWhetherItWasStillQueued() {
+        #expect(RetryPolicy.deadlineMessage(timeoutMilliseconds: 300, wasQueued: false) == "no answer within 300 ms")
+        #expect(RetryPolicy.deadlineMessage(timeoutMilliseconds: 300, wasQueued: true)
+            == "no answer within 300 ms (still queued: every worker was busy)")
+    }
+
+    @Test func noWorkersOnlyWhenNothingCanComeBack() {
+        var failed = WorkerStateMachine(policy: .init())
+        _ = failed.start(now: .seconds(0))
+        failed.spawned(pid: 1, now: .seconds(0))
+        _ = failed.exited(.exited(code: 78), now: .seconds(1), jitter: 0)
+        let stopped = WorkerStateMachine(policy: .init())
+        var backoff = WorkerStateMachine(policy: .init())
+        _ = backoff.start(now: .seconds(0))
+        backoff.spawned(pid: 2, now: .seconds(0))
+        _ = backoff.exited(.exited(code: 1), now: .seconds(1), jitter: 0)
+        #expect(Admission.noWorkersReason([("0", failed), ("1", stopped)])
+            == "no worker can serve: device 0 failed, device 1 stopped")
+        #expect(Admission.noWorkersReason([("0", failed), ("1", backoff)]) == nil, "a restart is coming")
+    }
+}
+
+/// Test configuration helpers shared by the machine tests.
+func config(devices: Int, fallback: Int = 0, maxInflight: Int = 2,
+            deviceProbe: DeviceProbeSpec = DeviceProbeSpec(), inference: InferenceProbeSpec = disabledProbe(),
+            minReady: Int = 1) -> SupervisorConfiguration {
+    var config = SupervisorConfiguration()
+    config.minReady = minReady
+    config.shutdownTimeout = .seconds(10)
+    func spec(_ id: String, fallback: Bool) -> WorkerSpec {
+        var spec = WorkerSpec(
+            device: id, kind: fallback ? .cpu : .npu, command: ["npu-worker"], environment: [:], pinVariable: nil,
+            workingDirectory: nil, maxInflight: maxInflight, heartbeatInterval: .seconds(1),
+            heartbeatTimeout: .seconds(3),
+            policy: WorkerStateMachine.Policy(
+                backoff: Backoff(initial: .seconds(1), maximum: .seconds(8), multiplier: 2, jitter: 0),
+                maxRestarts: 3, restartWindow: .seconds(60), startTimeout: .seconds(30), stopTimeout: .seconds(15)),
+            deviceProbe: deviceProbe, inferenceProbe: inference, isFallback: fallback)
+        spec.memoryLimit = nil
+        return spec
+    }
+    config.workers = (0..<devices).map { spec("\($0)", fallback: false) }
+    if fallback > 0 {
+        config.fallback = FallbackSpec(workers: (0..<fallback).map { spec("cpu\($0)", fallback: true) },
+                                       whenFewerThan: 1, stopAfter: .seconds(5))
+    }
+    return config
+}
+
+func disabledProbe() -> InferenceProbeSpec {
+    var probe = InferenceProbeSpec()
+    probe.enabled = false
+    return probe
+}
+
+extension SupervisorMachine {
+    /// Drives slot `slot` through spawn, channel, hello and ready at `now`; returns its pid.
+    @discardableResult
+    mutating func makeServing(_ slot: Int, pid: Int32? = nil, now: MonotonicInstant = .seconds(100)) -> Int32 {
+        let pid = pid ?? Int32(1000 + slot)
+        if workers[slot].lifecycle.desired != .up {
+            _ = handle(.control(.start, slots: [slot], requestedBy: 0), now: now)
+        }
+        _ = handle(.spawned(slot: slot, pid: pid), now: now)
+        _ = handle(.channelOpened(slot: slot, pid: pid), now: now)
+        _ = handle(.workerMessage(slot: slot, pid: pid, .hello(protocolVersion: 1)), now: now)
+        _ = handle(.workerMessage(slot: slot, pid: pid, .ready), now: now)
+        return pid
+    }
+}
