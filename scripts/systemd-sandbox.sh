@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Boots a real systemd (as PID 1 of its own pid/mount/uts/ipc/cgroup namespaces) for tests and drills, following
-# ../shared/SYSTEMD-TESTING.md. Needs root, unshare, nsenter, script (util-linux) and /lib/systemd/systemd.
+# the SAFETY rules below. Needs root, unshare, nsenter, script (util-linux) and /lib/systemd/systemd.
 #
 #   systemd-sandbox.sh up DIR [OWNER_PID]   boot; DIR/units holds the units under test (and npu-test.target,
 #                                           the unit systemd starts). Prints the namespace's PID 1 (host pid)

@@ -2,11 +2,11 @@ import Glibc
 import Logging
 import SupervisorCore
 
-/// Per-worker memory cgroups (DESIGN section 6): a `memory_limit` per worker, and certainty about OOM kills
+/// Per-worker memory cgroups (README "Configuration reference", `[cgroups]`): a `memory_limit` per worker, and certainty about OOM kills
 /// (the cgroup's `oom_kill` counter) instead of a guess from SIGKILL. cgroup v2 (`memory.max`,
 /// `memory.events`) and v1 (`memory.limit_in_bytes`, `memory.oom_control`). Created only where the supervisor
 /// may (root, or systemd's `Delegate=yes`); otherwise it says so once and runs without.
-final class CgroupManager: @unchecked Sendable {  // used on the event loop only
+final class CgroupManager: Sendable {  // immutable: every method works on paths it is given
     let version: CgroupLayout.Version
     /// Worker cgroups are created in this folder.
     let base: String

@@ -4,7 +4,7 @@ import WireProtocol
 /// One connection on requests.sock. Answers are appended to one outbound buffer and written once per read
 /// burst. Reading stops while the connection has too many requests in flight or its peer does not read its
 /// answers (back-pressure instead of unbounded buffers).
-final class ClientConnection: @unchecked Sendable {  // confined to the event loop
+final class ClientConnection {
     let channel: any Channel
     unowned let supervisor: Supervisor
     /// Client request id → the request.
@@ -51,7 +51,8 @@ final class ClientConnection: @unchecked Sendable {  // confined to the event lo
             return
         }
         let promise = channel.eventLoop.makePromise(of: Void.self)
-        promise.futureResult.whenComplete { _ in self.unwrittenBytes -= size }
+        let connection = NIOLoopBound(self, eventLoop: channel.eventLoop)
+        promise.futureResult.whenComplete { _ in connection.value.unwrittenBytes -= size }
         channel.writeAndFlush(outbound, promise: promise)
         outbound = channel.allocator.buffer(capacity: 4096)
     }
@@ -74,7 +75,7 @@ final class ClientConnection: @unchecked Sendable {  // confined to the event lo
 }
 
 /// The request socket's per-connection handler: raw bytes in, frames decoded here (see ``FrameReader``).
-final class ClientHandler: ChannelInboundHandler, @unchecked Sendable {  // confined to the event loop
+final class ClientHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
     let supervisor: Supervisor

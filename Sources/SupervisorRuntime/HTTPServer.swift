@@ -46,6 +46,7 @@ extension Supervisor {
 
     /// The answer to one probe request: status code, content type, body.
     func httpAnswer(path: String) -> (HTTPResponseStatus, String, [UInt8]) {
+        eventLoop.assertInEventLoop()
         let (health, reason) = aggregate()
         switch path {
         case "/livez":
@@ -73,7 +74,7 @@ extension Supervisor {
     }
 }
 
-final class HTTPProbeHandler: ChannelInboundHandler, @unchecked Sendable {  // confined to the event loop
+final class HTTPProbeHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
     let supervisor: Supervisor

@@ -1,7 +1,7 @@
 import Prometheus
 import SupervisorCore
 
-/// Prometheus metrics (DESIGN section 9), with the article's names so its alert rules work unchanged:
+/// Prometheus metrics (docs/PROTOCOL.md 8.3), with the article's names so its alert rules work unchanged:
 /// `inference_requests_total{device,status}`, `inference_latency_seconds{device}` (histogram), and the
 /// supervisor's own `npu_supervisor_*` gauges and counters. Gauges are refreshed when `/metrics` is scraped.
 final class SupervisorMetrics: @unchecked Sendable {  // the registry locks; the caches are loop-confined

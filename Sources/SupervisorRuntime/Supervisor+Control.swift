@@ -25,6 +25,7 @@ extension Supervisor {
     /// Runs one control command and answers on `channel` under `requestID`. The read-only verbs are answered
     /// from the machine's state; the others are events for the machine.
     func control(_ command: ControlCommand, requestID: UInt64, peer: PeerCredentials?, channel: any Channel) {
+        eventLoop.assertInEventLoop()
         func answer(_ frame: Frame) { channel.writeAndFlush(frame, promise: nil) }
         func fail(_ code: String, _ message: String) {
             answer(.error(requestID: requestID, code: code, message: message))
@@ -94,7 +95,7 @@ extension Supervisor {
 }
 
 /// control.sock: `request` frames carrying a JSON ``ControlCommand``; answers are `response` (JSON) or `error`.
-final class ControlHandler: ChannelInboundHandler, @unchecked Sendable {  // confined to the event loop
+final class ControlHandler: ChannelInboundHandler {
     typealias InboundIn = Frame
     let supervisor: Supervisor
     var peer: PeerCredentials?
@@ -102,7 +103,9 @@ final class ControlHandler: ChannelInboundHandler, @unchecked Sendable {  // con
     init(supervisor: Supervisor) { self.supervisor = supervisor }
 
     func channelActive(context: ChannelHandlerContext) {
-        peerCredentials(of: context.channel) { self.peer = $0 }
+        // The answer comes on the channel's event loop; NIOLoopBound checks that it does.
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        peerCredentials(of: context.channel) { handler.value.peer = $0 }
         context.fireChannelActive()
     }
 

@@ -134,7 +134,10 @@ struct ProbeCommand {
             return
         }
         state.pid = spawned.pid
+        // Everything below runs on `loop`; NIOLoopBound checks it.
+        let bound = NIOLoopBound(state, eventLoop: loop)
         state.timeoutTask = loop.scheduleTask(in: .nanoseconds(timeout.nanoseconds)) {
+            let state = bound.value
             state.result.timedOut = timeout
             _ = kill(-spawned.pid, SIGKILL)  // the pidfd then wakes us for the reap; the pipe closes as the group dies
         }
@@ -142,6 +145,7 @@ struct ProbeCommand {
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(CollectingHandler { bytes, closed in
+                        let state = bound.value
                         state.append(bytes)
                         if closed {
                             state.outputClosed = true
@@ -154,20 +158,20 @@ struct ProbeCommand {
             .takingOwnershipOfDescriptor(input: spawned.outputFD)
             .whenFailure { _ in
                 close(spawned.outputFD)
-                state.outputClosed = true
+                bound.value.outputClosed = true
             }
         if spawned.pidFD >= 0 {
             let source = DispatchSource.makeReadSource(fileDescriptor: spawned.pidFD, queue: .global())
             source.setEventHandler {
                 source.cancel()
-                loop.execute { state.reap() }
+                loop.execute { bound.value.reap() }
             }
             source.setCancelHandler { close(spawned.pidFD) }
             source.resume()
         }
     }
 
-    final class ProbeState: @unchecked Sendable {  // confined to the event loop
+    final class ProbeState {
         var result: Result
         let completion: (Result) -> Void
         var pid: pid_t = 0
@@ -205,7 +209,7 @@ struct ProbeCommand {
 }
 
 /// Collects a pipe's bytes and reports its end.
-final class CollectingHandler: ChannelInboundHandler, @unchecked Sendable {
+final class CollectingHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     let onData: ([UInt8], Bool) -> Void
 

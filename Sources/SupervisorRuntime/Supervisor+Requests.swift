@@ -4,7 +4,7 @@ import SupervisorCore
 import WireProtocol
 
 /// One accepted client request, from the moment it is read until its one final answer.
-final class PendingRequest: @unchecked Sendable {  // confined to the event loop
+final class PendingRequest {
     /// The supervisor's own id (unique across connections); what the worker sees.
     let id: UInt64
     /// The id the client chose; what the client sees.
@@ -48,7 +48,7 @@ final class PendingRequest: @unchecked Sendable {  // confined to the event loop
 
 /// Requests that share one timeout, oldest first: their deadlines are in the same order, so only the oldest
 /// needs a timer. Removal is O(1). This replaces a timer per request (an allocation and a heap operation each).
-final class DeadlineList: @unchecked Sendable {  // confined to the event loop
+final class DeadlineList {
     var oldest: PendingRequest?
     unowned(unsafe) var newest: PendingRequest?
 
@@ -78,6 +78,7 @@ final class DeadlineList: @unchecked Sendable {  // confined to the event loop
 extension Supervisor {
     /// A `request` frame from a client.
     func clientRequest(_ client: ClientConnection, _ frame: Frame) {
+        eventLoop.assertInEventLoop()
         let clientID = frame.requestID
         guard clientID != 0 else {
             client.send(.error(requestID: 0, code: ErrorCode.badRequest, message: "request id 0 is reserved"))

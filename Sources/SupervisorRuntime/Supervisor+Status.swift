@@ -8,6 +8,7 @@ extension Supervisor {
     func aggregate() -> (OverallHealth, String) { machine.aggregate() }
 
     func statusDocument(devices: [String]? = nil) -> StatusDocument {
+        eventLoop.assertInEventLoop()
         let (health, reason) = machine.aggregate()
         let now = NIODeadline.now()
         let mono = Self.now()

@@ -48,15 +48,18 @@ extension Supervisor {
             device: slot.spec.device,
             heartbeatIntervalMS: Int(slot.spec.heartbeatInterval.nanoseconds / 1_000_000),
             maxFrameBytes: maxFrame)
+        // Closures name the slot by index (they may outlive this process; `pid` tells them apart).
+        let index = slot.index
         ClientBootstrap(group: eventLoop)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(
-                        WorkerChannelHandler(supervisor: self, slot: slot, pid: pid, maxFrame: maxFrame))
+                        WorkerChannelHandler(supervisor: self, slot: self.slots[index], pid: pid, maxFrame: maxFrame))
                 }
             }
             .withConnectedSocket(fd)
             .whenComplete { result in
+                let slot = self.slots[index]
                 switch result {
                 case .success(let channel):
                     guard slot.pid == pid, !slot.isReaped else {
@@ -77,15 +80,18 @@ extension Supervisor {
 
     func attachOutput(_ slot: WorkerIO, pid: pid_t, fd: CInt) {
         let device = slot.spec.device
+        let index = slot.index
         NIOPipeBootstrap(group: eventLoop)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(
-                        OutputLineHandler { line in self.workerOutput(slot, pid: pid, device: device, line: line) })
+                    try channel.pipeline.syncOperations.addHandler(OutputLineHandler { line in
+                        self.workerOutput(self.slots[index], pid: pid, device: device, line: line)
+                    })
                 }
             }
             .takingOwnershipOfDescriptor(input: fd)
             .whenComplete { result in
+                let slot = self.slots[index]
                 switch result {
                 case .success(let channel):
                     slot.outputChannel = channel
@@ -101,9 +107,10 @@ extension Supervisor {
         guard pidFD >= 0 else { return }  // no pidfd: the timer polls (see rearmTimer)
         let source = DispatchSource.makeReadSource(fileDescriptor: pidFD, queue: .global())
         let eventLoop = self.eventLoop
+        let index = slot.index
         source.setEventHandler {
             source.cancel()
-            eventLoop.execute { self.reapIfExited(slot) }
+            eventLoop.execute { self.reapIfExited(self.slots[index]) }
         }
         source.setCancelHandler { Glibc.close(pidFD) }
         slot.exitWatch = source
@@ -158,6 +165,7 @@ extension Supervisor {
     /// One frame from the worker's channel. Answers and chunks go straight to their requests (the hot path);
     /// everything else is an event for the machine.
     func workerFrame(_ slot: WorkerIO, pid: pid_t, _ frame: Frame, now: MonotonicInstant) {
+        eventLoop.assertInEventLoop()
         guard slot.pid == pid else { return }
         let index = slot.index
         machine.frameReceived(slot: index, now: now)
@@ -225,7 +233,7 @@ extension Supervisor {
 }
 
 /// Frames from one worker process to the supervisor (decoded here, without a pipeline hop per frame).
-final class WorkerChannelHandler: ChannelInboundHandler, @unchecked Sendable {  // confined to the event loop
+final class WorkerChannelHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     let supervisor: Supervisor
     let slot: WorkerIO

@@ -15,7 +15,7 @@ import WireProtocol
 /// `assertInEventLoop` where entered from outside). Channels of clients and workers are bound to the same loop,
 /// so a request travels client → worker → client without a thread hop. One timer is armed at the earliest of
 /// the machine's ``SupervisorMachine/nextDeadline`` and the request deadlines.
-public final class Supervisor: @unchecked Sendable {  // state confined to `eventLoop`; entry points hop onto it
+public final class Supervisor: @unchecked Sendable {  // loop-confined: checked by assertInEventLoop at every entry
     public static let version = "0.1.0"
 
     let eventLoop: any EventLoop

@@ -8,7 +8,7 @@ import WireProtocol
 /// The I/O of one worker slot: while a process runs, its frame channel (fd 3), output pipe, exit watcher and
 /// memory cgroup. Its decisions (state, health, restarts) are in ``SupervisorMachine/Worker``; this holds only
 /// what the driver needs to move bytes. Touched only on the supervisor's event loop.
-final class WorkerIO: @unchecked Sendable {  // confined to the supervisor's event loop (see Supervisor.feed)
+final class WorkerIO {
     let index: Int
     let spec: WorkerSpec
     /// The current process, 0 between processes. Frames and exits of an older process are ignored.

@@ -1,4 +1,4 @@
-/// How a device's own health is checked (DESIGN section 5, "device" level).
+/// How a device's own health is checked (the "device" level; docs/PROTOCOL.md 6.9).
 public struct DeviceProbeSpec: Sendable, Hashable {
     public enum Kind: String, Sendable, Hashable, CaseIterable {
         /// No device probe: the device counts as healthy.
@@ -27,7 +27,7 @@ public struct DeviceProbeSpec: Sendable, Hashable {
     public init() {}
 }
 
-/// The periodic short inference request (DESIGN section 5, "inference" level).
+/// The periodic short inference request (the "inference" level; docs/PROTOCOL.md 6.10).
 public struct InferenceProbeSpec: Sendable, Hashable {
     public var enabled = true
     public var payload = "{\"prompt\": \"Hi\", \"max_new_tokens\": 5}"
@@ -42,7 +42,7 @@ public struct InferenceProbeSpec: Sendable, Hashable {
     public init() {}
 }
 
-/// CPU fallback workers (DESIGN section 5, graceful degradation).
+/// CPU fallback workers (graceful degradation; docs/PROTOCOL.md 8.2).
 public struct FallbackSpec: Sendable, Hashable {
     /// The fallback workers (kind `cpu`, ids `cpu0`, `cpu1`, ...).
     public var workers: [WorkerSpec]

@@ -56,7 +56,7 @@ public struct WorkerSpec: Sendable, Hashable {
         self.isFallback = isFallback
     }
 
-    /// The full environment contract of DESIGN 2.1 minus the inherited environment.
+    /// The full environment contract of docs/PROTOCOL.md 1.2 minus the inherited environment.
     public var contractEnvironment: [String: String] {
         var env = environment
         env["NPU_SUPERVISOR_FD"] = "3"
