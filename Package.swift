@@ -42,8 +42,17 @@ let package = Package(
             name: "WireProtocol",
             dependencies: [.product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: hotPath),
+        // Where the daemon's sockets are, from its config's [supervisor] table: the one rule the daemon and
+        // clients share. Pure, no dependencies.
+        .target(name: "SupervisorPaths", swiftSettings: strict),
         // Pure logic: config model, state machine, restart policy, health aggregation. No syscalls, no clock.
-        .target(name: "SupervisorCore", swiftSettings: strict),
+        .target(name: "SupervisorCore", dependencies: ["SupervisorPaths"], swiftSettings: strict),
+        // The daemon's sockets from its config file, for clients (TOMLKit, so it links Foundation; kept out of
+        // NPUClient for that reason).
+        .target(
+            name: "SocketDiscovery",
+            dependencies: ["SupervisorPaths", .product(name: "TOMLKit", package: "TOMLKit")],
+            swiftSettings: strict),
         .target(
             name: "SystemdSupport",
             dependencies: [
@@ -89,7 +98,7 @@ let package = Package(
         .executableTarget(
             name: "npu-supervisorctl",
             dependencies: [
-                "NPUClient", "WireProtocol", "SupervisorRuntime",
+                "NPUClient", "WireProtocol", "SocketDiscovery",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict),
@@ -120,6 +129,9 @@ let package = Package(
         .testTarget(
             name: "SupervisorCoreTests",
             dependencies: ["SupervisorCore", "SupervisorRuntime"]),
+        .testTarget(
+            name: "SocketDiscoveryTests",
+            dependencies: ["SocketDiscovery", "SupervisorCore", "SupervisorRuntime"]),
         .testTarget(
             name: "IntegrationTests",
             dependencies: ["NPUClient", "WireProtocol", "SupervisorCore"]),
