@@ -5,11 +5,10 @@ let strict: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
 ]
 
-// The request path runs on one event-loop thread that owns all its state; dynamic exclusivity checks cost
-// ~6% of its CPU there (measured with perf, BENCHMARKS.md) and guard against nothing a single thread can do.
-let hotPath: [SwiftSetting] = strict + [
-    .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
-]
+// No unsafeFlags anywhere: SwiftPM refuses a package that has them as a dependency, and NPUClient and WorkerKit
+// are libraries for other packages. (`-enforce-exclusivity=unchecked` on WireProtocol and SupervisorRuntime once
+// saved ~6% of the request path's CPU, BENCHMARKS.md; `swift build -c release -Xswiftc
+// -enforce-exclusivity=unchecked` gets it back, for every module of the build.)
 
 let package = Package(
     name: "npu-supervisor",
@@ -41,7 +40,7 @@ let package = Package(
         .target(
             name: "WireProtocol",
             dependencies: [.product(name: "NIOCore", package: "swift-nio")],
-            swiftSettings: hotPath),
+            swiftSettings: strict),
         // Where the daemon's sockets are, from its config's [supervisor] table: the one rule the daemon and
         // clients share. Pure, no dependencies.
         .target(name: "SupervisorPaths", swiftSettings: strict),
@@ -72,7 +71,7 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ],
-            swiftSettings: hotPath),
+            swiftSettings: strict),
         .target(
             name: "WorkerKit",
             dependencies: ["WireProtocol", .product(name: "NIOCore", package: "swift-nio")],
