@@ -39,7 +39,10 @@ let package = Package(
         // Frames and message types shared by the daemon, workers, clients and the CLI.
         .target(
             name: "WireProtocol",
-            dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
             swiftSettings: strict),
         // Where the daemon's sockets are, from its config's [supervisor] table: the one rule the daemon and
         // clients share. Pure, no dependencies.
@@ -74,13 +77,18 @@ let package = Package(
             swiftSettings: strict),
         .target(
             name: "WorkerKit",
-            dependencies: ["WireProtocol", .product(name: "NIOCore", package: "swift-nio")],
+            dependencies: [
+                "WireProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
             swiftSettings: strict),
         .target(
             name: "NPUClient",
             dependencies: [
                 "WireProtocol",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],
             swiftSettings: strict),
