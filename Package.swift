@@ -136,18 +136,28 @@ let package = Package(
         .testTarget(
             name: "SupervisorCoreTests",
             dependencies: ["SupervisorCore", "SupervisorRuntime"]),
+        // What the real-process test suites share: finding the built programs, waiting on events with deadlines,
+        // running commands, spawning and reaping a daemon.
+        .target(
+            name: "TestSupport",
+            dependencies: [
+                "NPUClient", "WireProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            path: "Tests/TestSupport"),
         .testTarget(
             name: "SocketDiscoveryTests",
             dependencies: ["SocketDiscovery", "SupervisorCore", "SupervisorRuntime"]),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["NPUClient", "WireProtocol", "SupervisorCore"]),
+            dependencies: ["NPUClient", "WireProtocol", "SupervisorCore", "TestSupport"]),
         // sd_notify, socket activation, journald, the units: against the real daemon, and under a real systemd
         // booted in namespaces by scripts/systemd-sandbox.sh.
         .testTarget(
             name: "SystemdTests",
             dependencies: [
-                "NPUClient", "WireProtocol", "SystemdSupport",
+                "NPUClient", "WireProtocol", "SystemdSupport", "TestSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
             ]),

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NPUClient
+import TestSupport
 import Testing
 import WireProtocol
 
@@ -75,7 +76,7 @@ struct RequestPathTests {
         if case .error(let e) = outcome { #expect(e.retryable) }
         let drained = try #require(try busy.readFrame())
         #expect(drained.type == .response, "the request in flight still completes")
-        #expect(eventually { !daemon.process.isRunning })
+        #expect(eventually { !daemon.isRunning })
     }
 
     @Test func connectionLimit() throws {

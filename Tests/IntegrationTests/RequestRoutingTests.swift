@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NPUClient
+import TestSupport
 import Testing
 import WireProtocol
 
@@ -207,8 +208,8 @@ struct RequestRoutingTests {
             answered.insert(frame.requestID)
         }
         #expect(answered == ids)
-        #expect(eventually { !daemon.process.isRunning })
-        #expect(daemon.process.terminationStatus == 0)
+        #expect(eventually { !daemon.isRunning })
+        #expect(daemon.exitStatus == 0)
     }
 }
 

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NPUClient
+import TestSupport
 import Testing
 import WireProtocol
 
@@ -189,8 +190,8 @@ struct SupervisorLifecycleTests {
         let doc = try #require(daemon.waitAllReady())
         let result = try daemon.ctl(["shutdown"])
         #expect(result.status == 0)
-        #expect(eventually { !daemon.process.isRunning })
-        #expect(daemon.process.terminationStatus == 0)
+        #expect(eventually { !daemon.isRunning })
+        #expect(daemon.exitStatus == 0)
         for pid in doc.workers.compactMap(\.pid) { #expect(!processExists(pid)) }
         let after = try daemon.ctl(["status"])
         #expect(after.status == 69)

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import SystemdSupport
+import TestSupport
 import Testing
 import WireProtocol
 
@@ -71,7 +72,7 @@ struct NotifyTests {
         // WATCHDOG_PID must be the daemon's own pid: a shell sets it to its own and execs the daemon.
         let daemon = try DaemonProcess(
             executable: "/bin/sh",
-            arguments: ["-c", "WATCHDOG_PID=$$ exec \"$0\" --config \"$1\"", Paths.supervisord, config],
+            arguments: ["-c", "WATCHDOG_PID=$$ exec \"$0\" --config \"$1\"", Binaries.supervisord, config],
             environment: ["NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"], logPath: dir + "/daemon.log")
         _ = try #require(notify.waitFor { $0.has("READY=1") }, "no READY=1; log:\n\(daemon.log)")
         daemon.remember(readStatus(dir + "/run/status.sock"))
