@@ -87,6 +87,15 @@ final class TestDaemon {
         return doc
     }
 
+    /// Waits until the daemon's own clock (its uptime, as its status document reports it) has moved on by
+    /// `interval`: the daemon has had that much time to act, however the test itself was scheduled.
+    @discardableResult
+    func waitForDaemonTime(_ interval: Duration, timeout: Duration = .seconds(20)) -> Bool {
+        guard let start = status()?.supervisor.uptimeSeconds else { return false }
+        let seconds = Double(interval.components.seconds) + Double(interval.components.attoseconds) / 1e18
+        return eventually(timeout: timeout) { (status()?.supervisor.uptimeSeconds ?? 0) >= start + seconds }
+    }
+
     func worker(_ device: String) -> WorkerStatus? { status()?.workers.first { $0.device == device } }
 
     /// Waits until every configured worker is ready.

@@ -161,6 +161,17 @@ final class NotifyListener {
         }
     }
 
+    /// Waits until the messages received so far satisfy `condition`; returns whether they did within `timeout`.
+    func waitUntil(timeout: Duration = .seconds(20), _ condition: ([Message]) -> Bool) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            if condition(messages) { return true }
+            let left = deadline - .now
+            if left <= .zero { return false }
+            drain(timeout: min(left, .milliseconds(50)))
+        }
+    }
+
     /// Waits until a message satisfying `predicate` has arrived (at index `from` or later); returns it.
     func waitFor(from: Int = 0, timeout: Duration = .seconds(20), _ predicate: (Message) -> Bool) -> Message? {
         let deadline = ContinuousClock.now + timeout
