@@ -108,7 +108,8 @@ let package = Package(
                 "NPUClient", "WireProtocol", "SocketDiscovery",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
-            swiftSettings: strict),
+            // Only what it imports itself: a Foundation reached through TOMLKit must not slip into its code.
+            swiftSettings: strict + [.enableUpcomingFeature("MemberImportVisibility")]),
         .executableTarget(
             name: "npu-worker",
             dependencies: [

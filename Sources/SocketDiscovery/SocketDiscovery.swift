@@ -1,6 +1,6 @@
 import Glibc
 @_exported import SupervisorPaths
-import TOMLKit
+internal import TOMLKit
 
 // Apart from NPUClient on purpose: TOMLKit links full Foundation (ICU included), which a client that is
 // given socket paths does not need.
