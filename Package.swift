@@ -124,6 +124,7 @@ let package = Package(
             name: "npu-bench",
             dependencies: [
                 "NPUClient", "WireProtocol",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict),
@@ -152,7 +153,10 @@ let package = Package(
             dependencies: ["SocketDiscovery", "SupervisorCore", "SupervisorRuntime"]),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["NPUClient", "WireProtocol", "SupervisorCore", "TestSupport"]),
+            dependencies: [
+                "NPUClient", "WireProtocol", "SupervisorCore", "TestSupport",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]),
         // sd_notify, socket activation, journald, the units: against the real daemon, and under a real systemd
         // booted in namespaces by scripts/systemd-sandbox.sh.
         .testTarget(
