@@ -5,11 +5,10 @@ let strict: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
 ]
 
-// The request path runs on one event-loop thread that owns all its state; dynamic exclusivity checks cost
-// ~6% of its CPU there (measured with perf, BENCHMARKS.md) and guard against nothing a single thread can do.
-let hotPath: [SwiftSetting] = strict + [
-    .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
-]
+// No unsafeFlags anywhere: SwiftPM refuses a package that has them as a dependency, and NPUClient and WorkerKit
+// are libraries for other packages. (`-enforce-exclusivity=unchecked` on WireProtocol and SupervisorRuntime once
+// saved ~6% of the request path's CPU, BENCHMARKS.md; `swift build -c release -Xswiftc
+// -enforce-exclusivity=unchecked` gets it back, for every module of the build.)
 
 let package = Package(
     name: "npu-supervisor",
@@ -40,10 +39,22 @@ let package = Package(
         // Frames and message types shared by the daemon, workers, clients and the CLI.
         .target(
             name: "WireProtocol",
-            dependencies: [.product(name: "NIOCore", package: "swift-nio")],
-            swiftSettings: hotPath),
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        // Where the daemon's sockets are, from its config's [supervisor] table: the one rule the daemon and
+        // clients share. Pure, no dependencies.
+        .target(name: "SupervisorPaths", swiftSettings: strict),
         // Pure logic: config model, state machine, restart policy, health aggregation. No syscalls, no clock.
-        .target(name: "SupervisorCore", swiftSettings: strict),
+        .target(name: "SupervisorCore", dependencies: ["SupervisorPaths"], swiftSettings: strict),
+        // The daemon's sockets from its config file, for clients (TOMLKit, so it links Foundation; kept out of
+        // NPUClient for that reason).
+        .target(
+            name: "SocketDiscovery",
+            dependencies: ["SupervisorPaths", .product(name: "TOMLKit", package: "TOMLKit")],
+            swiftSettings: strict),
         .target(
             name: "SystemdSupport",
             dependencies: [
@@ -63,16 +74,21 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ],
-            swiftSettings: hotPath),
+            swiftSettings: strict),
         .target(
             name: "WorkerKit",
-            dependencies: ["WireProtocol", .product(name: "NIOCore", package: "swift-nio")],
+            dependencies: [
+                "WireProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
             swiftSettings: strict),
         .target(
             name: "NPUClient",
             dependencies: [
                 "WireProtocol",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],
             swiftSettings: strict),
@@ -89,10 +105,11 @@ let package = Package(
         .executableTarget(
             name: "npu-supervisorctl",
             dependencies: [
-                "NPUClient", "WireProtocol", "SupervisorRuntime",
+                "NPUClient", "WireProtocol", "SocketDiscovery",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
-            swiftSettings: strict),
+            // Only what it imports itself: a Foundation reached through TOMLKit must not slip into its code.
+            swiftSettings: strict + [.enableUpcomingFeature("MemberImportVisibility")]),
         .executableTarget(
             name: "npu-worker",
             dependencies: [
@@ -107,6 +124,7 @@ let package = Package(
             name: "npu-bench",
             dependencies: [
                 "NPUClient", "WireProtocol",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict),
@@ -120,15 +138,31 @@ let package = Package(
         .testTarget(
             name: "SupervisorCoreTests",
             dependencies: ["SupervisorCore", "SupervisorRuntime"]),
+        // What the real-process test suites share: finding the built programs, waiting on events with deadlines,
+        // running commands, spawning and reaping a daemon.
+        .target(
+            name: "TestSupport",
+            dependencies: [
+                "NPUClient", "WireProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            path: "Tests/TestSupport"),
+        .testTarget(
+            name: "SocketDiscoveryTests",
+            dependencies: ["SocketDiscovery", "SupervisorCore", "SupervisorRuntime"]),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["NPUClient", "WireProtocol", "SupervisorCore"]),
+            dependencies: [
+                "NPUClient", "WireProtocol", "SupervisorCore", "TestSupport",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]),
         // sd_notify, socket activation, journald, the units: against the real daemon, and under a real systemd
         // booted in namespaces by scripts/systemd-sandbox.sh.
         .testTarget(
             name: "SystemdTests",
             dependencies: [
-                "NPUClient", "WireProtocol", "SystemdSupport",
+                "NPUClient", "WireProtocol", "SystemdSupport", "TestSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
             ]),

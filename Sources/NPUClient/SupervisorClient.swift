@@ -1,14 +1,16 @@
 import Glibc
+import NIOConcurrencyHelpers
 import NIOCore
 import WireProtocol
 
 /// A blocking client for npu-supervisord's request and control sockets. One instance is one connection;
 /// requests may be pipelined (send several, then read answers, matched by request id in any order).
-/// Not for use from several threads at once for reading; writes are thread-safe.
-public final class SupervisorClient: @unchecked Sendable {
+/// Safe to share between threads: writes never interleave, readers take turns (a frame goes to whichever reader
+/// gets it, so several threads that wait for their own answers should use one client each).
+public final class SupervisorClient: Sendable {
     public let path: String
     public let io: BlockingFrameIO
-    private var nextID: UInt64 = 1
+    private let nextID = NIOLockedValueBox<UInt64>(1)
 
     /// Connects to a Unix socket.
     /// - Parameter timeout: bound on each read (nil: wait forever).
@@ -28,8 +30,10 @@ public final class SupervisorClient: @unchecked Sendable {
 
     /// A fresh request id for this connection.
     public func makeRequestID() -> UInt64 {
-        defer { nextID += 1 }
-        return nextID
+        nextID.withLockedValue { id in
+            defer { id += 1 }
+            return id
+        }
     }
 
     /// Sends an inference request without waiting for its answer.

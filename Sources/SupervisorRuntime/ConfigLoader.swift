@@ -25,9 +25,8 @@ public enum ConfigLoader {
                               expected: "valid TOML: \(error.description) at \(path):\(error.source.begin.line):"
                                   + "\(error.source.begin.column)")
         }
-        let absolute = path.hasPrefix("/") ? path : resolve(path, against: currentDirectory())
-        let base = String(absolute[..<(absolute.lastIndex(of: "/") ?? absolute.startIndex)])
-        var config = try SupervisorConfiguration(parsing: convert(table), baseDirectory: base.isEmpty ? "/" : base)
+        let base = configBaseDirectory(ofFile: path, currentDirectory: currentDirectory())
+        var config = try SupervisorConfiguration(parsing: convert(table), baseDirectory: base)
         for index in config.workers.indices {
             config.workers[index].command[0] = try resolveExecutable(
                 config.workers[index].command[0], key: "device[\(index)].command[0]", base: base)

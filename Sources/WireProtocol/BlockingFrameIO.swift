@@ -1,82 +1,111 @@
 import Glibc
+import NIOConcurrencyHelpers
 import NIOCore
 
 /// Frames over a blocking file descriptor, for programs that are not event-driven (workers, the CLI, tests).
-/// Reads go through the same bounded ``FrameDecoder`` as the daemon's; writes are serialised by a mutex so that
+/// Reads go through the same bounded ``FrameDecoder`` as the daemon's; writes are serialised by a lock so that
 /// several threads can answer requests at once without interleaving bytes.
-public final class BlockingFrameIO: @unchecked Sendable {
+///
+/// Thread safety is checked, not promised: the read side (decoder, buffer) is a locked value held for a whole
+/// ``readFrame()``, so two threads reading at once take turns instead of corrupting the stream; the write side
+/// (which thread reads, the batch of its answers) is a locked value of its own; bytes go out under a third lock.
+/// Locks are always taken in that order (read side, write side, fd).
+public final class BlockingFrameIO: Sendable {
     public let fd: CInt
-    private var decoder: FrameDecoder
-    private var buffer = ByteBuffer()
-    private var writeLock = pthread_mutex_t()
-    private var scratch = [UInt8](repeating: 0, count: 64 * 1024)
-    /// Frames written by the reading thread itself while it still has buffered input: sent in one write just
-    /// before the next blocking read (a worker answering a burst of pipelined requests inline makes one
-    /// syscall, not one per answer). Writes from other threads go out at once.
-    private var batch = ByteBuffer()
-    private var readerThread: pthread_t?
+    private let readSide: NIOLockedValueBox<ReadSide>
+    private let writeSide = NIOLockedValueBox(WriteSide())
+    private let fdLock = NIOLock()
+
+    private struct ReadSide {
+        var decoder: FrameDecoder
+        var buffer = ByteBuffer()
+        var scratch = [UInt8](repeating: 0, count: 64 * 1024)
+    }
+
+    private struct WriteSide {
+        /// The thread inside ``readFrame()`` now, or the last one that was (a worker answering inline writes
+        /// from it between two reads).
+        var readerThread: pthread_t?
+        /// Frames written by the reading thread itself while it still has buffered input: sent in one write
+        /// just before the next blocking read (a worker answering a burst of pipelined requests inline makes
+        /// one syscall, not one per answer). Writes from other threads go out at once.
+        var batch = ByteBuffer()
+    }
 
     /// The largest frame accepted (a worker adopts the supervisor's `max_frame_bytes` from its hello).
     public var maximumFrameLength: Int {
-        get { decoder.maximumFrameLength }
-        set { decoder = FrameDecoder(maximumFrameLength: newValue) }
+        get { readSide.withLockedValue { $0.decoder.maximumFrameLength } }
+        set { readSide.withLockedValue { $0.decoder = FrameDecoder(maximumFrameLength: newValue) } }
     }
 
     public init(fd: CInt, maximumFrameLength: Int = Frame.defaultMaximumLength) {
         self.fd = fd
-        self.decoder = FrameDecoder(maximumFrameLength: maximumFrameLength)
-        pthread_mutex_init(&writeLock, nil)
+        self.readSide = NIOLockedValueBox(ReadSide(decoder: FrameDecoder(maximumFrameLength: maximumFrameLength)))
     }
-
-    deinit { pthread_mutex_destroy(&writeLock) }
 
     /// The next frame, or nil at a clean end of stream.
     /// - Throws: ``FrameDecodingError`` for a malformed stream, ``FrameIOError`` for a failed read.
     public func readFrame() throws -> Frame? {
-        if readerThread == nil { readerThread = pthread_self() }
-        while true {
-            if let frame = try decoder.decode(buffer: &buffer) {
-                if buffer.readerIndex > 1 << 16 { buffer.discardReadBytes() }
-                return frame
+        try readSide.withLockedValue { state in
+            let me = pthread_self()
+            writeSide.withLockedValue { $0.readerThread = me }
+            while true {
+                if let frame = try state.decoder.decode(buffer: &state.buffer) {
+                    if state.buffer.readerIndex > 1 << 16 { state.buffer.discardReadBytes() }
+                    return frame
+                }
+                state.buffer.discardReadBytes()
+                try flushBatch()
+                let n = state.scratch.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw FrameIOError(call: "read", errno: errno)
+                }
+                if n == 0 {
+                    if state.buffer.readableBytes > 0 {
+                        throw FrameDecodingError.truncated(bufferedBytes: state.buffer.readableBytes)
+                    }
+                    return nil
+                }
+                state.buffer.writeBytes(state.scratch[0..<n])
             }
-            buffer.discardReadBytes()
-            if batch.readableBytes > 0 {
-                let pending = batch
-                batch.clear()
-                try writeRaw(pending)
-            }
-            let n = scratch.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw FrameIOError(call: "read", errno: errno)
-            }
-            if n == 0 {
-                if buffer.readableBytes > 0 { throw FrameDecodingError.truncated(bufferedBytes: buffer.readableBytes) }
-                return nil
-            }
-            buffer.writeBytes(scratch[0..<n])
         }
     }
 
     /// Writes one frame atomically with respect to other writers.
     /// - Throws: ``FrameIOError`` (EPIPE when the peer is gone).
     public func write(_ frame: Frame) throws {
-        if let reader = readerThread, pthread_equal(reader, pthread_self()) != 0 {
-            frame.write(to: &batch)
-            if batch.readableBytes >= 1 << 16 {
-                let pending = batch
-                batch.clear()
-                try writeRaw(pending)
-            }
-            return
+        let me = pthread_self()
+        let full: ByteBuffer?? = writeSide.withLockedValue { state in
+            guard let reader = state.readerThread, pthread_equal(reader, me) != 0 else { return .none }
+            frame.write(to: &state.batch)
+            guard state.batch.readableBytes >= 1 << 16 else { return .some(nil) }
+            defer { state.batch.clear() }
+            return .some(state.batch)
         }
-        try writeRaw(frame.encoded())
+        switch full {
+        case .none: try writeRaw(frame.encoded())
+        case .some(nil): return
+        case .some(.some(let pending)): try writeRaw(pending)
+        }
+    }
+
+    /// Sends the reading thread's batched answers.
+    private func flushBatch() throws {
+        let pending: ByteBuffer? = writeSide.withLockedValue { state in
+            guard state.batch.readableBytes > 0 else { return nil }
+            defer { state.batch.clear() }
+            return state.batch
+        }
+        if let pending { try writeRaw(pending) }
     }
 
     /// Writes raw bytes (fault injection writes garbage this way).
     public func writeRaw(_ bytes: ByteBuffer) throws {
-        pthread_mutex_lock(&writeLock)
-        defer { pthread_mutex_unlock(&writeLock) }
+        try fdLock.withLock { try sendAll(bytes) }
+    }
+
+    private func sendAll(_ bytes: ByteBuffer) throws {
         var offset = 0
         try bytes.withUnsafeReadableBytes { raw in
             while offset < raw.count {

@@ -24,7 +24,7 @@ public enum FrameDecodingError: Error, Equatable, Sendable, CustomStringConverti
 
 /// Splits a byte stream into ``Frame``s. The length is checked against `maximumFrameLength` as soon as its four
 /// bytes are in, before a single byte of the body is waited for, so a hostile length costs nothing.
-public struct FrameDecoder: NIOSingleStepByteToMessageDecoder {
+public struct FrameDecoder: NIOSingleStepByteToMessageDecoder, Sendable {
     public typealias InboundOut = Frame
 
     public let maximumFrameLength: Int

@@ -1,20 +1,27 @@
 import Glibc
+import NIOConcurrencyHelpers
 import NIOCore
 import WireProtocol
 
 /// What a Swift worker links to: the supervisor's end of the protocol on fd 3, with hello, ready, heartbeats
 /// (on their own thread, so a long request does not look like a hang), request dispatch and cancellation.
 /// The worker exits when fd 3 reaches end-of-file: a supervisor that died must not leave it holding the device.
-public final class WorkerConnection: @unchecked Sendable {
+public final class WorkerConnection: Sendable {
     public let io: BlockingFrameIO
     public let device: String
+    /// What the reading thread, the heartbeat thread and the request threads share.
+    private let state = NIOLockedValueBox(State())
+
+    private struct State {
+        var supervisorHello: HelloFromSupervisor?
+        var cancelled: Set<UInt64> = []
+        var inflight = 0
+        var heartbeatsStopped = false
+        var draining = false
+    }
+
     /// The supervisor's hello (heartbeat interval, frame limit), once received.
-    public private(set) var supervisorHello: HelloFromSupervisor?
-    private var lock = pthread_mutex_t()
-    private var cancelled: Set<UInt64> = []
-    private var inflight = 0
-    private var heartbeatsStopped = false
-    private var draining = false
+    public var supervisorHello: HelloFromSupervisor? { state.withLockedValue { $0.supervisorHello } }
 
     /// Connects to the channel named by `NPU_SUPERVISOR_FD` (normally 3).
     /// - Throws: ``WorkerError`` when the variable is missing (not started by npu-supervisord).
@@ -29,7 +36,6 @@ public final class WorkerConnection: @unchecked Sendable {
     public init(fd: CInt, device: String) {
         self.io = BlockingFrameIO(fd: fd)
         self.device = device
-        pthread_mutex_init(&lock, nil)
     }
 
     /// Sends hello (protocol version, pid, device, versions).
@@ -49,12 +55,12 @@ public final class WorkerConnection: @unchecked Sendable {
     }
 
     /// Stops sending heartbeats (fault injection: what a wedged process looks like).
-    public func stopHeartbeats() { withLock { heartbeatsStopped = true } }
+    public func stopHeartbeats() { state.withLockedValue { $0.heartbeatsStopped = true } }
 
-    public func isCancelled(_ id: UInt64) -> Bool { withLock { cancelled.contains(id) } }
+    public func isCancelled(_ id: UInt64) -> Bool { state.withLockedValue { $0.cancelled.contains(id) } }
 
     /// Requests being handled now.
-    public var inflightCount: Int { withLock { inflight } }
+    public var inflightCount: Int { state.withLockedValue { $0.inflight } }
 
     /// Starts heart-beating every `interval` on a thread of its own (until ``stopHeartbeats()``).
     /// - Parameter health: when given, each heartbeat is followed by a `health` frame with the device's state
@@ -64,7 +70,7 @@ public final class WorkerConnection: @unchecked Sendable {
         Thread.detach {
             while true {
                 sleepFor(interval)
-                if self.withLock({ self.heartbeatsStopped }) { return }
+                if self.state.withLockedValue({ $0.heartbeatsStopped }) { return }
                 do {
                     try io.write(Frame(type: .heartbeat))
                     if let health { try self.reportHealth(deviceProblem: health()) }
@@ -88,16 +94,15 @@ public final class WorkerConnection: @unchecked Sendable {
         while let frame = try io.readFrame() {
             switch frame.type {
             case .hello:
-                supervisorHello = try? JSONCoding.decode(HelloFromSupervisor.self, from: frame.payload)
-                if let limit = supervisorHello?.maxFrameBytes { io.maximumFrameLength = limit }
+                adopt(frame)
             case .request:
                 let request = WorkerRequest(id: frame.requestID, payload: frame.payload, connection: self)
-                withLock { inflight += 1 }
+                state.withLockedValue { $0.inflight += 1 }
                 handler(request)
             case .cancel:
-                withLock { _ = cancelled.insert(frame.requestID) }
+                state.withLockedValue { _ = $0.cancelled.insert(frame.requestID) }
             case .drain:
-                withLock { draining = true }
+                state.withLockedValue { $0.draining = true }
             case .shutdown:
                 return
             default:
@@ -109,33 +114,32 @@ public final class WorkerConnection: @unchecked Sendable {
     /// Waits for the hello from the supervisor (it is the first frame it sends).
     public func awaitHello() throws -> HelloFromSupervisor? {
         guard let frame = try io.readFrame() else { return nil }
-        if frame.type == .hello {
-            supervisorHello = try? JSONCoding.decode(HelloFromSupervisor.self, from: frame.payload)
-            if let limit = supervisorHello?.maxFrameBytes { io.maximumFrameLength = limit }
-        }
+        if frame.type == .hello { adopt(frame) }
         return supervisorHello
     }
 
-    func finished(_ id: UInt64) {
-        withLock {
-            inflight -= 1
-            cancelled.remove(id)
-        }
+    /// Keeps the supervisor's hello and adopts its frame limit.
+    private func adopt(_ hello: Frame) {
+        let decoded = try? JSONCoding.decode(HelloFromSupervisor.self, from: hello.payload)
+        state.withLockedValue { $0.supervisorHello = decoded }
+        if let limit = decoded?.maxFrameBytes { io.maximumFrameLength = limit }
     }
 
-    func withLock<T>(_ body: () -> T) -> T {
-        pthread_mutex_lock(&lock)
-        defer { pthread_mutex_unlock(&lock) }
-        return body()
+    func finished(_ id: UInt64) {
+        state.withLockedValue {
+            $0.inflight -= 1
+            $0.cancelled.remove(id)
+        }
     }
 }
 
 /// One request handed to a worker's handler.
-public final class WorkerRequest: @unchecked Sendable {
+public final class WorkerRequest: Sendable {
     public let id: UInt64
     public let payload: ByteBuffer
-    unowned let connection: WorkerConnection
-    private var answered = false
+    let connection: WorkerConnection
+    /// Answering threads race (work done vs. cancelled): exactly one final answer goes out.
+    private let answered = NIOLockedValueBox(false)
 
     init(id: UInt64, payload: ByteBuffer, connection: WorkerConnection) {
         self.id = id
@@ -153,18 +157,24 @@ public final class WorkerRequest: @unchecked Sendable {
 
     /// The final answer.
     public func respond(_ bytes: ByteBuffer) {
-        guard !answered else { return }
-        answered = true
+        guard claimAnswer() else { return }
         try? connection.io.write(Frame(type: .response, requestID: id, payload: bytes))
         connection.finished(id)
     }
 
     /// The final answer, as an error.
     public func fail(code: String, message: String, retryable: Bool = false) {
-        guard !answered else { return }
-        answered = true
+        guard claimAnswer() else { return }
         try? connection.io.write(.error(requestID: id, code: code, message: message, retryable: retryable))
         connection.finished(id)
+    }
+
+    /// True for the first caller only.
+    private func claimAnswer() -> Bool {
+        answered.withLockedValue { done in
+            defer { done = true }
+            return !done
+        }
     }
 }
 

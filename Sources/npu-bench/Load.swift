@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import NPUClient
 import WireProtocol
@@ -103,23 +104,32 @@ struct Load: ParsableCommand {
 
 func readStatus(_ path: String) -> StatusDocument? { try? readStatusDocument(path: path) }
 
-final class LoadStats: @unchecked Sendable {
-    private let lock = NSLock()
-    private(set) var sentCount = 0
-    private(set) var okCount = 0
-    private(set) var errors: [String: Int] = [:]
-    private(set) var neverAnswered = 0
-    private(set) var failures: [String] = []
-    private var latencies: [Double] = []
+/// What the load generator's client threads count.
+final class LoadStats: Sendable {
+    private struct Counts {
+        var sent = 0
+        var ok = 0
+        var errors: [String: Int] = [:]
+        var neverAnswered = 0
+        var failures: [String] = []
+        var latencies: [Double] = []
+    }
 
-    func sent() { lock.withLock { sentCount += 1 } }
-    func ok(latency: Double) { lock.withLock { okCount += 1; latencies.append(latency) } }
-    func error(_ code: String) { lock.withLock { errors[code, default: 0] += 1 } }
-    func lost(_ n: Int, why: String) { lock.withLock { neverAnswered += n; failures.append(why) } }
-    func failure(_ why: String) { lock.withLock { failures.append(why) } }
+    private let counts = NIOLockedValueBox(Counts())
+
+    var neverAnswered: Int { counts.withLockedValue { $0.neverAnswered } }
+    var failures: [String] { counts.withLockedValue { $0.failures } }
+
+    func sent() { counts.withLockedValue { $0.sent += 1 } }
+    func ok(latency: Double) { counts.withLockedValue { $0.ok += 1; $0.latencies.append(latency) } }
+    func error(_ code: String) { counts.withLockedValue { $0.errors[code, default: 0] += 1 } }
+    func lost(_ n: Int, why: String) { counts.withLockedValue { $0.neverAnswered += n; $0.failures.append(why) } }
+    func failure(_ why: String) { counts.withLockedValue { $0.failures.append(why) } }
 
     func report(kills: Int, rssKB: [Int], clients: Int, depth: Int, size: Int, duration: Double, machine: Bool) {
-        lock.withLock {
+        let c = counts.withLockedValue { $0 }
+        let (sentCount, okCount, errors, failures, latencies) = (c.sent, c.ok, c.errors, c.failures, c.latencies)
+        do {
             let answered = okCount + errors.values.reduce(0, +)
             let unanswered = sentCount - answered
             let rps = Double(okCount) / duration

@@ -2,7 +2,7 @@ import ArgumentParser
 import Glibc
 import NIOCore
 import NPUClient
-import SupervisorRuntime
+import SocketDiscovery
 import WireProtocol
 
 /// Exit codes of npu-supervisorctl (also in --help and README).
@@ -31,7 +31,7 @@ struct Ctl: ParsableCommand {
             Sockets: --socket (control.sock), else --config (the daemon's config file), else
             $NPU_SUPERVISOR_SOCKET, else /run/npu-supervisor/control.sock.
             """,
-        version: Supervisor.version,
+        version: npuSupervisorRelease,
         subcommands: [Status.self, Start.self, Stop.self, Restart.self, Pid.self, Tail.self, Health.self,
                       Infer.self, Shutdown.self])
 
@@ -65,8 +65,9 @@ struct SocketOptions: ParsableArguments {
         }
         if let config {
             do {
-                let c = try ConfigLoader.load(path: config)
-                return (c.controlSocket, c.requestsSocket)
+                // Only the socket keys are read: the worker programs need not exist where the CLI runs.
+                let c = try SocketPaths(configFile: config)
+                return (c.control, c.requests)
             } catch {
                 fail(CtlExit.usage, "npu-supervisorctl: cannot read \(config): \(error)")
             }

@@ -1,80 +1,18 @@
 import Foundation
 import NIOCore
 import NPUClient
+import TestSupport
 import Testing
 import WireProtocol
-
-/// Where `swift build` put the executables: next to the test bundle that is running now.
-enum Binaries {
-    static let directory: String = {
-        if let override = ProcessInfo.processInfo.environment["NPU_SUPERVISOR_BIN"] { return override }
-        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
-        var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
-        // The runner may live inside an .xctest bundle folder.
-        while !FileManager.default.fileExists(atPath: dir.appendingPathComponent("npu-worker").path),
-              dir.path != "/" {
-            dir = dir.deletingLastPathComponent()
-        }
-        return dir.path
-    }()
-
-    static var supervisord: String { directory + "/npu-supervisord" }
-    static var supervisorctl: String { directory + "/npu-supervisorctl" }
-    static var worker: String { directory + "/npu-worker" }
-}
-
-/// Waits for `condition` to hold, checking every 10 ms, for at most `timeout`. Returns whether it held.
-func eventually(timeout: Duration = .seconds(10), _ condition: () throws -> Bool) rethrows -> Bool {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if try condition() { return true }
-        usleep(10_000)
-    }
-    return try condition()
-}
-
-func processExists(_ pid: Int32) -> Bool {
-    // A zombie still "exists" for kill(0); check its state in /proc.
-    guard kill(pid, 0) == 0 else { return false }
-    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-          let close = stat.lastIndex(of: ")") else { return false }
-    let state = stat[stat.index(close, offsetBy: 2)]
-    return state != "Z"
-}
-
-/// The result of running a command.
-struct CommandResult {
-    var status: Int32
-    var stdout: String
-    var stderr: String
-}
-
-func runCommand(_ path: String, _ arguments: [String], environment: [String: String]? = nil) throws -> CommandResult {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: path)
-    process.arguments = arguments
-    if let environment { process.environment = environment }
-    let out = Pipe()
-    let err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    process.standardInput = FileHandle.nullDevice
-    try process.run()
-    let outData = out.fileHandleForReading.readDataToEndOfFile()
-    let errData = err.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return CommandResult(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
-                         stderr: String(decoding: errData, as: UTF8.self))
-}
 
 /// One npu-supervisord with its own temporary folder, config and sockets. Always torn down: SIGKILL of the
 /// daemon and of every worker it ever reported, then the folder is removed.
 final class TestDaemon {
     let directory: String
     let configPath: String
-    let process = Process()
     let logPath: String
-    private var seenWorkerPids: Set<Int32> = []
+    /// The running daemon (nil when made with `start: false`).
+    private(set) var process: DaemonProcess?
 
     var controlSocket: String { directory + "/run/control.sock" }
     var requestsSocket: String { directory + "/run/requests.sock" }
@@ -120,34 +58,42 @@ final class TestDaemon {
         }
         toml += "\n" + extra + "\n"
         try toml.write(toFile: configPath, atomically: true, encoding: .utf8)
-        process.executableURL = URL(fileURLWithPath: Binaries.supervisord)
-        process.arguments = ["--config", configPath]
-        var env = ProcessInfo.processInfo.environment
-        for (k, v) in environment { env[k] = v }
-        process.environment = env
         _ = FileManager.default.createFile(atPath: logPath, contents: nil)
-        let log = FileHandle(forWritingAtPath: logPath)!
-        process.standardOutput = log
-        process.standardError = log
-        process.standardInput = FileHandle.nullDevice
-        if start { try process.run() }
+        if start {
+            process = try DaemonProcess(arguments: ["--config", configPath], environment: environment,
+                                        logPath: logPath)
+        }
     }
 
     deinit {
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        for pid in seenWorkerPids where processExists(pid) { kill(-pid, SIGKILL); kill(pid, SIGKILL) }
+        process = nil  // SIGKILLs the daemon and every worker it reported, if still running
         try? FileManager.default.removeItem(atPath: directory)
     }
 
-    var pid: Int32 { process.processIdentifier }
+    var pid: Int32 { process?.pid ?? 0 }
+
+    /// False once the daemon has exited (it is reaped then).
+    var isRunning: Bool { process?.isRunning ?? false }
+
+    /// The daemon's exit code (128 + signal for a signal), once exited.
+    var exitStatus: Int32? { process?.exitStatus }
 
     var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 
     /// The status document from status.sock, or nil when the daemon does not answer (yet).
     func status() -> StatusDocument? {
         guard let doc = try? readStatusDocument(path: statusSocket) else { return nil }
-        for w in doc.workers { if let p = w.pid { seenWorkerPids.insert(p) } }
+        process?.remember(doc)
         return doc
+    }
+
+    /// Waits until the daemon's own clock (its uptime, as its status document reports it) has moved on by
+    /// `interval`: the daemon has had that much time to act, however the test itself was scheduled.
+    @discardableResult
+    func waitForDaemonTime(_ interval: Duration, timeout: Duration = .seconds(20)) -> Bool {
+        guard let start = status()?.supervisor.uptimeSeconds else { return false }
+        let seconds = Double(interval.components.seconds) + Double(interval.components.attoseconds) / 1e18
+        return eventually(timeout: timeout) { (status()?.supervisor.uptimeSeconds ?? 0) >= start + seconds }
     }
 
     func worker(_ device: String) -> WorkerStatus? { status()?.workers.first { $0.device == device } }
@@ -173,9 +119,7 @@ final class TestDaemon {
 
     /// SIGTERM and wait for the exit status.
     func terminate(timeout: Duration = .seconds(20)) -> Int32? {
-        kill(pid, SIGTERM)
-        guard eventually(timeout: timeout, { !process.isRunning }) else { return nil }
-        return process.terminationStatus
+        process?.terminate(timeout: timeout)
     }
 }
 

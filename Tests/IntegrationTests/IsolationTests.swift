@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NPUClient
+import TestSupport
 import Testing
 import WireProtocol
 

@@ -1,6 +1,8 @@
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import NPUClient
+import TestSupport
 import Testing
 import WireProtocol
 
@@ -207,26 +209,33 @@ struct RequestRoutingTests {
             answered.insert(frame.requestID)
         }
         #expect(answered == ids)
-        #expect(eventually { !daemon.process.isRunning })
-        #expect(daemon.process.terminationStatus == 0)
+        #expect(eventually { !daemon.isRunning })
+        #expect(daemon.exitStatus == 0)
     }
 }
 
-final class ResultsBox: @unchecked Sendable {
-    private let lock = NSLock()
-    private(set) var errors: [String] = []
-    private(set) var count = 0
-    private(set) var devices: Set<String> = []
-    private var textByKey: [String: String] = [:]
+/// What the load test's client threads report.
+final class ResultsBox: Sendable {
+    private struct Results {
+        var errors: [String] = []
+        var count = 0
+        var devices: Set<String> = []
+    }
 
-    func add(error: String) { lock.withLock { errors.append(error) } }
+    private let results = NIOLockedValueBox(Results())
+
+    var errors: [String] { results.withLockedValue { $0.errors } }
+    var count: Int { results.withLockedValue { $0.count } }
+    var devices: Set<String> { results.withLockedValue { $0.devices } }
+
+    func add(error: String) { results.withLockedValue { $0.errors.append(error) } }
 
     func add(answer: WorkerAnswer, key: String, tokens: Int) {
-        lock.withLock {
-            count += 1
-            devices.insert(answer.device)
-            if answer.tokens != tokens { errors.append("asked \(tokens) tokens, got \(answer.tokens)") }
-            if answer.text.split(separator: " ").count != tokens { errors.append("text has the wrong length") }
+        results.withLockedValue {
+            $0.count += 1
+            $0.devices.insert(answer.device)
+            if answer.tokens != tokens { $0.errors.append("asked \(tokens) tokens, got \(answer.tokens)") }
+            if answer.text.split(separator: " ").count != tokens { $0.errors.append("text has the wrong length") }
         }
     }
 }

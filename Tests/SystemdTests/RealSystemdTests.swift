@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NPUClient
+import TestSupport
 import Testing
 import WireProtocol
 
@@ -51,7 +52,7 @@ final class SystemdSandbox {
         // PrivateTmp=yes gives the service a /tmp of its own: a checkout below /tmp or /var/tmp (binaries, this
         // scratch folder) must be bound into it. Installed binaries live in /usr/local/bin and need nothing.
         let below = { (p: String) in p.hasPrefix("/tmp/") || p.hasPrefix("/var/tmp/") }
-        let readOnly = [Paths.packageRoot, Paths.binaries].filter(below)
+        let readOnly = [PackagePaths.root, Binaries.directory].filter(below)
         if !readOnly.isEmpty || below(dir) {
             var conf = "[Service]\n"
             if !readOnly.isEmpty { conf += "BindReadOnlyPaths=" + readOnly.joined(separator: " ") + "\n" }

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NPUClient
+import TestSupport
 import Testing
 import WireProtocol
 
@@ -28,7 +29,7 @@ struct SocketActivationTests {
             arguments += ["-l", "127.0.0.1:\(port)"]
             names += ":http"
         }
-        arguments += ["--fdname=" + names, Paths.supervisord, "--config", config]
+        arguments += ["--fdname=" + names, Binaries.supervisord, "--config", config]
         let daemon = try DaemonProcess(executable: Self.activator!, arguments: arguments, logPath: dir + "/daemon.log")
         #expect(eventually { FileManager.default.fileExists(atPath: run + "/control.sock") })
         // Nobody has connected: the daemon has not been started yet.
@@ -51,7 +52,7 @@ struct SocketActivationTests {
             Issue.record("no answer on the passed requests.sock")
             return
         }
-        let ctl = try runCommand(Paths.supervisorctl, ["--socket", run + "/control.sock", "status"])
+        let ctl = try runCommand(Binaries.supervisorctl, ["--socket", run + "/control.sock", "status"])
         #expect(ctl.status == 0, "\(ctl.stderr)")
         let log = daemon.log
         for name in ["requests", "status", "control"] {
@@ -91,7 +92,7 @@ extension SocketActivationTests {
             .write(toFile: config, atomically: true, encoding: .utf8)
         let daemon = try DaemonProcess(
             executable: Self.activator!,
-            arguments: ["-l", elsewhere + "/status.sock", "--fdname=status", Paths.supervisord, "--config", config],
+            arguments: ["-l", elsewhere + "/status.sock", "--fdname=status", Binaries.supervisord, "--config", config],
             logPath: dir + "/daemon.log")
         // The file appears at bind(), a moment before listen(): a connection in between is refused. Retry.
         var doc: StatusDocument?

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 /// The shipped units (systemd/) and the installer, checked without a running systemd.
@@ -13,7 +14,7 @@ struct UnitFileTests {
         var out: [String: String] = [:]
         for name in unitNames {
             let text = try String(contentsOfFile: Paths.unitsFolder + "/" + name, encoding: .utf8)
-            out[name] = text.replacing("/usr/local/bin/", with: Paths.binaries + "/")
+            out[name] = text.replacing("/usr/local/bin/", with: Binaries.directory + "/")
                 .replacing("/etc/npu-supervisor/config.toml", with: config)
                 .replacing("/run/npu-supervisor/", with: runDir + "/")
         }
@@ -38,7 +39,7 @@ struct UnitFileTests {
     @Test func shippedUnitsVerifyWithNothingOnStderr() throws {
         let dir = try Paths.scratch("verify")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        for (name, text) in try Self.units(config: Paths.packageRoot + "/config/example.toml") {
+        for (name, text) in try Self.units(config: PackagePaths.root + "/config/example.toml") {
             try text.write(toFile: dir + "/" + name, atomically: true, encoding: .utf8)
         }
         let result = try Self.verify(dir, Self.unitNames)
@@ -89,13 +90,13 @@ struct UnitFileTests {
         let dir = try Paths.scratch("install")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let env = ["PREFIX": dir + "/prefix", "SYSCONFDIR": dir + "/etc", "UNITDIR": dir + "/units",
-                   "BUILD_DIR": Paths.binaries, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"]
-        let first = try runCommand(Paths.packageRoot + "/scripts/install.sh", [], environment: env)
+                   "BUILD_DIR": Binaries.directory, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"]
+        let first = try runCommand(PackagePaths.root + "/scripts/install.sh", [], environment: env)
         #expect(first.status == 0, "\(first)")
         for exe in ["npu-supervisord", "npu-supervisorctl", "npu-worker"] {
             #expect(access(dir + "/prefix/bin/" + exe, X_OK) == 0)
         }
-        if access(Paths.binaries + "/npu-cgroup-exec", X_OK) == 0 {
+        if access(Binaries.directory + "/npu-cgroup-exec", X_OK) == 0 {
             #expect(access(dir + "/prefix/bin/npu-cgroup-exec", X_OK) == 0, "the cgroup trampoline goes along")
         }
         let config = dir + "/etc/npu-supervisor/config.toml"
@@ -111,13 +112,13 @@ struct UnitFileTests {
         #expect(FileManager.default.fileExists(atPath: dir + "/prefix/share/doc/npu-supervisor/README.md"))
         // A second install keeps the operator's configuration.
         try "# mine\n".write(toFile: config, atomically: true, encoding: .utf8)
-        let second = try runCommand(Paths.packageRoot + "/scripts/install.sh", [], environment: env)
+        let second = try runCommand(PackagePaths.root + "/scripts/install.sh", [], environment: env)
         #expect(second.status == 0)
         #expect(try String(contentsOfFile: config, encoding: .utf8) == "# mine\n")
         #expect(FileManager.default.fileExists(atPath: config + ".example"))
         // DESTDIR stages a PREFIX=/usr install without touching the system.
-        let staged = try runCommand(Paths.packageRoot + "/scripts/install.sh", [], environment: [
-            "DESTDIR": dir + "/stage", "PREFIX": "/usr", "BUILD_DIR": Paths.binaries,
+        let staged = try runCommand(PackagePaths.root + "/scripts/install.sh", [], environment: [
+            "DESTDIR": dir + "/stage", "PREFIX": "/usr", "BUILD_DIR": Binaries.directory,
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         ])
         #expect(staged.status == 0, "\(staged)")

@@ -1,3 +1,6 @@
+// `resolve(_:against:)` and the socket rule live in SupervisorPaths, which clients use without this module.
+@_exported import SupervisorPaths
+
 /// What kind of device a worker is bound to; it chooses the default pinning variable.
 public enum DeviceKind: String, Sendable, Hashable, CaseIterable {
     case npu, gpu, cpu
@@ -124,14 +127,10 @@ extension SupervisorConfiguration {
 
         if let t = try root.table("supervisor") {
             var r = TableReader(path: "supervisor", table: t)
-            if let dir = try r.string("run_dir") { runDirectory = resolve(dir, against: baseDirectory) }
-            else { runDirectory = "/run/npu-supervisor" }
-            requestsSocket = try r.string("requests_socket").map { resolve($0, against: baseDirectory) }
-                ?? runDirectory + "/requests.sock"
-            statusSocket = try r.string("status_socket").map { resolve($0, against: baseDirectory) }
-                ?? runDirectory + "/status.sock"
-            controlSocket = try r.string("control_socket").map { resolve($0, against: baseDirectory) }
-                ?? runDirectory + "/control.sock"
+            setSockets(SocketPaths(
+                runDirectory: try r.string("run_dir"), requestsSocket: try r.string("requests_socket"),
+                statusSocket: try r.string("status_socket"), controlSocket: try r.string("control_socket"),
+                baseDirectory: baseDirectory))
             if let mode = try r.string("socket_mode") {
                 guard let m = UInt32(mode, radix: 8), m <= 0o777 else {
                     throw ConfigError(key: "supervisor.socket_mode", value: "\"\(mode)\"",
@@ -159,9 +158,7 @@ extension SupervisorConfiguration {
             readyTimeout = try r.duration("ready_timeout", min: .milliseconds(100))
             try r.rejectUnknownKeys()
         } else {
-            requestsSocket = runDirectory + "/requests.sock"
-            statusSocket = runDirectory + "/status.sock"
-            controlSocket = runDirectory + "/control.sock"
+            setSockets(SocketPaths(baseDirectory: baseDirectory))
         }
 
         if let t = try root.table("requests") {
@@ -410,17 +407,13 @@ extension WorkerSpec {
     }
 }
 
-/// `path` if absolute, else `base/path` (with `./` segments removed).
-public func resolve(_ path: String, against base: String) -> String {
-    if path.hasPrefix("/") { return path }
-    var parts = base.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
-    for part in path.split(separator: "/", omittingEmptySubsequences: true) {
-        switch part {
-        case ".": continue
-        case "..": if !parts.isEmpty { parts.removeLast() }
-        default: parts.append(String(part))
-        }
+extension SupervisorConfiguration {
+    /// The socket paths, by the rule clients share (``SocketPaths``).
+    mutating func setSockets(_ paths: SocketPaths) {
+        runDirectory = paths.runDirectory
+        requestsSocket = paths.requests
+        statusSocket = paths.status
+        controlSocket = paths.control
     }
-    return "/" + parts.joined(separator: "/")
 }
 
