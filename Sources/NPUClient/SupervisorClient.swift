@@ -39,7 +39,7 @@ public final class SupervisorClient: Sendable {
     /// Sends an inference request without waiting for its answer.
     public func sendRequest(id: UInt64, payload: ByteBuffer, options: RequestOptions? = nil) throws {
         if let options {
-            try io.write(Frame(type: .request, flags: .hasOptions, requestID: id, payload: options.prefixing(payload)))
+            try io.write(Frame(type: .request, flags: .hasOptions, requestID: id, payload: try options.prefixing(payload)))
         } else {
             try io.write(Frame(type: .request, requestID: id, payload: payload))
         }
@@ -87,7 +87,7 @@ public final class SupervisorClient: Sendable {
     /// `tail -f`).
     public func control(_ command: ControlCommand) throws -> Frame {
         let id = makeRequestID()
-        try io.write(Frame(type: .request, requestID: id, payload: JSONCoding.encode(command)))
+        try io.write(Frame(type: .request, requestID: id, payload: try JSONCoding.encode(command)))
         while let frame = try readFrame() {
             if frame.requestID == id || frame.requestID == 0 { return frame }
         }

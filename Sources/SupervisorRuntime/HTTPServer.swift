@@ -57,7 +57,9 @@ extension Supervisor {
             return (ready ? .ok : .serviceUnavailable, "text/plain; charset=utf-8",
                     Array("\(ready ? "ready" : "not ready"): \(why)\n".utf8))
         case "/health":
-            var body = JSONCoding.encode(statusDocument(), pretty: true)
+            guard var body = try? JSONCoding.encode(statusDocument(), pretty: true) else {
+                return (.internalServerError, "text/plain; charset=utf-8", Array("status document unencodable\n".utf8))
+            }
             body.writeString("\n")
             return (health == .unavailable ? .serviceUnavailable : .ok, "application/json",
                     Array(body.readableBytesView))

@@ -65,7 +65,12 @@ final class StatusHandler: ChannelInboundHandler {
     init(supervisor: Supervisor) { self.supervisor = supervisor }
 
     func channelActive(context: ChannelHandlerContext) {
-        var buffer = JSONCoding.encode(supervisor.statusDocument(), pretty: true)
+        var buffer: ByteBuffer
+        do {
+            buffer = try JSONCoding.encode(supervisor.statusDocument(), pretty: true)
+        } catch {
+            buffer = ByteBuffer(string: "{\"error\": \"status document unencodable: \(error)\"}")
+        }
         buffer.writeString("\n")
         let channel = context.channel
         context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in channel.close(promise: nil) }

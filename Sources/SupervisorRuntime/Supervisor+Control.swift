@@ -49,14 +49,14 @@ extension Supervisor {
             case .status, .health:
                 if verb == .status { _ = try select(allowEmpty: true) }
                 let document = statusDocument(devices: verb == .status ? command.devices : nil)
-                answer(Frame(type: .response, requestID: requestID, payload: JSONCoding.encode(document)))
+                answer(Frame(type: .response, requestID: requestID, payload: try JSONCoding.encode(document)))
             case .pid:
                 var pid: Int32? = getpid()
                 if let named = command.devices, !named.isEmpty {
                     guard named.count == 1, named != ["all"] else { throw SupervisorError("pid takes one device") }
                     pid = try select(allowEmpty: false).first.flatMap { machine.workers[$0].pid }
                 }
-                answer(Frame(type: .response, requestID: requestID, payload: JSONCoding.encode(PidResult(pid: pid))))
+                answer(Frame(type: .response, requestID: requestID, payload: try JSONCoding.encode(PidResult(pid: pid))))
             case .start, .stop, .restart:
                 let selected = try select(allowEmpty: false)
                 guard !isShuttingDown else {
@@ -67,7 +67,7 @@ extension Supervisor {
                 let names = selected.map { devices[$0] }
                 let result = ControlResult(ok: true, message: "\(verb.rawValue): \(names.joined(separator: ", "))",
                                            devices: names)
-                answer(Frame(type: .response, requestID: requestID, payload: JSONCoding.encode(result)))
+                answer(Frame(type: .response, requestID: requestID, payload: try JSONCoding.encode(result)))
             case .tail:
                 guard let index = try select(allowEmpty: false).first,
                       command.devices?.count == 1, command.devices != ["all"]
@@ -81,11 +81,11 @@ extension Supervisor {
                         device: slot.spec.device, requestID: requestID, channel: channel)
                 } else {
                     answer(Frame(type: .response, requestID: requestID,
-                                 payload: JSONCoding.encode(TailResult(device: slot.spec.device, lines: lines))))
+                                 payload: try JSONCoding.encode(TailResult(device: slot.spec.device, lines: lines))))
                 }
             case .shutdown:
                 let result = ControlResult(ok: true, message: "shutting down", devices: devices)
-                answer(Frame(type: .response, requestID: requestID, payload: JSONCoding.encode(result)))
+                answer(Frame(type: .response, requestID: requestID, payload: try JSONCoding.encode(result)))
                 shutdown(reason: "shutdown requested by uid \(peer?.uid ?? 0)")
             }
         } catch {

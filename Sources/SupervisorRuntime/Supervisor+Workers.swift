@@ -68,7 +68,12 @@ extension Supervisor {
                     }
                     slot.channel = channel
                     slot.outbound = channel.allocator.buffer(capacity: 4096)
-                    slot.send(Frame(type: .hello, payload: JSONCoding.encode(hello)))
+                    do {
+                        slot.send(Frame(type: .hello, payload: try JSONCoding.encode(hello)))
+                    } catch {
+                        self.feed(.channelFailed(slot: slot.index, pid: pid, message: "hello unencodable: \(error)"))
+                        return
+                    }
                     slot.flush()
                     self.feed(.channelOpened(slot: slot.index, pid: pid))
                 case .failure(let error):

@@ -16,7 +16,7 @@ import WireProtocol
 /// so a request travels client → worker → client without a thread hop. One timer is armed at the earliest of
 /// the machine's ``SupervisorMachine/nextDeadline`` and the request deadlines.
 public final class Supervisor: @unchecked Sendable {  // loop-confined: checked by assertInEventLoop at every entry
-    public static let version = "0.1.0"
+    public static let version = npuSupervisorRelease
 
     let eventLoop: any EventLoop
     let group: MultiThreadedEventLoopGroup

@@ -8,16 +8,16 @@ import NIOCore
 /// JSON helpers for the control, health and error payloads. Inference payloads never pass through here: the
 /// supervisor forwards them as opaque bytes.
 public enum JSONCoding {
-    public static func encode<T: Encodable>(_ value: T, pretty: Bool = false) -> ByteBuffer {
+    /// - Throws: `EncodingError` (for example a Double that is NaN or infinite: JSON has no such number).
+    public static func encode<T: Encodable>(_ value: T, pretty: Bool = false) throws -> ByteBuffer {
         let encoder = JSONEncoder()
         encoder.outputFormatting = pretty ? [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes] : [.sortedKeys, .withoutEscapingSlashes]
-        // Encoding our own Codable structs cannot fail (no floats that are NaN, no non-string keys).
-        let data = try! encoder.encode(value)
-        return ByteBuffer(bytes: data)
+        return ByteBuffer(bytes: try encoder.encode(value))
     }
 
-    public static func encodeString<T: Encodable>(_ value: T, pretty: Bool = false) -> String {
-        String(buffer: encode(value, pretty: pretty))
+    /// - Throws: `EncodingError`, as ``encode(_:pretty:)``.
+    public static func encodeString<T: Encodable>(_ value: T, pretty: Bool = false) throws -> String {
+        String(buffer: try encode(value, pretty: pretty))
     }
 
     public static func decode<T: Decodable>(_ type: T.Type, from buffer: ByteBuffer) throws -> T {
@@ -32,8 +32,10 @@ public enum JSONCoding {
 extension Frame {
     /// An `error` frame with a JSON ``ErrorPayload``.
     public static func error(requestID: UInt64, code: String, message: String, retryable: Bool = false) -> Frame {
-        Frame(type: .error, requestID: requestID,
-              payload: JSONCoding.encode(ErrorPayload(code: code, message: message, retryable: retryable)))
+        // Strings and a Bool always encode; should that ever change, the client still gets an error frame.
+        let payload = (try? JSONCoding.encode(ErrorPayload(code: code, message: message, retryable: retryable)))
+            ?? ByteBuffer(string: #"{"code":"\#(ErrorCode.workerError)","message":"unencodable error","retryable":false}"#)
+        return Frame(type: .error, requestID: requestID, payload: payload)
     }
 
     /// Decodes the payload of an `error` frame; a payload that is not valid JSON becomes a `worker_error`
@@ -52,7 +54,8 @@ extension RequestOptions {
     }
 
     /// The request payload with these options in front of it.
-    public func prefixing(_ payload: ByteBuffer) -> ByteBuffer {
-        RequestOptions.prefixed(JSONCoding.encode(self), payload: payload)
+    /// - Throws: `EncodingError`, as ``JSONCoding/encode(_:pretty:)``.
+    public func prefixing(_ payload: ByteBuffer) throws -> ByteBuffer {
+        RequestOptions.prefixed(try JSONCoding.encode(self), payload: payload)
     }
 }

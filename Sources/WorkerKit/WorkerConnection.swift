@@ -41,7 +41,7 @@ public final class WorkerConnection: Sendable {
     /// Sends hello (protocol version, pid, device, versions).
     public func hello(workerVersion: String, model: String?) throws {
         let hello = HelloFromWorker(pid: getpid(), device: device, workerVersion: workerVersion, model: model)
-        try io.write(Frame(type: .hello, payload: JSONCoding.encode(hello)))
+        try io.write(Frame(type: .hello, payload: try JSONCoding.encode(hello)))
     }
 
     /// Says the model is loaded: the supervisor starts sending requests.
@@ -82,7 +82,7 @@ public final class WorkerConnection: Sendable {
     /// Sends a `health` frame: `{"device": "ok"}` or `{"device": "error", "detail": problem}`.
     public func reportHealth(deviceProblem: String?) throws {
         let report = deviceProblem.map { HealthReport(device: "error", detail: $0) } ?? HealthReport(device: "ok", detail: nil)
-        try io.write(Frame(type: .health, payload: JSONCoding.encode(report)))
+        try io.write(Frame(type: .health, payload: try JSONCoding.encode(report)))
     }
 
     /// Reads frames until end-of-file, handing each request to `handler`. Returns at EOF or on `shutdown`;

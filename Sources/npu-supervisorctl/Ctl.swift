@@ -124,7 +124,7 @@ struct Status: ParsableCommand {
         let payload = sockets.run(ControlCommand(command: "status", devices: devices))
         if json {
             let doc = try JSONCoding.decode(StatusDocument.self, from: payload)
-            out(JSONCoding.encodeString(doc, pretty: true))
+            out(try JSONCoding.encodeString(doc, pretty: true))
             return
         }
         out(StatusTable.render(try JSONCoding.decode(StatusDocument.self, from: payload)))

@@ -154,6 +154,10 @@ final class Engine: Sendable {
             if parsed.stream == true { request.chunk(ByteBuffer(string: piece)) }
         }
         let response = InferenceResponse(text: text, tokens: tokens.count, device: device, pid: getpid())
-        request.respond(JSONCoding.encode(response))
+        do {
+            request.respond(try JSONCoding.encode(response))
+        } catch {
+            request.fail(code: ErrorCode.workerError, message: "answer unencodable: \(error)")
+        }
     }
 }

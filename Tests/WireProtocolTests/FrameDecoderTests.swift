@@ -57,7 +57,7 @@ struct FrameDecoderTests {
 
     @Test func requestOptionsRoundTrip() throws {
         let options = RequestOptions(deadlineMS: 250, device: "3")
-        let body = options.prefixing(ByteBuffer(string: "{\"prompt\": \"Hi\"}"))
+        let body = try options.prefixing(ByteBuffer(string: "{\"prompt\": \"Hi\"}"))
         let (decoded, rest) = try RequestOptions.split(body)
         #expect(decoded == options)
         #expect(String(buffer: rest) == "{\"prompt\": \"Hi\"}")
