@@ -163,6 +163,14 @@ public struct SupervisorMachine: Sendable {
     var requestsInFlight = 0
     var actions: [Action] = []
     var healthDirty = false
+    /// Work on the request queue that this event calls for; emitted last (see ``finishTurn(now:)``).
+    var queueWork: QueueWork = []
+
+    struct QueueWork: OptionSet {
+        let rawValue: UInt8
+        static let answerHopeless = QueueWork(rawValue: 1)
+        static let dispatch = QueueWork(rawValue: 2)
+    }
 
     /// - Parameters:
     ///   - protocolVersion: the wire protocol version workers must say in their hello.
@@ -263,9 +271,11 @@ public struct SupervisorMachine: Sendable {
 
     // MARK: Reads for status, health and routing
 
-    /// Why no worker can serve a request (pinned to `slot`, or any), or nil when one may.
+    /// Why no worker can serve a request (pinned to `slot`, or any), or nil when one may. The hot path asks
+    /// ``Router/hopeful`` first; this builds the message.
     public func noWorkersReason(pinned slot: Int?) -> String? {
         if isBooting { return nil }
+        if slot.map({ router.hopeful[$0] }) ?? router.anyHopeful { return nil }
         let candidates = slot.map { [$0] } ?? Array(workers.indices)
         return Admission.noWorkersReason(candidates.map { (workers[$0].spec.device, workers[$0].lifecycle) })
     }
@@ -285,8 +295,14 @@ public struct SupervisorMachine: Sendable {
                                       message: message, reason: reason)))
     }
 
-    /// Carries out a lifecycle decision.
+    /// Carries out a lifecycle decision. A spawn asked for earlier in this event that the lifecycle no longer
+    /// wants (it was stopped, or held failed, in the same turn) is withdrawn before the runtime sees it.
     mutating func perform(_ action: WorkerStateMachine.Action?, on slot: Int) {
+        if workers[slot].isSpawnPending, action != .spawn,
+           workers[slot].lifecycle.desired == .down || workers[slot].lifecycle.isHeldFailed {
+            workers[slot].isSpawnPending = false
+            actions.removeAll { $0 == .spawn(slot: slot) }
+        }
         switch action {
         case .spawn?:
             workers[slot].isSpawnPending = true
@@ -302,7 +318,9 @@ public struct SupervisorMachine: Sendable {
         healthDirty = true
     }
 
-    /// End of every event: keep the router's view current, run the fallback rule, finish a drained shutdown.
+    /// End of every event: keep the router's view current, run the fallback rule, finish a drained shutdown,
+    /// and only then touch the queue, so that a fallback worker started in this turn counts as coming (its
+    /// spawn is carried out before queued requests are judged hopeless).
     mutating func finishTurn(now: MonotonicInstant) {
         for slot in workers.indices where router.serving[slot] != workers[slot].isServing {
             router.setServing(slot, workers[slot].isServing)
@@ -317,6 +335,14 @@ public struct SupervisorMachine: Sendable {
             }
             emit(.healthChanged)
         }
+        if !isBooting {
+            for slot in workers.indices {
+                router.setHopeful(slot, workers[slot].isSpawnPending || Admission.isHopeful(workers[slot].lifecycle))
+            }
+        }
+        if queueWork.contains(.answerHopeless) { emit(.answerHopelessQueued) }
+        if queueWork.contains(.dispatch) { emit(.dispatchQueued) }
+        queueWork = []
     }
 }
 

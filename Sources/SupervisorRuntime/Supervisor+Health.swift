@@ -15,7 +15,8 @@ extension Supervisor {
         let index = slot.index
         switch probe.kind {
         case .none, .worker:
-            feed(.deviceProbeFinished(slot: index, failure: nil))
+            // The machine judges `worker` probes itself and never asks to run `none`.
+            preconditionFailure("runDeviceProbe for a \(probe.kind) probe")
         case .path:
             var failure: String?
             for path in probe.paths {

@@ -108,7 +108,7 @@ extension Supervisor {
         }
         var pinned = -1
         if let device = options.device {
-            guard let slot = machine.slot(of: device) else {
+            guard let slot = slots.firstIndex(where: { $0.spec.device == device }) else {
                 client.send(.error(requestID: clientID, code: ErrorCode.badRequest,
                                    message: "unknown device '\(device)'; configured: "
                                        + machine.devices.joined(separator: ", ")))
@@ -116,7 +116,7 @@ extension Supervisor {
             }
             pinned = slot
         }
-        if let reason = machine.noWorkersReason(pinned: pinned >= 0 ? pinned : nil) {
+        if let reason = noWorkersReason(pinned: pinned) {
             client.send(.error(requestID: clientID, code: ErrorCode.noWorkers, message: reason, retryable: true))
             return
         }
@@ -284,7 +284,7 @@ extension Supervisor {
     func answerHopelessQueued() {
         guard !queue.isEmpty else { return }
         for request in Array(queue) where request.isQueued {
-            if let reason = machine.noWorkersReason(pinned: request.pinned >= 0 ? request.pinned : nil) {
+            if let reason = noWorkersReason(pinned: request.pinned) {
                 finish(request, with: .error(requestID: request.clientID, code: ErrorCode.noWorkers,
                                              message: reason, retryable: true))
             }

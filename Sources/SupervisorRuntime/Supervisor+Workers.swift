@@ -32,14 +32,27 @@ extension Supervisor {
         } catch {
             preconditionFailure("ProcessSpawner.spawn throws only SystemError")
         }
+        feed(.spawned(slot: slot.index, pid: spawned.pid))
+        guard machine.workers[slot.index].lifecycle.pid == spawned.pid else {
+            // Refused (no longer wanted): the machine had it SIGKILLed. Collect it so it leaves no zombie.
+            for fd in [spawned.channelFD, spawned.outputFD, spawned.pidFD] where fd >= 0 { Glibc.close(fd) }
+            var status: Int32 = 0
+            _ = waitpid(spawned.pid, &status, 0)
+            if let cgroups, let cgroup = slot.cgroup {
+                cgroups.killAll(cgroup.path)
+                cgroups.remove(cgroup.path)
+                slot.cgroup = nil
+            }
+            return
+        }
         slot.pid = spawned.pid
         slot.isReaped = false
         slot.spawnedAt = .now()
         slot.hello = nil
-        feed(.spawned(slot: slot.index, pid: spawned.pid))
+        // The exit watch first: the timer never polls for a process a pidfd already watches.
+        watchExit(slot, pid: spawned.pid, pidFD: spawned.pidFD)
         attachChannel(slot, pid: spawned.pid, fd: spawned.channelFD)
         attachOutput(slot, pid: spawned.pid, fd: spawned.outputFD)
-        watchExit(slot, pid: spawned.pid, pidFD: spawned.pidFD)
     }
 
     func attachChannel(_ slot: WorkerIO, pid: pid_t, fd: CInt) {
@@ -75,7 +88,8 @@ extension Supervisor {
                         return
                     }
                     slot.flush()
-                    self.feed(.channelOpened(slot: slot.index, pid: pid))
+                    // A write that failed may have closed it already: then its close is the news.
+                    if slot.channel != nil { self.feed(.channelOpened(slot: slot.index, pid: pid)) }
                 case .failure(let error):
                     Glibc.close(fd)
                     self.feed(.channelFailed(slot: slot.index, pid: pid, message: "\(error)"))

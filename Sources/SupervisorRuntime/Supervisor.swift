@@ -83,7 +83,15 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         .uptimeNanoseconds(UInt64(max(0, instant.nanoseconds)))
     }
 
-    var isShuttingDown: Bool { machine.isShuttingDown }
+    /// Read through stored properties only: a computed property or method of `machine` would copy the whole
+    /// machine on every request (measured with perf).
+    var isShuttingDown: Bool { machine.shutdown.state != .running }
+
+    /// Why no worker can serve (rare: the message is built only then), or nil.
+    @inline(__always) func noWorkersReason(pinned: Int) -> String? {
+        if pinned >= 0 ? machine.router.hopeful[pinned] : machine.router.anyHopeful { return nil }
+        return machine.noWorkersReason(pinned: pinned >= 0 ? pinned : nil)
+    }
 
     // MARK: Feeding the machine
 

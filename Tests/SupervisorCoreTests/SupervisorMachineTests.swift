@@ -160,8 +160,9 @@ struct SupervisorMachineTests {
         _ = m.handle(.timer, now: Self.t0 + .seconds(1))  // backoff over: spawn
         m.makeServing(0, pid: 44, now: Self.t0 + .seconds(2))
         #expect(!m.router.serving[0], "ready, but its device is still out of rotation")
-        // The fresh worker's device is probed soon, still bad: held failed.
-        _ = m.handle(.timer, now: Self.t0 + .seconds(4))
+        // The fresh worker's device is probed soon (not a whole interval later), still bad: held failed.
+        #expect(m.workers[0].device.nextProbeAt == Self.t0 + .seconds(4))
+        #expect(m.handle(.timer, now: Self.t0 + .seconds(4)).contains(.runDeviceProbe(slot: 0)))
         let held = m.handle(.deviceProbeFinished(slot: 0, failure: "Critical"), now: Self.t0 + .seconds(4))
         #expect(Self.signals(held) == [15])
         _ = m.handle(.channelClosed(slot: 0, pid: 44), now: Self.t0 + .seconds(4))
@@ -170,11 +171,11 @@ struct SupervisorMachineTests {
         #expect(m.workers[0].lifecycle.isHeldFailed)
         // Probed again after `interval` (the worker was still stopping at the verdict), then on failed_interval.
         #expect(m.workers[0].device.nextProbeAt == Self.t0 + .seconds(14))
-        _ = m.handle(.timer, now: Self.t0 + .seconds(14))
+        #expect(m.handle(.timer, now: Self.t0 + .seconds(14)).contains(.runDeviceProbe(slot: 0)))
         _ = m.handle(.deviceProbeFinished(slot: 0, failure: "Critical"), now: Self.t0 + .seconds(14))
         #expect(m.workers[0].device.nextProbeAt == Self.t0 + .seconds(74))
         // Recovery restarts it.
-        _ = m.handle(.timer, now: Self.t0 + .seconds(74))
+        #expect(m.handle(.timer, now: Self.t0 + .seconds(74)).contains(.runDeviceProbe(slot: 0)))
         #expect(Self.spawns(m.handle(.deviceProbeFinished(slot: 0, failure: nil), now: Self.t0 + .seconds(74))) == [0])
     }
 
@@ -238,6 +239,55 @@ struct SupervisorMachineTests {
         _ = m.handle(.spawned(slot: 0, pid: 42), now: Self.t0)
         #expect(m.nextDeadline == Self.t0 + .seconds(5), "the next extension comes before the start timeout")
         #expect(m.handle(.timer, now: Self.t0 + .seconds(5)).contains(.notify(.extendTimeout(microseconds: 20_000_000))))
+    }
+
+    @Test func aFallbackStartedInTheSameTurnKeepsQueuedRequestsWaiting() {
+        var m = SupervisorMachine(config: config(devices: 1, fallback: 1), protocolVersion: 1)
+        _ = m.handle(.boot, now: Self.t0)
+        _ = m.handle(.spawned(slot: 0, pid: 42), now: Self.t0)
+        let actions = m.handle(.processExited(slot: 0, pid: 42, .exited(code: 78), oomKillsRose: nil, jitter: 0),
+                               now: Self.t0)
+        let spawn = actions.firstIndex(of: .spawn(slot: 1))
+        let hopeless = actions.firstIndex(of: .answerHopelessQueued)
+        #expect(spawn != nil && hopeless != nil && spawn! < hopeless!,
+                "the CPU worker is started before queued requests are judged: \(actions)")
+        #expect(m.noWorkersReason(pinned: nil) == nil, "a fallback worker is coming")
+        #expect(m.noWorkersReason(pinned: 0) == "no worker can serve: device 0 failed")
+    }
+
+    @Test func aSpawnDueInTheTurnThatEndsTheDrainIsWithdrawn() {
+        var m = SupervisorMachine(config: config(devices: 2), protocolVersion: 1)
+        _ = m.handle(.boot, now: Self.t0)
+        m.makeServing(0, pid: 42, now: Self.t0)
+        m.makeServing(1, pid: 43, now: Self.t0)
+        _ = m.handle(.channelClosed(slot: 0, pid: 42), now: Self.t0)
+        _ = m.handle(.processExited(slot: 0, pid: 42, .exited(code: 1), oomKillsRose: nil, jitter: 0), now: Self.t0)
+        // Device 1 still serves a request: the shutdown drains (at most 10 s).
+        _ = m.handle(.shutdown(reason: "signal", requestsInFlight: 1), now: Self.t0)
+        m.frameReceived(slot: 1, now: Self.t0 + .seconds(19))
+        // The backoff (1 s) and the drain (10 s) are both over when the timer fires late.
+        let actions = m.handle(.timer, now: Self.t0 + .seconds(20))
+        #expect(Self.spawns(actions) == [], "a worker must not start after shutdown stopped it: \(actions)")
+        #expect(actions.contains(.answerAllShuttingDown) && Self.signals(actions) == [15])
+        _ = m.handle(.channelClosed(slot: 1, pid: 43), now: Self.t0 + .seconds(20))
+        let gone = m.handle(.processExited(slot: 1, pid: 43, .exited(code: 0), oomKillsRose: nil, jitter: 0),
+                            now: Self.t0 + .seconds(20))
+        #expect(gone.contains(.closeSockets), "nothing is left: no process, no pending spawn")
+        // A spawn reported anyway is killed, not adopted.
+        let late = m.handle(.spawned(slot: 0, pid: 77), now: Self.t0 + .seconds(20))
+        #expect(late.contains(.signal(slot: 0, pid: 77, signal: 9)))
+        #expect(m.workers[0].pid == nil)
+    }
+
+    @Test func startUpGraceSendsReadyWithTheReasonThroughTheMachine() {
+        var configuration = config(devices: 1)
+        configuration.readyTimeout = .seconds(2)
+        var m = SupervisorMachine(config: configuration, protocolVersion: 1)
+        _ = m.handle(.boot, now: Self.t0)
+        _ = m.handle(.spawned(slot: 0, pid: 42), now: Self.t0)
+        #expect(m.nextDeadline == Self.t0 + .seconds(2))
+        let actions = m.handle(.timer, now: Self.t0 + .seconds(2))
+        #expect(actions.contains(.notify(.ready(status: "start-up grace ready_timeout (2s) passed; unavailable: 0/1 workers ready (device 0 starting)"))))
     }
 
     @Test func controlVerbsAreRefusedWhileShuttingDown() {

@@ -20,7 +20,9 @@ struct WorkerStateMachineSweepTests {
     }
 
     enum Event: String, CaseIterable, Sendable {
-        case start, stop, restart, spawned, spawnFailed, ready, fault, holdFailed, exited, timer
+        /// `timer` fires long after every deadline; `earlyTimer` before any (the one-timer design fires early
+        /// whenever a deadline moved later).
+        case start, stop, restart, spawned, spawnFailed, ready, fault, holdFailed, exited, timer, earlyTimer
     }
 
     /// Drives a fresh machine into `start` (pid 100 for a running process).
@@ -77,8 +79,9 @@ struct WorkerStateMachineSweepTests {
         case .holdFailed: action = m.holdFailed(.deviceUnhealthy("x"), now: later)
         case .exited: action = m.exited(.exited(code: 1), now: later, jitter: 0)
         case .timer: action = m.timerFired(now: farLater)
+        case .earlyTimer: action = m.timerFired(now: t0 + .milliseconds(500))
         }
-        let unchanged = m.state == before.state && m.desired == before.desired && m.lastExit == before.lastExit
+        let unchanged = sameObservable(m, before)
         if !accepted || (action == nil && unchanged && !event.mayChangeOnlyIntent) { return "refused" }
         let shown: String = switch action {
         case nil: "-"
@@ -88,47 +91,53 @@ struct WorkerStateMachineSweepTests {
         return "\(m.stateName)/\(shown)"
     }
 
+    /// Everything a caller can observe of the machine.
+    static func sameObservable(_ a: WorkerStateMachine, _ b: WorkerStateMachine) -> Bool {
+        a.state == b.state && a.desired == b.desired && a.lastExit == b.lastExit && a.exitCounts == b.exitCounts
+            && a.restarts == b.restarts && a.nextDeadline == b.nextDeadline && a.isHeldFailed == b.isHeldFailed
+    }
+
     /// cell = the outcome of (state, event); rows in ``Start`` order, columns in ``Event`` order.
     static let table: [Start: [Event: String]] = [
         .stopped: [
             .start: "stopped/spawn", .stop: "refused", .restart: "stopped/spawn", .spawned: "starting/-",
             .spawnFailed: "stopped/-", .ready: "refused", .fault: "refused", .holdFailed: "stopped/-",
-            .exited: "refused", .timer: "refused",
+            .exited: "refused", .timer: "refused", .earlyTimer: "refused",
         ],
         .starting: [
             .start: "starting/-", .stop: "stopping/TERM", .restart: "stopping/TERM", .spawned: "refused",
             .spawnFailed: "refused", .ready: "ready/-", .fault: "stopping/KILL", .holdFailed: "stopping/TERM",
-            .exited: "backoff/-", .timer: "stopping/KILL",
+            .exited: "backoff/-", .timer: "stopping/KILL", .earlyTimer: "refused",
         ],
         .ready: [
             .start: "ready/-", .stop: "stopping/TERM", .restart: "stopping/TERM", .spawned: "refused",
             .spawnFailed: "refused", .ready: "refused", .fault: "stopping/KILL", .holdFailed: "stopping/TERM",
-            .exited: "backoff/-", .timer: "refused",
+            .exited: "backoff/-", .timer: "refused", .earlyTimer: "refused",
         ],
         .stoppingTerm: [
             .start: "stopping/-", .stop: "refused", .restart: "stopping/-", .spawned: "refused",
             .spawnFailed: "refused", .ready: "refused", .fault: "stopping/KILL", .holdFailed: "stopping/-",
-            .exited: "stopped/-", .timer: "stopping/KILL",
+            .exited: "stopped/-", .timer: "stopping/KILL", .earlyTimer: "refused",
         ],
         .stoppingKill: [
             .start: "stopping/-", .stop: "stopping/-", .restart: "stopping/-", .spawned: "refused",
             .spawnFailed: "refused", .ready: "refused", .fault: "refused", .holdFailed: "stopping/-",
-            .exited: "backoff/-", .timer: "stopping/KILL",
+            .exited: "backoff/-", .timer: "stopping/KILL", .earlyTimer: "refused",
         ],
         .backoff: [
             .start: "backoff/spawn", .stop: "stopped/-", .restart: "backoff/spawn", .spawned: "starting/-",
             .spawnFailed: "failed/-", .ready: "refused", .fault: "refused", .holdFailed: "failed/-",
-            .exited: "refused", .timer: "backoff/spawn",
+            .exited: "refused", .timer: "backoff/spawn", .earlyTimer: "refused",
         ],
         .failedRetry: [
             .start: "failed/spawn", .stop: "stopped/-", .restart: "failed/spawn", .spawned: "starting/-",
             .spawnFailed: "failed/-", .ready: "refused", .fault: "refused", .holdFailed: "failed/-",
-            .exited: "refused", .timer: "failed/spawn",
+            .exited: "refused", .timer: "failed/spawn", .earlyTimer: "refused",
         ],
         .failedHeld: [
             .start: "failed/spawn", .stop: "stopped/-", .restart: "failed/spawn", .spawned: "starting/-",
             .spawnFailed: "backoff/-", .ready: "refused", .fault: "refused", .holdFailed: "failed/-",
-            .exited: "refused", .timer: "refused",
+            .exited: "refused", .timer: "refused", .earlyTimer: "refused",
         ],
     ]
 
@@ -159,10 +168,10 @@ struct WorkerStateMachineSweepTests {
                 case .fault: _ = m.fault(.hang, now: Self.later)
                 case .stop: _ = m.stop(now: Self.later)
                 case .timer: _ = m.timerFired(now: Self.farLater)
+                case .earlyTimer: _ = m.timerFired(now: Self.t0 + .milliseconds(500))
                 default: continue
                 }
-                #expect(m.state == before.state && m.restarts == before.restarts && m.nextDeadline == before.nextDeadline,
-                        "\(start) × \(event) changed the machine")
+                #expect(Self.sameObservable(m, before), "\(start) × \(event) changed the machine")
             }
         }
     }

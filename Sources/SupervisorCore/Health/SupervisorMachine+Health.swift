@@ -31,7 +31,7 @@ extension SupervisorMachine {
             switch effect {
             case .backInRotation:
                 log(.notice, slot, "device healthy again; back in rotation")
-                emit(.dispatchQueued)
+                queueWork.insert(.dispatch)
             case .restartHeldWorker:
                 log(.notice, slot, "device recovered: starting its worker again")
                 perform(workers[slot].lifecycle.start(now: now), on: slot)

@@ -16,7 +16,8 @@ extension SupervisorMachine {
         }
         if let check = fallback?.nextCheck, now >= check { healthDirty = true }
         if let deadline = readiness.nextDeadline, now >= deadline {
-            let summary = aggregate().1
+            // The summary is only for the start-up grace message.
+            let summary = readiness.hasSentReady ? nil : aggregate().1
             for message in readiness.timer(now: now, loading: isLoading, summary: summary) {
                 if case .ready(let status) = message { log(.warning, nil, status) }
                 emit(.notify(message))
@@ -77,7 +78,8 @@ extension SupervisorMachine {
 
     /// Shutdown completes once every worker is gone.
     mutating func workerGoneDuringShutdown() {
-        guard shutdown.state == .stoppingWorkers, workers.allSatisfy({ $0.lifecycle.pid == nil }) else { return }
+        guard shutdown.state == .stoppingWorkers,
+              workers.allSatisfy({ $0.lifecycle.pid == nil && !$0.isSpawnPending }) else { return }
         if shutdown.workersGone() { emit(.closeSockets) }
     }
 }

@@ -8,6 +8,15 @@ public enum Admission {
         case refuse(code: String, message: String, retryable: Bool)
     }
 
+    /// Whether a worker in this state may serve soon.
+    public static func isHopeful(_ worker: WorkerStateMachine) -> Bool {
+        switch worker.state {
+        case .starting, .ready, .backoff: true
+        case .stopping: worker.desired == .up
+        case .stopped, .failed: false
+        }
+    }
+
     /// A request that no worker could take at once: queue it or refuse it as `overloaded`.
     public static func queueOrRefuse(queued: Int, maxQueue: Int) -> Verdict {
         guard queued < maxQueue else {
@@ -22,14 +31,7 @@ public enum Admission {
     /// may: a request then waits (queued) rather than being refused `no_workers`.
     /// - Parameter candidates: the device and state of each worker the request may go to.
     public static func noWorkersReason(_ candidates: [(device: String, state: WorkerStateMachine)]) -> String? {
-        let hopeful = candidates.contains { candidate in
-            switch candidate.state.state {
-            case .starting, .ready, .backoff: return true
-            case .stopping: return candidate.state.desired == .up
-            case .stopped, .failed: return false
-            }
-        }
-        if hopeful { return nil }
+        if candidates.contains(where: { isHopeful($0.state) }) { return nil }
         let states = candidates.map { "device \($0.device) \($0.state.stateName)" }.joined(separator: ", ")
         return "no worker can serve: " + states
     }

@@ -11,6 +11,12 @@ public struct Router: Sendable, Hashable {
     public private(set) var maxInflight: [Int]
     /// In rotation: ready, channel open, device not known to be bad. Kept current by ``SupervisorMachine``.
     public private(set) var serving: [Bool]
+    /// May serve soon: starting, ready, backing off, or stopping to come back (``Admission/isHopeful(_:)``).
+    /// A request for a worker that is not hopeful is answered `no_workers` at once instead of waiting for its
+    /// deadline. Kept current by ``SupervisorMachine``, so the hot path reads two stored values.
+    public private(set) var hopeful: [Bool]
+    /// Whether any worker is hopeful.
+    public private(set) var anyHopeful = true
     public let deviceCount: Int
     private var roundRobin = 0
 
@@ -18,6 +24,8 @@ public struct Router: Sendable, Hashable {
         self.maxInflight = maxInflight
         self.inflight = Array(repeating: 0, count: maxInflight.count)
         self.serving = Array(repeating: false, count: maxInflight.count)
+        // Before boot every worker is about to start: requests wait.
+        self.hopeful = Array(repeating: true, count: maxInflight.count)
         self.deviceCount = deviceCount
     }
 
@@ -63,6 +71,12 @@ public struct Router: Sendable, Hashable {
     }
 
     mutating func setServing(_ slot: Int, _ isServing: Bool) { serving[slot] = isServing }
+
+    mutating func setHopeful(_ slot: Int, _ isHopeful: Bool) {
+        guard hopeful[slot] != isHopeful else { return }
+        hopeful[slot] = isHopeful
+        anyHopeful = hopeful.contains(true)
+    }
 
     mutating func setMaxInflight(_ slot: Int, _ value: Int) { maxInflight[slot] = value }
 }

@@ -23,8 +23,16 @@ extension SupervisorMachine {
     }
 
     mutating func spawned(_ slot: Int, pid: Int32, now: MonotonicInstant) {
+        let wasPending = workers[slot].isSpawnPending
         workers[slot].isSpawnPending = false
-        guard workers[slot].lifecycle.spawned(pid: pid, now: now) else { return }
+        // Only a spawn the machine asked for, for a worker still wanted, becomes the slot's process; anything
+        // else (the runtime's bug) is killed at once rather than left running unsupervised.
+        guard wasPending, workers[slot].lifecycle.desired == .up, workers[slot].lifecycle.spawned(pid: pid, now: now)
+        else {
+            log(.error, slot, "a worker process nobody asked for (pid \(pid)) was reported started; killing it", pid: pid)
+            emit(.signal(slot: slot, pid: pid, signal: 9))
+            return
+        }
         workers[slot].session = WorkerSession(protocolVersion: workers[slot].session.protocolVersion)
         workers[slot].liveness.processStarted(now: now)
         workers[slot].startedAt = now
@@ -59,9 +67,12 @@ extension SupervisorMachine {
             workers[slot].hasBeenReady = true
             workers[slot].device.workerBecameReady(now: now)
             workers[slot].inference.workerBecameReady(now: now)
-            if isShuttingDown { workers[slot].inference.stop() }
+            if isShuttingDown {
+                workers[slot].device.stop()
+                workers[slot].inference.stop()
+            }
             healthDirty = true
-            emit(.dispatchQueued)
+            queueWork.insert(.dispatch)
         }
     }
 
@@ -79,11 +90,12 @@ extension SupervisorMachine {
             finishExit(slot, pid: pid, now: now)
             return
         }
-        guard workers[slot].isChannelOpen else { return }
-        workers[slot].isChannelOpen = false
-        emit(.failInflight(slot: slot))
-        emit(.dispatchQueued)
-        workers[slot].channelClosedDeadline = now + .seconds(1)
+        if workers[slot].isChannelOpen {
+            workers[slot].isChannelOpen = false
+            emit(.failInflight(slot: slot))
+            queueWork.insert(.dispatch)
+        }
+        workers[slot].channelClosedDeadline = workers[slot].channelClosedDeadline ?? now + .seconds(1)
         healthDirty = true
     }
 
@@ -125,8 +137,7 @@ extension SupervisorMachine {
             emit(.exitRecorded(slot: slot, reason: last))
         }
         perform(action, on: slot)
-        emit(.answerHopelessQueued)
-        emit(.dispatchQueued)
+        queueWork.formUnion([.answerHopeless, .dispatch])
         workerGoneDuringShutdown()
     }
 
