@@ -10,6 +10,8 @@ import WireProtocol
 /// about any of it is the machine's (``SupervisorMachine``); this file only turns it into events.
 extension Supervisor {
     func spawn(_ slot: WorkerIO) {
+        // The machine's spec is the one to run (a reload or a rollout may have replaced it).
+        slot.spec = machine.workers[slot.index].spec
         let spawned: SpawnedWorker
         do {
             var procsFD: CInt = -1

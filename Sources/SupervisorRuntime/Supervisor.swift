@@ -46,6 +46,8 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     var timer: Scheduled<Void>?
     var timerAt: NIODeadline?
     var healthPublishPending = false
+    /// `reload --wait` callers, answered when the reload is done.
+    var reloadWaiters: [(channel: any Channel, requestID: UInt64)] = []
     /// Shutdown completed: nothing is armed any more.
     var hasStopped = false
     var httpAddress: String?
@@ -99,6 +101,11 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     func feed(_ event: SupervisorMachine.Event) {
         eventLoop.assertInEventLoop()
         let actions = machine.handle(event, now: Self.now())
+        // A reload may have added slots: their I/O exists before any action names them.
+        while slots.count < machine.workers.count {
+            let index = slots.count
+            slots.append(WorkerIO(index: index, spec: machine.workers[index].spec, outputLines: config.outputLines))
+        }
         for action in actions { execute(action) }
         rearmTimer()
     }
@@ -149,6 +156,18 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
             flushAll()
         case .closeSockets:
             closeSockets()
+        case .reloadDone(let ok, let message):
+            reloadDone(ok: ok, message: message)
+        case .rolloutEnded(let state, _):
+            metrics.rolloutEnded(result: state.rawValue)
+        case .configChanged:
+            let old = config
+            config = machine.config
+            if old.logLevel != config.logLevel, let level = Logger.Level(rawValue: config.logLevel) {
+                logger.logLevel = level
+            }
+        case .persistRollout:
+            persistRollout()
         }
     }
 
@@ -270,10 +289,9 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         eventLoop.execute { self.shutdown(reason: reason) }
     }
 
-    /// SIGHUP, from any thread. Applying a changed configuration is not implemented yet: the machine says so
-    /// (an untrapped SIGHUP would terminate the process).
+    /// SIGHUP, from any thread: re-read the configuration file and apply it (as `npu-supervisorctl reload`).
     public func reloadRequested() {
-        eventLoop.execute { self.feed(.reloadRequested) }
+        eventLoop.execute { _ = self.reload() }
     }
 
     /// Releases the event loop thread. Call after ``waitUntilStopped()``.
