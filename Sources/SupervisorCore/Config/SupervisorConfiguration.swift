@@ -186,6 +186,15 @@ extension SupervisorConfiguration {
                     http.listen = listen
                 }
             }
+            if let agent = try r.string("agent_check"), !agent.isEmpty {
+                do {
+                    _ = try HTTPSettings.parse(agent)
+                } catch {
+                    throw ConfigError(key: "http.agent_check", value: "\"\(agent)\"",
+                                      expected: "host:port such as \"0.0.0.0:8088\" for HAProxy's agent-check, or \"\" for off")
+                }
+                http.agentCheck = agent
+            }
             try r.rejectUnknownKeys()
         }
 

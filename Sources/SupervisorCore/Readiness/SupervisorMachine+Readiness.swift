@@ -19,7 +19,7 @@ extension SupervisorMachine {
         if let deadline = readiness.nextDeadline, now >= deadline {
             // The summary is only for the start-up grace message.
             let summary = readiness.hasSentReady ? nil : aggregate().1
-            for message in readiness.timer(now: now, loading: isLoading, summary: summary) {
+            for message in readiness.timer(now: now, loading: isLoading || rollout.isActive, summary: summary) {
                 if case .ready(let status) = message { log(.warning, nil, status) }
                 emit(.notify(message))
             }

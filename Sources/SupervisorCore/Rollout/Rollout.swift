@@ -36,6 +36,13 @@ public struct Rollout: Sendable {
         public var device: String
         public var from: WorkerSpec
         public var to: WorkerSpec
+
+        public init(slot: Int, device: String, from: WorkerSpec, to: WorkerSpec) {
+            self.slot = slot
+            self.device = device
+            self.from = from
+            self.to = to
+        }
     }
 
     /// Where the current step is.

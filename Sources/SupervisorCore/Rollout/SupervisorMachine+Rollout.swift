@@ -180,7 +180,7 @@ extension SupervisorMachine {
     // MARK: Reload
 
     mutating func reloadBegan(now: MonotonicInstant) {
-        let began = readiness.reloadBegan(monotonicMicroseconds: UInt64(max(0, now.nanoseconds / 1000)))
+        let began = readiness.reloadBegan(monotonicMicroseconds: UInt64(max(0, now.nanoseconds / 1000)), now: now)
         for message in began { emit(.notify(message)) }
     }
 
