@@ -118,6 +118,10 @@ public struct SupervisorMachine: Sendable {
         case reload(SupervisorConfiguration)
         /// `npu-supervisorctl rollout pause|resume|undo`.
         case rolloutPause, rolloutResume, rolloutUndo
+        /// Before boot: the supervisor restarted during an upgrade. `previous` are the specs of the old
+        /// revision for each device the upgrade changes (by slot); `onPrevious` the slots still on it, which
+        /// start on it again.
+        case restoreRollout(previous: [Int: WorkerSpec], onPrevious: Set<Int>)
         /// A worker process was started for the slot.
         case spawned(slot: Int, pid: Int32)
         /// `posix_spawn` failed. `jitter` is a sample in [0, 1) for the backoff.
@@ -310,6 +314,7 @@ public struct SupervisorMachine: Sendable {
         case .rolloutPause: rolloutPause(now: now)
         case .rolloutResume: rolloutResume(now: now)
         case .rolloutUndo: rolloutUndo(now: now)
+        case .restoreRollout(let previous, let onPrevious): restoreRollout(previous: previous, onPrevious: onPrevious)
         }
         finishTurn(now: now)
         return actions

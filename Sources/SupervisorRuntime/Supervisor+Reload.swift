@@ -29,13 +29,22 @@ extension Supervisor {
             return false
         }
         let loaded: SupervisorConfiguration
+        let text: String
         do {
-            loaded = try ConfigLoader.load(path: path)
+            text = try readFile(path)
+            loaded = try ConfigLoader.parse(text, path: path)
         } catch {
             feed(.reloadFailed("\(path): \(error)"))
             return false
         }
+        let previous = appliedConfigText
         feed(.reload(loaded))
+        if machine.refusal == nil {
+            appliedConfigText = text
+            if machine.rollout.isActive, machine.rollout.kind == .upgrade, let previous {
+                writeAtomically(previous, to: rolloutFolder + "/rollout-previous.toml")
+            }
+        }
         // Without --wait the caller hears that it started; the rollout goes on.
         if let waiter, !wait, machine.isReloading,
            let index = reloadWaiters.firstIndex(where: { $0.channel === waiter.channel && $0.requestID == waiter.requestID }) {
@@ -74,14 +83,59 @@ extension Supervisor {
 
     /// Writes the rollout record next to the sockets (atomically: a new file renamed over the old one), so an
     /// operator and a restarted supervisor can see what was in progress.
-    func persistRollout() {
-        let dir = config.requestsSocket.lastIndex(of: "/").map { String(config.requestsSocket[..<$0]) } ?? "."
-        let path = dir + "/rollout.json"
-        struct Record: Encodable {
-            var rollout: RolloutStatus
-            var revisions: [String: String]
-            var generations: [String: Int]
+    var rolloutFolder: String {
+        config.requestsSocket.lastIndex(of: "/").map { String(config.requestsSocket[..<$0]) } ?? "."
+    }
+
+    struct RolloutRecord: Codable {
+        var rollout: RolloutStatus
+        var revisions: [String: String]
+        var generations: [String: Int]
+    }
+
+    /// At start, before the workers: a rollout record left by a supervisor that stopped during an upgrade
+    /// brings each device back on the revision it was on, and the rollout back paused.
+    func restoreRollout() {
+        let folder = rolloutFolder
+        guard let recordText = try? readFile(folder + "/rollout.json"),
+              let record = try? JSONCoding.decode(RolloutRecord.self, from: recordText),
+              ["progressing", "paused", "rolling_back"].contains(record.rollout.state) else { return }
+        guard record.rollout.kind == "upgrade" else {
+            logger.notice("a rolling restart was interrupted by the supervisor's own restart; every worker starts anew")
+            return
         }
+        guard let configPath, let previousText = try? readFile(folder + "/rollout-previous.toml"),
+              let previous = try? ConfigLoader.parse(previousText, path: configPath) else {
+            logger.warning("an upgrade was in progress (\(record.rollout.progress)) but its previous configuration cannot be read back: every device starts on the file's revision")
+            return
+        }
+        var specs: [Int: WorkerSpec] = [:]
+        var onPrevious: Set<Int> = []
+        for (slot, worker) in machine.workers.enumerated() where !worker.isFallback {
+            guard let old = previous.workers.first(where: { $0.device == worker.spec.device }),
+                  !old.isSameRevision(as: worker.spec) else { continue }
+            specs[slot] = old
+            if record.revisions[worker.spec.device] == old.revision { onPrevious.insert(slot) }
+        }
+        feed(.restoreRollout(previous: specs, onPrevious: onPrevious))
+    }
+
+    func writeAtomically(_ text: String, to path: String) {
+        let temporary = path + ".tmp"
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else {
+            logger.warning("cannot write \(temporary): \(String(cString: strerror(errno)))")
+            return
+        }
+        let bytes = Array(text.utf8)
+        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        Glibc.close(fd)
+        if written == bytes.count { rename(temporary, path) } else { unlink(temporary) }
+    }
+
+    func persistRollout() {
+        let path = rolloutFolder + "/rollout.json"
+        typealias Record = RolloutRecord
         var revisions: [String: String] = [:]
         var generations: [String: Int] = [:]
         for worker in machine.workers where !worker.isRetired {
@@ -91,15 +145,6 @@ extension Supervisor {
         guard let buffer = try? JSONCoding.encode(Record(rollout: rolloutStatus(), revisions: revisions,
                                                          generations: generations), pretty: true)
         else { return }
-        let temporary = path + ".tmp"
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else {
-            logger.warning("cannot write \(temporary): \(String(cString: strerror(errno)))")
-            return
-        }
-        let bytes = Array(buffer.readableBytesView) + [UInt8(ascii: "\n")]
-        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        Glibc.close(fd)
-        if written == bytes.count { rename(temporary, path) } else { unlink(temporary) }
+        writeAtomically(String(buffer: buffer) + "\n", to: path)
     }
 }

@@ -46,6 +46,9 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     var timer: Scheduled<Void>?
     var timerAt: NIODeadline?
     var healthPublishPending = false
+    /// The text of the configuration in effect (kept so that an upgrade can be resumed or undone after a
+    /// restart of the supervisor: see Supervisor+Reload.swift).
+    var appliedConfigText: String?
     /// `reload --wait` callers, answered when the reload is done.
     var reloadWaiters: [(channel: any Channel, requestID: UInt64)] = []
     /// Shutdown completed: nothing is armed any more.
@@ -67,6 +70,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         self.logger = logger
         self.notifier = notifier
         self.shutdownPromise = eventLoop.makePromise(of: Void.self)
+        self.appliedConfigText = configPath.flatMap { try? readFile($0) }
         self.machine = SupervisorMachine(
             config: config, protocolVersion: wireProtocolVersion,
             watchdogInterval: notifier.watchdogInterval.map { .nanoseconds(Int64($0)) })
@@ -275,6 +279,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
                 "control": "\(self.config.controlSocket)", "workers": "\(self.slots.count)",
             ])
             self.systemdBoot()
+            self.restoreRollout()
             self.feed(.boot)
         }.get()
     }

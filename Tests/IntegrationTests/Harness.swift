@@ -118,6 +118,13 @@ final class TestDaemon {
         try SupervisorClient(socketPath: requestsSocket, timeout: timeout)
     }
 
+    /// SIGKILLs the daemon (its workers go too: EOF on fd 3, or SIGKILL from the harness) and starts a new one
+    /// on the same config and folder, as systemd's Restart= would.
+    func restartAfterSIGKILL(environment: [String: String] = [:]) throws {
+        process = nil
+        process = try DaemonProcess(arguments: ["--config", configPath], environment: environment, logPath: logPath)
+    }
+
     /// SIGTERM and wait for the exit status.
     func terminate(timeout: Duration = .seconds(20)) -> Int32? {
         process?.terminate(timeout: timeout)

@@ -173,6 +173,30 @@ struct RolloutIntegrationTests {
         #expect(daemon.terminate() == 0)
     }
 
+    @Test func aSupervisorRestartedDuringAnUpgradeComesBackPausedWithEachDeviceOnItsRevision() throws {
+        let settings = Self.rollout.replacingOccurrences(of: "progress_deadline = \"3s\"", with: "progress_deadline = \"60s\"")
+        let daemon = try TestDaemon(devices: ["0", "1"], extra: settings)
+        let before = try #require(daemon.waitAllReady())
+        let oldRevision = try #require(before.workers[0].revision)
+        // The new revision never becomes ready: the upgrade stays on its canary.
+        try Self.setWorkerArguments(daemon, ["--never-ready"])
+        #expect(try daemon.ctl(["reload"]).status == 0)
+        #expect(eventually { daemon.worker("0")?.generation == 2 && daemon.worker("0")?.state == "starting" })
+        try daemon.restartAfterSIGKILL()
+        #expect(eventually { daemon.status()?.rollout?.state == "paused" }, "\(daemon.status()?.rollout as Any)")
+        let doc = try #require(daemon.status())
+        #expect(doc.rollout?.reason?.contains("restarted during this upgrade") == true)
+        #expect(doc.workers[1].revision == oldRevision, "device 1 had not been changed: it starts on the old revision")
+        #expect(doc.workers[0].revision != oldRevision, "device 0 was on the new revision")
+        #expect(eventually { daemon.worker("1")?.state == "ready" })
+        // Undo: device 0 back to the old revision.
+        let undo = try daemon.ctl(["rollout", "undo"])
+        #expect(undo.status == 0, "\(undo.stderr)")
+        #expect(eventually(timeout: .seconds(20)) { daemon.status()?.rollout?.state == "rolled_back" })
+        #expect(eventually { daemon.status()?.workers.allSatisfy { $0.revision == oldRevision && $0.state == "ready" } == true })
+        #expect(daemon.terminate() == 0)
+    }
+
     @Test func theAgentCheckWeighsTheHostByServingDevicesAndSaysDrain() throws {
         let port = try freeTCPPort()
         let daemon = try TestDaemon(devices: ["0", "1", "2", "3"], extra: Self.rollout,

@@ -272,6 +272,25 @@ struct RolloutMachineTests {
         #expect(m.workers[1].spec.command == ["npu-worker"] && m.workers[1].generation == 1)
     }
 
+    @Test func aRestoredUpgradeStartsEachDeviceOnItsRecordedRevisionPaused() {
+        var configuration = config(devices: 3)
+        configuration.rollout = Rollout.Settings(minReadyTime: .seconds(1), bakeTime: .zero)
+        var m = SupervisorMachine(config: configuration, protocolVersion: 1)
+        var old = m.workers[1].spec
+        old.command = ["npu-worker", "--v1"]
+        var old2 = m.workers[2].spec
+        old2.command = ["npu-worker", "--v1"]
+        // Devices 1 and 2 differ between the two files; device 1 was already upgraded, device 2 not.
+        _ = m.handle(.restoreRollout(previous: [1: old, 2: old2], onPrevious: [2]), now: Self.t0)
+        #expect(m.rollout.state == .paused && m.rollout.progress == "1/2")
+        #expect(m.workers[2].spec.command == ["npu-worker", "--v1"] && m.workers[1].spec.command == ["npu-worker"])
+        #expect(m.workers.map(\.generation) == [1, 2, 1])
+        let boot = m.handle(.boot, now: Self.t0)
+        #expect(boot.filter { if case .spawn = $0 { true } else { false } }.count == 3)
+        _ = m.handle(.rolloutResume, now: Self.t0)
+        #expect(m.rollout.state == .progressing && m.rollout.currentSlot == 2, "resume goes on with device 2")
+    }
+
     @Test func anInvalidReloadChangesNothingAndTellsSystemdItIsOver() {
         var m = Self.machine()
         _ = m.handle(.publishHealth, now: Self.t0)

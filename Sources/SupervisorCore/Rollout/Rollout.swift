@@ -333,9 +333,22 @@ public struct Rollout: Sendable {
         startRollback(reason: why)
     }
 
+    /// A supervisor restarted in the middle of an upgrade: `steps` are every device of it, the first `done`
+    /// of them already on the new spec. It comes back paused: `resume` goes on, `undo` rolls back.
+    public mutating func restore(steps: [Step], done: Int, reason why: String) {
+        kind = .upgrade
+        self.steps = steps
+        index = min(done, steps.count)
+        phase = nil
+        isRollback = false
+        reason = why
+        pausedFrom = .progressing
+        state = .paused
+    }
+
     private mutating func startRollback(reason why: String) {
         // Undo every device touched, the current one first: its previous spec back.
-        let touched = index < steps.count && (phase != nil || state == .paused) ? index + 1 : min(index, steps.count)
+        let touched = index < steps.count && phase != nil ? index + 1 : min(index, steps.count)
         steps = steps[..<touched].reversed().map { Step(slot: $0.slot, device: $0.device, from: $0.to, to: $0.from) }
         index = 0
         phase = nil

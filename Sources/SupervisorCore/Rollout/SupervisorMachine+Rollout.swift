@@ -143,6 +143,7 @@ extension SupervisorMachine {
             perform(workers[slot].lifecycle.stop(now: now), on: slot)
         case .start(let slot, let spec):
             replaceSpec(slot, with: spec)
+            emit(.persistRollout)  // the device's recorded revision changes now
             if case .drained(byOperator: false) = workers[slot].drain { workers[slot].drain = .none }
             if case .draining(_, byOperator: false) = workers[slot].drain { workers[slot].drain = .none }
             router.setDraining(slot, false)
@@ -175,6 +176,24 @@ extension SupervisorMachine {
                                     heartbeatTimeout: spec.heartbeatTimeout)
         workers[slot].inference.update(spec: spec.inferenceProbe)
         router.setMaxInflight(slot, spec.maxInflight)
+    }
+
+    mutating func restoreRollout(previous: [Int: WorkerSpec], onPrevious: Set<Int>) {
+        guard isBooting, !previous.isEmpty else { return }
+        let slots = previous.keys.sorted()
+        let steps = slots.map { Rollout.Step(slot: $0, device: workers[$0].spec.device, from: previous[$0]!, to: workers[$0].spec) }
+        for slot in onPrevious where previous[slot] != nil {
+            replaceSpec(slot, with: previous[slot]!)
+            workers[slot].generation = 1
+        }
+        for slot in slots where !onPrevious.contains(slot) { workers[slot].generation = 2 }
+        // The devices already changed come first in the file's order, as the rollout changed them.
+        let ordered = steps.filter { !onPrevious.contains($0.slot) } + steps.filter { onPrevious.contains($0.slot) }
+        let done = ordered.count - onPrevious.intersection(slots).count
+        rollout.restore(steps: ordered, done: done,
+                        reason: "the supervisor restarted during this upgrade (\(done)/\(ordered.count) devices on the new "
+                            + "revision): `npu-supervisorctl rollout resume` goes on, `rollout undo` rolls back")
+        log(.warning, nil, "rollout restored paused: \(rollout.reason ?? "")")
     }
 
     // MARK: Reload
