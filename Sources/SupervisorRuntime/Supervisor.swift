@@ -57,6 +57,8 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     let metrics = SupervisorMetrics()
     /// Per-worker memory cgroups, nil when unavailable or off.
     var cgroups: CgroupManager?
+    /// Exit detection without pidfds (see ExitWatcher.swift); nil when pidfds work.
+    var exitWaiter: ExitWaiter?
 
     /// - Parameters:
     ///   - config: a validated configuration.
@@ -192,17 +194,13 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
 
     // MARK: The one timer
 
-    /// Arms the timer at the earliest deadline: the machine's, the oldest request's, and a reap poll for
-    /// workers without a pidfd. A timer armed earlier is left alone (it fires, finds nothing due, re-arms).
+    /// Arms the timer at the earliest deadline: the machine's and the oldest request's. A timer armed earlier
+    /// is left alone (it fires, finds nothing due, re-arms).
     func rearmTimer() {
         guard !hasStopped else { return }
         var next = machine.nextDeadline.map(Self.deadline)
         for list in deadlineLists.values {
             if let oldest = list.oldest, next.map({ oldest.deadline < $0 }) ?? true { next = oldest.deadline }
-        }
-        if slots.contains(where: { $0.needsReapPoll }) {
-            let poll = NIODeadline.now() + reapPollInterval
-            if next.map({ poll < $0 }) ?? true { next = poll }
         }
         guard let next else { return }
         if let armed = timerAt, armed <= next { return }
@@ -215,18 +213,12 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         timer = eventLoop.scheduleTask(deadline: deadline) { self.timerFired() }
     }
 
-    /// Without a pidfd (kernels before 5.3, seccomp refusing pidfd_open) exits are found by polling.
-    var reapPollInterval: TimeAmount {
-        let smallest = slots.map(\.spec.heartbeatInterval).min() ?? .seconds(1)
-        return .nanoseconds(min(max(smallest.nanoseconds / 2, 20_000_000), 500_000_000))
-    }
-
     func timerFired() {
         timer = nil
         timerAt = nil
         // A safety-net reap first: an exit found now is handled before the machine judges silence or a closed
         // channel (a worker that closed fd 3 and exited is not a protocol violation).
-        for slot in slots where slot.pid > 0 && (slot.needsReapPoll || !slot.isChannelOpen) { reapIfExited(slot) }
+        for slot in slots where slot.pid > 0 && !slot.isChannelOpen { reapIfExited(slot) }
         expireRequests()
         feed(.timer)
     }
@@ -278,6 +270,12 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
                 "requests": "\(self.config.requestsSocket)", "status": "\(self.config.statusSocket)",
                 "control": "\(self.config.controlSocket)", "workers": "\(self.slots.count)",
             ])
+            self.logger.info("exit detection: \(ExitDetection.chosen.description)")
+            if !ExitDetection.usesPidfd {
+                let waiter = ExitWaiter(loop: self.eventLoop)
+                waiter.start()
+                self.exitWaiter = waiter
+            }
             self.systemdBoot()
             self.restoreRollout()
             self.feed(.boot)

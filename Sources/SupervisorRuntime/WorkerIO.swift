@@ -38,9 +38,6 @@ final class WorkerIO {
 
     var isChannelOpen: Bool { channel != nil }
 
-    /// A running process whose exit no pidfd will announce.
-    var needsReapPoll: Bool { pid > 0 && !isReaped && exitWatch == nil }
-
     /// Queues a frame for the worker.
     @inline(__always) func send(_ frame: Frame) {
         guard channel != nil else { return }
