@@ -90,7 +90,8 @@ enum ProcessSpawner {
                               pinVariable: nil, workingDirectory: nil, maxInflight: 1, heartbeatInterval: .seconds(1),
                               heartbeatTimeout: .seconds(2), policy: .init())
         spec.environment.removeValue(forKey: "NPU_DEVICE_ID")
-        let env = environment(for: spec).filter { !$0.hasPrefix("NPU_SUPERVISOR_FD=") }
+        // NPU_SUPERVISOR_PROBE tells the orphan sweep (Orphans.swift) that this child is a probe, not a helper.
+        let env = environment(for: spec).filter { !$0.hasPrefix("NPU_SUPERVISOR_FD=") } + ["NPU_SUPERVISOR_PROBE=1"]
         var pid: pid_t = 0
         let rc = withCStrings(argv) { cArgv in
             withCStrings(env) { cEnv in npu_spawn(argv[0], cArgv, cEnv, nil, -1, pipeFDs[1], -1, &pid) }

@@ -185,6 +185,11 @@ extension Supervisor {
         slot.spawnedAt = nil
         feed(.processExited(slot: slot.index, pid: pid, observed, oomKillsRose: oomKillsRose,
                             jitter: Double.random(in: 0..<1)))
+        // Helpers it left outside its group are ours now (subreaper): they go with it (after the restart, off its
+        // critical path; the start-time rule keeps the new worker's own). Some are re-parented a moment later
+        // (when their own parent dies of the group kill): a second sweep catches those.
+        sweepOrphans()
+        eventLoop.scheduleTask(in: .milliseconds(250)) { self.sweepOrphans() }
     }
 
     // MARK: Frames from a worker

@@ -271,6 +271,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
                 "control": "\(self.config.controlSocket)", "workers": "\(self.slots.count)",
             ])
             self.logger.info("exit detection: \(ExitDetection.chosen.description)")
+            self.becomeSubreaper()
             if !ExitDetection.usesPidfd {
                 let waiter = ExitWaiter(loop: self.eventLoop)
                 waiter.start()
@@ -328,6 +329,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
 
     /// Every worker is gone after a shutdown: close everything and complete.
     func closeSockets() {
+        sweepOrphans(all: true)
         hasStopped = true
         timer?.cancel()
         timer = nil

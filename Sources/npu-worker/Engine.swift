@@ -145,6 +145,29 @@ final class Engine: Sendable {
             for p in cArgs { free(p) }
             request.respond(ByteBuffer(string: "{\"child_pid\": \(pid)}"))
             return
+        case "spawn_escaped":
+            // A helper that escapes the worker's process group and session (double fork + setsid), as some
+            // tokenizer servers and data loaders do: only a subreaper (or a cgroup) can still catch it.
+            var pid: pid_t = 0
+            let argv = ["/bin/sh", "-c", "setsid /bin/sleep 3600 </dev/null >/dev/null 2>&1 & echo $!"]
+            var cArgs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+            var out: [Int32] = [-1, -1]
+            _ = pipe(&out)
+            var actions = posix_spawn_file_actions_t()
+            posix_spawn_file_actions_init(&actions)
+            posix_spawn_file_actions_adddup2(&actions, out[1], 1)
+            posix_spawn(&pid, "/bin/sh", &actions, nil, &cArgs, npu_environ())  // it inherits the worker's environment
+            posix_spawn_file_actions_destroy(&actions)
+            close(out[1])
+            for p in cArgs { free(p) }
+            var buffer = [UInt8](repeating: 0, count: 32)
+            let n = read(out[0], &buffer, buffer.count)
+            close(out[0])
+            var status: Int32 = 0
+            waitpid(pid, &status, 0)  // the shell exits at once: its child is an orphan now
+            let escaped = String(decoding: buffer.prefix(max(0, n)), as: UTF8.self).filter(\.isNumber)
+            request.respond(ByteBuffer(string: "{\"escaped_pid\": \(escaped)}"))
+            return
         default:
             break
         }

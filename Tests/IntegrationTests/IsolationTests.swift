@@ -76,6 +76,34 @@ struct IsolationTests {
         #expect(daemon.terminate() == 0)
     }
 
+    /// Without cgroups only the subreaper catches a helper that left the worker's group and session.
+    @Test func helpersThatEscapeTheProcessGroupDieWithTheirWorkerAndAtExitWithoutCgroups() throws {
+        struct Escaped: Decodable { var escaped_pid: Int32 }
+        let daemon = try TestDaemon(devices: ["0", "1"], extra: "[cgroups]\nmode = \"off\"")
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        func escape(_ device: String) throws -> Int32 {
+            let answer = try client.infer(payload("{\"fault\": \"spawn_escaped\"}"), options: RequestOptions(device: device))
+            guard case .response(let body) = answer,
+                  let e = try? JSONDecoder().decode(Escaped.self, from: Data(body.readableBytesView)) else {
+                throw SandboxFailure("no escaped pid: \(answer)")
+            }
+            return e.escaped_pid
+        }
+        let first = try escape("0")
+        let kept = try escape("1")
+        #expect(processExists(first) && processExists(kept))
+        // Re-parented to the supervisor (its own parent, a shell, has exited).
+        #expect(eventually { parentPID(of: first) == daemon.pid }, "parent of \(first): \(parentPID(of: first) as Any)")
+        let worker = try #require(daemon.worker("0")?.pid)
+        kill(worker, SIGKILL)
+        #expect(eventually(timeout: .seconds(3)) { !processExists(first) }, "the escaped helper went with its worker")
+        #expect(processExists(kept), "device 1's helper is not touched")
+        #expect(eventually { daemon.worker("0")?.state == "ready" })
+        #expect(daemon.terminate() == 0)
+        #expect(eventually(timeout: .seconds(3)) { !processExists(kept) }, "nothing is left at exit")
+    }
+
     @Test func restartCyclesLeakNoDescriptorsAndLittleMemory() throws {
         let daemon = try TestDaemon(devices: ["0"], defaults: "restart_limit = 100000\nbackoff_initial = \"10ms\"\nbackoff_max = \"10ms\"")
         #expect(daemon.waitAllReady() != nil)
@@ -98,4 +126,17 @@ struct IsolationTests {
     }
 
     struct CycleError: Error {}
+}
+
+/// A process's parent pid (from /proc), nil when it is gone.
+func parentPID(of pid: Int32) -> Int32? {
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+          let close = stat.lastIndex(of: ")") else { return nil }
+    let fields = stat[stat.index(after: close)...].split(separator: " ")
+    return fields.count > 1 ? Int32(fields[1]) : nil
+}
+
+struct SandboxFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
 }

@@ -36,6 +36,9 @@ int npu_pipe_cloexec(int fds[2]);
 /// WNOWAIT), or -errno (-ECHILD: no child at all). Retries on EINTR.
 pid_t npu_wait_any_exited(void);
 
+/// prctl(PR_SET_CHILD_SUBREAPER, 1): orphaned descendants are re-parented to this process. 0 or -1 with errno.
+int npu_set_child_subreaper(void);
+
 /// SO_PEERCRED of a connected Unix socket. Returns 0 or -1 with errno.
 int npu_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
 
