@@ -155,6 +155,8 @@ public struct SupervisorMachine: Sendable {
     public internal(set) var fallback: FallbackController?
     public internal(set) var readiness: Readiness
     public internal(set) var shutdown = Shutdown()
+    /// The availability account; the runtime counts requests on it directly (one-store mutating methods).
+    public var availability: AvailabilityAccount
     /// Slots `0..<deviceCount` are device workers, the rest CPU fallback workers.
     public let deviceCount: Int
     /// Before ``Event/boot``: requests wait instead of being refused (a socket-activated service woken by its
@@ -184,6 +186,8 @@ public struct SupervisorMachine: Sendable {
         router = Router(maxInflight: workers.map(\.spec.maxInflight), deviceCount: deviceCount)
         fallback = config.fallback.map { FallbackController(whenFewerThan: $0.whenFewerThan, stopAfter: $0.stopAfter) }
         readiness = Readiness(readyTimeout: config.readyTimeout, watchdogInterval: watchdogInterval)
+        availability = AvailabilityAccount(objective: config.availability.objective,
+                                           window: config.availability.window, devices: deviceCount)
     }
 
     public var isShuttingDown: Bool { shutdown.isShuttingDown }
@@ -340,6 +344,7 @@ public struct SupervisorMachine: Sendable {
                 router.setHopeful(slot, workers[slot].isSpawnPending || Admission.isHopeful(workers[slot].lifecycle))
             }
         }
+        sampleAvailability(now: now)
         if queueWork.contains(.answerHopeless) { emit(.answerHopelessQueued) }
         if queueWork.contains(.dispatch) { emit(.dispatchQueued) }
         queueWork = []

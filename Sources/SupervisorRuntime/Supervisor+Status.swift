@@ -45,6 +45,7 @@ extension Supervisor {
                                        uptimeSeconds: Double((now - startedAt).nanoseconds) / 1e9,
                                        config: configPath.map { resolve($0, against: currentDirectory()) },
                                        http: httpAddress),
-            queueDepth: queue.count, fallbackActive: machine.isFallbackActive, workers: workers)
+            queueDepth: queue.count, fallbackActive: machine.isFallbackActive, workers: workers,
+            availability: availabilityStatus(now: mono))
     }
 }

@@ -10,19 +10,22 @@ public struct StatusDocument: Codable, Sendable, Equatable {
     /// Whether CPU fallback workers are running because device workers cannot serve.
     public var fallbackActive: Bool
     public var workers: [WorkerStatus]
+    /// The availability account (absent from supervisors older than it).
+    public var availability: AvailabilityStatus?
 
     public init(state: String, reason: String, supervisor: SupervisorInfo, queueDepth: Int, fallbackActive: Bool,
-                workers: [WorkerStatus]) {
+                workers: [WorkerStatus], availability: AvailabilityStatus? = nil) {
         self.state = state
         self.reason = reason
         self.supervisor = supervisor
         self.queueDepth = queueDepth
         self.fallbackActive = fallbackActive
         self.workers = workers
+        self.availability = availability
     }
 
     enum CodingKeys: String, CodingKey {
-        case state, reason, supervisor, workers
+        case state, reason, supervisor, workers, availability
         case queueDepth = "queue_depth"
         case fallbackActive = "fallback_active"
     }

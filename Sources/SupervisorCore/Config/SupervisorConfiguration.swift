@@ -111,6 +111,7 @@ public struct SupervisorConfiguration: Sendable, Hashable {
     public var fallback: FallbackSpec?
     public var http = HTTPSettings()
     public var cgroups = CgroupSettings()
+    public var availability = AvailabilitySettings()
 
     public init() {}
 }
@@ -184,6 +185,19 @@ extension SupervisorConfiguration {
                     http.listen = listen
                 }
             }
+            try r.rejectUnknownKeys()
+        }
+
+        if let t = try root.table("availability") {
+            var r = TableReader(path: "availability", table: t)
+            if let objective = try r.double("objective") {
+                guard objective > 0 && objective < 1 else {
+                    throw ConfigError(key: "availability.objective", value: "\(objective)",
+                                      expected: "a fraction between 0 and 1, such as 0.9999 for 99.99%")
+                }
+                availability.objective = objective
+            }
+            availability.window = try r.duration("window", min: .seconds(60)) ?? availability.window
             try r.rejectUnknownKeys()
         }
 
