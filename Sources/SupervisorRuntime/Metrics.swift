@@ -61,7 +61,15 @@ final class SupervisorMetrics {  // loop-confined, like the rest of the driver
         if slot < slotCount { firstChunk[slot].observe(afterNanoseconds) }
     }
 
+    /// Every exit reason that is followed by a restart: each is always present (at 0) so that `increase()` sees the
+    /// first one. An operator's or a shutdown's stop (`stopped`) is not a restart and is not counted.
+    static let restartReasons: [String] = [
+        ExitReason.exited(code: 1), .signaled(signal: 9, coreDumped: false), .oomKilled, .deviceOOM, .hang, .unhealthy,
+        .deviceUnhealthy(""), .protocolError(""), .startTimeout, .spawnFailed(errno: 0),
+    ].map(\.kind)
+
     func workerExited(slot: Int, reason: String) {
+        if reason == ExitReason.stopped.kind { return }
         if slot < slotCount { exits[slot][reason, default: 0] += 1 }
     }
 }

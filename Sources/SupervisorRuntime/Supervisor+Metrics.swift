@@ -20,18 +20,18 @@ extension Supervisor {
 
         e.family("inference_requests_total", "counter",
                  "Final answers to inference requests by device (the worker that last held it; none when none did) and status (ok or the error code).")
+        // Every status that counts is always present for every device and for none: rate() needs the zero.
         for index in 0...m.slotCount {
             for outcome in SupervisorMetrics.outcomes {
                 let count = m.requests[index * SupervisorMetrics.outcomes.count + outcome.rawValue]
-                // Every status of every real device is always present (rate() needs the zero); "none" only when seen.
-                if count > 0 || (index < m.slotCount && (outcome == .ok || outcome.counts)) {
+                if count > 0 || outcome == .ok || outcome.counts {
                     e.sample("inference_requests_total", [("device", device(index)), ("status", outcome.code)], Double(count))
                 }
             }
         }
         e.family("inference_latency_seconds", "histogram",
                  "Time from accepting a request to its final answer, by the device that answered.")
-        for index in 0...m.slotCount where index < m.slotCount || m.latency[index].counts.contains(where: { $0 > 0 }) {
+        for index in 0...m.slotCount {
             e.histogram("inference_latency_seconds", [("device", device(index))], m.latency[index])
         }
         e.family("npu_supervisor_request_queue_seconds", "histogram",
@@ -61,6 +61,15 @@ extension Supervisor {
         for (i, w) in machine.workers.enumerated() {
             e.sample("npu_supervisor_worker_ready", [("device", devices[i])], w.lifecycle.isReady ? 1 : 0)
         }
+        e.family("npu_supervisor_worker_wanted", "gauge",
+                 "1 when the worker should run (the operator wants it up; a CPU fallback worker only while the fallback is active).")
+        for (i, w) in machine.workers.enumerated() {
+            e.sample("npu_supervisor_worker_wanted", [("device", devices[i])], w.lifecycle.desired == .up ? 1 : 0)
+        }
+        e.family("npu_supervisor_worker_fallback", "gauge", "1 for a CPU fallback slot, 0 for a device.")
+        for (i, w) in machine.workers.enumerated() {
+            e.sample("npu_supervisor_worker_fallback", [("device", devices[i])], w.isFallback ? 1 : 0)
+        }
         e.family("npu_supervisor_worker_state", "gauge", "1 for the worker's current lifecycle state, 0 for the others.")
         for (i, w) in machine.workers.enumerated() {
             let current = w.lifecycle.stateName
@@ -89,7 +98,9 @@ extension Supervisor {
         e.family("npu_supervisor_worker_restarts_total", "counter",
                  "Worker exits by reason (exited, signaled, oom_killed, hang, device_unhealthy, ...); each is followed by a restart unless held failed or stopped.")
         for i in 0..<m.slotCount {
-            for (reason, count) in m.exits[i].sorted(by: { $0.key < $1.key }) {
+            var exits = m.exits[i]
+            for reason in SupervisorMetrics.restartReasons where exits[reason] == nil { exits[reason] = 0 }
+            for (reason, count) in exits.sorted(by: { $0.key < $1.key }) {
                 e.sample("npu_supervisor_worker_restarts_total", [("device", devices[i]), ("reason", reason)], Double(count))
             }
         }
