@@ -25,40 +25,67 @@ final class SupervisorMetrics {  // loop-confined, like the rest of the driver
     static let bucketNanoseconds: [Int64] = bucketSeconds.map { Int64($0 * 1e9) }
     static let outcomes = AvailabilityAccount.Outcome.allCases
 
-    /// Slots are `0..<slotCount`; index `slotCount` is "none" (refused, or expired before reaching a worker).
-    let slotCount: Int
-    /// `requests[slot * outcomes.count + outcome]`.
+    /// Worker slots `0..<slotCount` are at index `slot + 1`; index 0 is "none" (refused, or expired before
+    /// reaching a worker). Slots added later (a reload) grow the arrays on their first count.
+    private(set) var slotCount: Int
+    /// `requests[(slot + 1) * outcomes.count + outcome]`.
     private(set) var requests: [Int]
     var latency: [Histogram]
     var queueTime: [Histogram]
     var firstChunk: [Histogram]
     /// Exits per slot and reason kind (rare: a dictionary is fine).
     var exits: [[String: Int]]
+    /// Rollouts by how they ended (`complete`, `rolled_back`, `paused`).
+    var rollouts: [String: Int] = [:]
 
     init(slotCount: Int) {
-        self.slotCount = slotCount
-        requests = [Int](repeating: 0, count: (slotCount + 1) * Self.outcomes.count)
-        latency = [Histogram](repeating: Histogram(), count: slotCount + 1)
+        self.slotCount = 0
+        requests = [Int](repeating: 0, count: Self.outcomes.count)
+        latency = [Histogram()]
         queueTime = latency
         firstChunk = latency
-        exits = [[String: Int]](repeating: [:], count: slotCount)
+        exits = [[:]]
+        grow(to: slotCount)
+    }
+
+    func grow(to count: Int) {
+        guard count > slotCount else { return }
+        let added = count - slotCount
+        requests += [Int](repeating: 0, count: added * Self.outcomes.count)
+        latency += [Histogram](repeating: Histogram(), count: added)
+        queueTime += [Histogram](repeating: Histogram(), count: added)
+        firstChunk += [Histogram](repeating: Histogram(), count: added)
+        exits += [[String: Int]](repeating: [:], count: added)
+        slotCount = count
+    }
+
+    /// The array index of a slot (-1: none).
+    @inline(__always) func index(_ slot: Int) -> Int {
+        if slot < 0 { return 0 }
+        if slot >= slotCount { grow(to: slot + 1) }
+        return slot &+ 1
     }
 
     /// One final answer. `slot` is the worker that last held it, -1 for none; `latency` from acceptance,
     /// nil for a refusal at the door.
     @inline(__always) func answered(slot: Int, _ outcome: AvailabilityAccount.Outcome, latencyNanoseconds: Int64?) {
-        let index = slot >= 0 && slot < slotCount ? slot : slotCount
-        requests[index &* Self.outcomes.count &+ outcome.rawValue] &+= 1
-        if let latencyNanoseconds { latency[index].observe(latencyNanoseconds) }
+        let i = index(slot)
+        requests[i &* Self.outcomes.count &+ outcome.rawValue] &+= 1
+        if let latencyNanoseconds { latency[i].observe(latencyNanoseconds) }
     }
 
     /// A request left the queue for its first worker after waiting this long (0 when dispatched at once).
     @inline(__always) func dispatched(slot: Int, waitedNanoseconds: Int64) {
-        if slot < slotCount { queueTime[slot].observe(waitedNanoseconds) }
+        queueTime[index(slot)].observe(waitedNanoseconds)
     }
 
     @inline(__always) func firstChunk(slot: Int, afterNanoseconds: Int64) {
-        if slot < slotCount { firstChunk[slot].observe(afterNanoseconds) }
+        firstChunk[index(slot)].observe(afterNanoseconds)
+    }
+
+    /// A rollout ended: `complete`, `rolled_back` or `paused`.
+    func rolloutEnded(result: String) {
+        rollouts[result, default: 0] += 1
     }
 
     /// Every exit reason that is followed by a restart: each is always present (at 0) so that `increase()` sees the
@@ -70,7 +97,7 @@ final class SupervisorMetrics {  // loop-confined, like the rest of the driver
 
     func workerExited(slot: Int, reason: String) {
         if reason == ExitReason.stopped.kind { return }
-        if slot < slotCount { exits[slot][reason, default: 0] += 1 }
+        exits[index(slot)][reason, default: 0] += 1
     }
 }
 

@@ -15,7 +15,11 @@ extension Supervisor {
         clock_gettime(CLOCK_REALTIME, &wall)
         let wallSeconds = Double(wall.tv_sec) + Double(wall.tv_nsec) / 1e9
         let devices = machine.workers.map(\.spec.device)
-        func device(_ index: Int) -> String { index < devices.count ? devices[index] : "none" }
+        m.grow(to: devices.count)
+        /// The device label of an array index of `m` (0 is none).
+        func device(_ index: Int) -> String {
+            index == 0 ? "none" : index - 1 < devices.count ? devices[index - 1] : "slot\(index - 1)"
+        }
         var e = Exposition()
 
         e.family("inference_requests_total", "counter",
@@ -36,18 +40,18 @@ extension Supervisor {
         }
         e.family("npu_supervisor_request_queue_seconds", "histogram",
                  "Time a request waited for a worker with room before its first dispatch (0 when one had room).")
-        for index in 0..<m.slotCount {
+        for index in 1..<(m.slotCount + 1) {
             e.histogram("npu_supervisor_request_queue_seconds", [("device", device(index))], m.queueTime[index])
         }
         e.family("npu_supervisor_time_to_first_chunk_seconds", "histogram",
                  "Time from accepting a streamed request to its first chunk reaching the client.")
-        for index in 0..<m.slotCount {
+        for index in 1..<(m.slotCount + 1) {
             e.histogram("npu_supervisor_time_to_first_chunk_seconds", [("device", device(index))], m.firstChunk[index])
         }
 
         e.family("npu_supervisor_requests_running", "gauge", "Requests a device's worker holds now.")
-        for index in 0..<m.slotCount {
-            e.sample("npu_supervisor_requests_running", [("device", device(index))], Double(machine.router.inflight[index]))
+        for slot in devices.indices {
+            e.sample("npu_supervisor_requests_running", [("device", devices[slot])], Double(machine.router.inflight[slot]))
         }
         e.family("npu_supervisor_requests_waiting", "gauge", "Requests queued for a worker with room.")
         e.sample("npu_supervisor_requests_waiting", [], Double(queue.count))
@@ -97,8 +101,8 @@ extension Supervisor {
         }
         e.family("npu_supervisor_worker_restarts_total", "counter",
                  "Worker exits by reason (exited, signaled, oom_killed, hang, device_unhealthy, ...); each is followed by a restart unless held failed or stopped.")
-        for i in 0..<m.slotCount {
-            var exits = m.exits[i]
+        for i in devices.indices {
+            var exits = m.exits[i + 1]
             for reason in SupervisorMetrics.restartReasons where exits[reason] == nil { exits[reason] = 0 }
             for (reason, count) in exits.sorted(by: { $0.key < $1.key }) {
                 e.sample("npu_supervisor_worker_restarts_total", [("device", devices[i]), ("reason", reason)], Double(count))
@@ -107,7 +111,7 @@ extension Supervisor {
         e.family("npu_supervisor_worker_start_time_seconds", "gauge",
                  "Unix time the device's current worker process was started (0 when none runs).")
         e.family("npu_supervisor_worker_uptime_seconds", "gauge", "Seconds since the current worker process was started.")
-        for i in 0..<m.slotCount {
+        for i in devices.indices where i < slots.count {
             let up = slots[i].spawnedAt.map { Double((nowNIO - $0).nanoseconds) / 1e9 }
             e.sample("npu_supervisor_worker_start_time_seconds", [("device", devices[i])], up.map { wallSeconds - $0 } ?? 0)
             e.sample("npu_supervisor_worker_uptime_seconds", [("device", devices[i])], up ?? 0)
@@ -115,6 +119,10 @@ extension Supervisor {
         e.family("npu_supervisor_fallback_active", "gauge",
                  "1 while CPU fallback workers run because device workers cannot serve.")
         e.sample("npu_supervisor_fallback_active", [], machine.fallback?.isActive == true ? 1 : 0)
+        e.family("npu_supervisor_rollouts_total", "counter", "Rolling restarts and upgrades by how they ended.")
+        for result in Set(["complete", "rolled_back", "paused"]).union(m.rollouts.keys).sorted() {
+            e.sample("npu_supervisor_rollouts_total", [("result", result)], Double(m.rollouts[result] ?? 0))
+        }
         e.family("npu_supervisor_build_info", "gauge", "Always 1; the supervisor's release in the version label.")
         e.sample("npu_supervisor_build_info", [("version", Self.version)], 1)
         e.family("npu_supervisor_start_time_seconds", "gauge", "Unix time the supervisor started.")
