@@ -187,7 +187,7 @@ public struct SupervisorMachine: Sendable {
         fallback = config.fallback.map { FallbackController(whenFewerThan: $0.whenFewerThan, stopAfter: $0.stopAfter) }
         readiness = Readiness(readyTimeout: config.readyTimeout, watchdogInterval: watchdogInterval)
         availability = AvailabilityAccount(objective: config.availability.objective,
-                                           window: config.availability.window, devices: deviceCount)
+                                           window: config.availability.window, devices: config.workers.map(\.device))
     }
 
     public var isShuttingDown: Bool { shutdown.isShuttingDown }

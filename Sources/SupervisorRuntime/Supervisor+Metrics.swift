@@ -157,7 +157,7 @@ extension Supervisor {
                  "Seconds of a device's capacity lost, by cause: down (should serve, cannot), draining (taken out on purpose), failed (held failed).")
         for d in 0..<account.deviceCount {
             for capacity in AvailabilityAccount.Capacity.allCases where capacity != .serving {
-                e.sample("npu_supervisor_capacity_lost_seconds_total", [("device", devices[d]), ("cause", capacity.name)],
+                e.sample("npu_supervisor_capacity_lost_seconds_total", [("device", account.deviceIDs[d]), ("cause", capacity.name)],
                          since.lostSeconds[d][capacity.rawValue])
             }
         }
@@ -169,7 +169,6 @@ extension Supervisor {
     /// The status document's `availability` object.
     func availabilityStatus(now: MonotonicInstant) -> AvailabilityStatus {
         let account = machine.availability
-        let devices = machine.workers.map(\.spec.device)
         let (since, window) = account.figures(now: now)
         func span(_ f: AvailabilityAccount.Figures) -> AvailabilitySpan {
             var failed: [String: Int] = [:]
@@ -182,7 +181,7 @@ extension Supervisor {
                 for c in AvailabilityAccount.Capacity.allCases where c != .serving {
                     row[c.name] = (f.lostSeconds[d][c.rawValue] * 1000).rounded() / 1000
                 }
-                lost[devices[d]] = row
+                lost[account.deviceIDs[d]] = row
             }
             return AvailabilitySpan(
                 seconds: f.seconds, received: f.tally.received, accepted: f.tally.accepted, refused: f.tally.refused,

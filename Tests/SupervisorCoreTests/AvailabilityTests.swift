@@ -32,7 +32,7 @@ struct AvailabilityTests {
             (100, [.badRequest: 5, .cancelled: 3], 1, 1),  // client-caused: not counted
         ]
         for (ok, failures, availability, budget) in table {
-            var a = AvailabilityAccount(objective: 0.99, window: .seconds(600), devices: 1)
+            var a = AvailabilityAccount(objective: 0.99, window: .seconds(600), devices: ["0"])
             for _ in 0..<ok {
                 a.accepted(now: Self.t0)
                 a.finished(.ok, accepted: true, now: Self.t0)
@@ -52,7 +52,7 @@ struct AvailabilityTests {
     }
 
     @Test func acceptedAnsweredAbandoned() {
-        var a = AvailabilityAccount(objective: 0.999, window: .seconds(60), devices: 1)
+        var a = AvailabilityAccount(objective: 0.999, window: .seconds(60), devices: ["0"])
         for _ in 0..<5 { a.accepted(now: Self.t0) }
         a.finished(.ok, accepted: true, now: Self.t0)
         a.finished(.deadlineExceeded, accepted: true, now: Self.t0)
@@ -67,7 +67,7 @@ struct AvailabilityTests {
 
     @Test func theRollingWindowForgetsOldBuckets() {
         // 60 s window: 60 buckets of 1 s.
-        var a = AvailabilityAccount(objective: 0.99, window: .seconds(60), devices: 1)
+        var a = AvailabilityAccount(objective: 0.99, window: .seconds(60), devices: ["0"])
         a.finished(.workerLost, accepted: false, now: Self.t0)
         a.finished(.ok, accepted: false, now: Self.t0 + .seconds(30))
         var (since, window) = a.figures(now: Self.t0 + .seconds(59))
@@ -85,7 +85,7 @@ struct AvailabilityTests {
     }
 
     @Test func capacityLostIsChargedToTheStateSeenAtTheLastSample() {
-        var a = AvailabilityAccount(objective: 0.999, window: .seconds(600), devices: 2)
+        var a = AvailabilityAccount(objective: 0.999, window: .seconds(600), devices: ["0", "1"])
         a.sample([.serving, .serving], now: Self.t0)
         a.sample([.down, .serving], now: Self.t0 + .seconds(10))
         a.sample([.serving, .failed], now: Self.t0 + .seconds(14))   // device 0 was down 4 s
@@ -98,6 +98,18 @@ struct AvailabilityTests {
         #expect(since.lostSeconds[1][C.draining.rawValue] == 10)
         #expect(abs(since.capacityAvailability - (1 - 20.0 / 60)) < 1e-9)
         #expect(window.lostSeconds == since.lostSeconds)
+    }
+
+    @Test func devicesAreAddedByIDAndGrowEveryTally() {
+        var a = AvailabilityAccount(objective: 0.999, window: .seconds(600), devices: ["0"])
+        a.sample([.down], now: Self.t0)
+        #expect(a.addDevice("0") == 0, "known")
+        #expect(a.addDevice("7") == 1)
+        a.sample([.down, .failed], now: Self.t0 + .seconds(2))
+        let since = a.figures(now: Self.t0 + .seconds(5)).sinceStart
+        let C = AvailabilityAccount.Capacity.self
+        #expect(since.lostSeconds[0][C.down.rawValue] == 5)
+        #expect(since.lostSeconds[1][C.failed.rawValue] == 3)
     }
 
     @Test func aCrashChargesDownSecondsUntilTheWorkerIsBackAndTheFirstLoadIsNot() {

@@ -109,7 +109,10 @@ public struct AvailabilityAccount: Sendable {
 
     public let objective: Double
     public let window: Duration
-    public let deviceCount: Int
+    /// The devices accounted for, by id (CPU fallback slots are not devices). A device is added the first time
+    /// it is sampled (``addDevice(_:)``); a device id served by several slots over time is one device.
+    public private(set) var deviceIDs: [String]
+    public var deviceCount: Int { deviceIDs.count }
     public static let bucketCount = 60
     let bucketNanoseconds: Int64
     public private(set) var total: Tally
@@ -122,14 +125,26 @@ public struct AvailabilityAccount: Sendable {
     public private(set) var states: [Capacity]
     var sampledAt: MonotonicInstant?
 
-    public init(objective: Double, window: Duration, devices: Int) {
+    public init(objective: Double, window: Duration, devices: [String]) {
         self.objective = objective
         self.window = window
-        deviceCount = devices
+        deviceIDs = []
         bucketNanoseconds = max(1, window.nanoseconds / Int64(Self.bucketCount))
-        total = Tally(devices: devices)
-        buckets = [Tally](repeating: Tally(devices: devices), count: Self.bucketCount)
-        states = [Capacity](repeating: .serving, count: devices)
+        total = Tally(devices: 0)
+        buckets = [Tally](repeating: Tally(devices: 0), count: Self.bucketCount)
+        states = []
+        for id in devices { _ = addDevice(id) }
+    }
+
+    /// The index of a device id, added (serving, nothing lost) when new.
+    public mutating func addDevice(_ id: String) -> Int {
+        if let index = deviceIDs.firstIndex(of: id) { return index }
+        deviceIDs.append(id)
+        let zeros = [Int64](repeating: 0, count: Capacity.allCases.count)
+        total.lostNanoseconds += zeros
+        for i in buckets.indices { buckets[i].lostNanoseconds += zeros }
+        states.append(.serving)
+        return deviceIDs.count - 1
     }
 
     // MARK: Counting (the runtime's hot path: no allocation)
@@ -149,7 +164,7 @@ public struct AvailabilityAccount: Sendable {
         let steps = Int(min(Int64(Self.bucketCount), bucket - currentBucket))
         for _ in 0..<steps {
             current = (current + 1) % Self.bucketCount
-            buckets[current] = Tally(devices: deviceCount)
+            buckets[current] = Tally(devices: deviceIDs.count)
         }
         currentBucket = bucket
     }
@@ -213,7 +228,7 @@ public struct AvailabilityAccount: Sendable {
         var copy = self
         copy.sample(states, now: now)
         let start = copy.startedAt ?? now
-        var inWindow = Tally(devices: deviceCount)
+        var inWindow = Tally(devices: copy.deviceCount)
         for bucket in copy.buckets { inWindow.add(bucket) }
         let elapsed = max(0, (now - start).seconds)
         return (copy.makeFigures(copy.total, seconds: elapsed),

@@ -13,11 +13,30 @@ extension SupervisorMachine {
         return .down
     }
 
-    /// Samples every device's capacity into the account (end of every event).
+    /// Samples every device's capacity into the account (end of every event). A device whose id several slots
+    /// share counts as serving when any of them serves, else the first of down, failed, draining that one of
+    /// them is in; a device no slot serves any more (removed by a reload) counts as draining.
     mutating func sampleAvailability(now: MonotonicInstant) {
-        var states: [AvailabilityAccount.Capacity] = []
-        states.reserveCapacity(deviceCount)
-        for slot in 0..<deviceCount { states.append(capacity(slot)) }
+        var states = [AvailabilityAccount.Capacity](repeating: .draining, count: availability.deviceCount)
+        for slot in workers.indices where !workers[slot].spec.isFallback {
+            var index = availability.deviceIDs.firstIndex(of: workers[slot].spec.device) ?? -1
+            if index < 0 {
+                index = availability.addDevice(workers[slot].spec.device)
+                states.append(.draining)
+            }
+            let state = capacity(slot)
+            if Self.rank(state) < Self.rank(states[index]) { states[index] = state }
+        }
         availability.sample(states, now: now)
+    }
+
+    /// Which state wins when slots of one device disagree: serving, then down, failed, draining.
+    static func rank(_ c: AvailabilityAccount.Capacity) -> Int {
+        switch c {
+        case .serving: 0
+        case .down: 1
+        case .failed: 2
+        case .draining: 3
+        }
     }
 }
