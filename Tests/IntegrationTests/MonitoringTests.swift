@@ -92,6 +92,13 @@ struct MonitoringTests {
         let scrape = try HealthTests.curl("http://\(http)/metrics")
         #expect(scrape.code == 200)
         let exposed = Self.exposedNames(scrape.body)
+        if let promtool = Self.promtool {
+            // Prometheus's own linter: naming conventions (base units, _total counters), HELP and TYPE.
+            let file = daemon.directory + "/metrics.txt"
+            try (scrape.body + "\n").write(toFile: file, atomically: true, encoding: .utf8)  // curl() trims the last newline
+            let lint = try runCommand("/bin/sh", ["-c", "\"$0\" check metrics < \"$1\"", promtool, file])
+            #expect(lint.status == 0 && lint.stdout.isEmpty && lint.stderr.isEmpty, "\(lint.stdout)\(lint.stderr)")
+        }
         #expect(exposed.contains("npu_supervisor_time_to_first_chunk_seconds_bucket"))
         #expect(scrape.body.contains("npu_supervisor_time_to_first_chunk_seconds_count{device=\"0\"} 1")
                     || scrape.body.contains("npu_supervisor_time_to_first_chunk_seconds_count{device=\"1\"} 1"),
