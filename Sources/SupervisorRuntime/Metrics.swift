@@ -35,6 +35,14 @@ final class SupervisorMetrics {  // loop-confined, like the rest of the driver
     var firstChunk: [Histogram]
     /// Exits per slot and reason kind (rare: a dictionary is fine).
     var exits: [[String: Int]]
+    /// Per slot: its last device probe could not run or timed out (the gauge says -1, not 0, then).
+    var probeFailed: [Bool] = []
+
+    func probeCouldNotRun(slot: Int, _ failed: Bool) {
+        if slot >= probeFailed.count { probeFailed += [Bool](repeating: false, count: slot + 1 - probeFailed.count) }
+        probeFailed[slot] = failed
+    }
+
     /// Rollouts by how they ended (`complete`, `rolled_back`, `paused`).
     var rollouts: [String: Int] = [:]
 

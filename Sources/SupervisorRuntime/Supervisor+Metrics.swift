@@ -89,12 +89,12 @@ extension Supervisor {
             e.sample("npu_supervisor_worker_held_failed", [("device", devices[i])], held ? 1 : 0)
         }
         e.family("npu_supervisor_device_healthy", "gauge",
-                 "1 healthy (or not probed), 0 unhealthy, -1 unknown (not probed yet). Alert on != 1.")
+                 "1 healthy (or not probed), 0 unhealthy, -1 unknown (no verdict yet, or the last probe could not run or timed out). Alert on != 1.")
         for (i, w) in machine.workers.enumerated() {
             let value: Double = switch (w.device.spec.kind, w.device.verdict) {
             case (.none, _): 1
             case (_, .ok): 1
-            case (_, .bad): 0
+            case (_, .bad): i < m.probeFailed.count && m.probeFailed[i] ? -1 : 0
             case (_, .unknown): -1
             }
             e.sample("npu_supervisor_device_healthy", [("device", devices[i])], value)

@@ -136,6 +136,30 @@ struct MonitoringTests {
         #expect(daemon.terminate() == 0)
     }
 
+    @Test func deviceHealthGaugeIsMinusOneWhenTheProbeCannotRunZeroWhenUnhealthyOneWhenHealthy() throws {
+        let scratch = try HealthTests.scratch()
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        let smi = try HealthTests.fakeNPUSmi(in: scratch)
+        try HealthTests.setDevice(scratch, "0", "HANG")
+        let daemon = try TestDaemon(
+            devices: ["0"],
+            defaults: "device_probe = { type = \"command\", command = [\"\(smi)\", \"info\", \"-t\", \"health\", \"-i\", \"{device}\"], interval = \"200ms\", timeout = \"300ms\" }",
+            http: "127.0.0.1:0")
+        let http = try #require(eventually { daemon.status()?.supervisor.http != nil } ? daemon.status()?.supervisor.http : nil)
+        func gauge() -> String? {
+            let body = (try? HealthTests.curl("http://\(http)/metrics").body) ?? ""
+            return body.split(separator: "\n").first { $0.hasPrefix("npu_supervisor_device_healthy{device=\"0\"} ") }
+                .map { String($0.split(separator: " ").last!) }
+        }
+        #expect(eventually { daemon.worker("0")?.health.device.contains("timed out after 300ms") == true })
+        #expect(gauge() == "-1", "a probe that times out says nothing of the device")
+        try HealthTests.setDevice(scratch, "0", "Critical")
+        #expect(eventually { gauge() == "0" }, "unhealthy")
+        try HealthTests.setDevice(scratch, "0", "OK")
+        #expect(eventually(timeout: .seconds(30)) { gauge() == "1" }, "healthy again")
+        #expect(daemon.terminate() == 0)
+    }
+
     // MARK: A real Prometheus
 
     /// A free TCP port on 127.0.0.1 (bound, read, closed).
