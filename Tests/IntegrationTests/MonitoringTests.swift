@@ -235,10 +235,8 @@ struct MonitoringTests {
         process.executableURL = URL(fileURLWithPath: Self.prometheus!)
         process.arguments = ["--config.file=\(scratch)/prometheus.yml", "--storage.tsdb.path=\(scratch)/data",
                              "--web.listen-address=127.0.0.1:\(port)", "--log.level=warn"]
-        let log = FileHandle(forWritingAtPath: scratch + "/prometheus.log") ?? {
-            FileManager.default.createFile(atPath: scratch + "/prometheus.log", contents: nil)
-            return FileHandle(forWritingAtPath: scratch + "/prometheus.log")!
-        }()
+        _ = FileManager.default.createFile(atPath: scratch + "/prometheus.log", contents: nil)
+        let log = try #require(FileHandle(forWritingAtPath: scratch + "/prometheus.log"))
         process.standardOutput = log
         process.standardError = log
         try process.run()
