@@ -216,6 +216,8 @@ public struct SupervisorMachine: Sendable {
     public internal(set) var fallback: FallbackController?
     public internal(set) var readiness: Readiness
     public internal(set) var shutdown = Shutdown()
+    /// The availability account; the runtime counts requests on it directly (one-store mutating methods).
+    public var availability: AvailabilityAccount
     /// Before ``Event/boot``: requests wait instead of being refused (a socket-activated service woken by its
     /// first client has not started its workers yet).
     public internal(set) var isBooting = true
@@ -245,6 +247,8 @@ public struct SupervisorMachine: Sendable {
         rollout = Rollout(settings: config.rollout)
         fallback = config.fallback.map { FallbackController(whenFewerThan: $0.whenFewerThan, stopAfter: $0.stopAfter) }
         readiness = Readiness(readyTimeout: config.readyTimeout, watchdogInterval: watchdogInterval)
+        availability = AvailabilityAccount(objective: config.availability.objective,
+                                           window: config.availability.window, devices: config.workers.map(\.device))
     }
 
     public var isShuttingDown: Bool { shutdown.isShuttingDown }
@@ -422,6 +426,7 @@ public struct SupervisorMachine: Sendable {
                 router.setHopeful(slot, workers[slot].isSpawnPending || Admission.isHopeful(workers[slot].lifecycle))
             }
         }
+        sampleAvailability(now: now)
         if queueWork.contains(.answerHopeless) { emit(.answerHopelessQueued) }
         if queueWork.contains(.dispatch) { emit(.dispatchQueued) }
         queueWork = []

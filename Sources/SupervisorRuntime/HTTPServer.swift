@@ -64,11 +64,7 @@ extension Supervisor {
             return (health == .unavailable ? .serviceUnavailable : .ok, "application/json",
                     Array(body.readableBytesView))
         case "/metrics":
-            let workers = machine.workers.map { worker in
-                (worker.spec.device, worker.isServing, !worker.device.isOutOfRotation)
-            }
-            return (.ok, "text/plain; version=0.0.4; charset=utf-8",
-                    metrics.render(workers: workers, queueDepth: queue.count, fallback: machine.isFallbackActive))
+            return (.ok, "text/plain; version=0.0.4; charset=utf-8", renderMetrics())
         default:
             return (.notFound, "text/plain; charset=utf-8",
                     Array("not found; try /livez, /readyz, /health or /metrics\n".utf8))

@@ -1,105 +1,159 @@
-import Prometheus
 import SupervisorCore
 
-/// Prometheus metrics (docs/PROTOCOL.md 8.3), with the article's names so its alert rules work unchanged:
-/// `inference_requests_total{device,status}`, `inference_latency_seconds{device}` (histogram), and the
-/// supervisor's own `npu_supervisor_*` gauges and counters. Gauges are refreshed when `/metrics` is scraped.
-final class SupervisorMetrics: @unchecked Sendable {  // the registry locks; the caches are loop-confined
-    let registry = PrometheusCollectorRegistry()
-    private var requestCounters: [String: Counter] = [:]
-    private var latencies: [String: DurationHistogram] = [:]
-    private var restartCounters: [String: Counter] = [:]
-    private var rolloutCounters: [String: Counter] = [:]
-    private let queueDepth: Gauge
-    private let fallbackActive: Gauge
-    private var up: [String: Gauge] = [:]
-    private var healthy: [String: Gauge] = [:]
+/// Prometheus metrics (docs/PROTOCOL.md 8.3, README "Monitoring"). Requests are counted in plain per-slot integer
+/// arrays on the event loop (an increment and a short bucket scan per answer, no lock, no dictionary, no
+/// allocation); everything is rendered in the text exposition format when `/metrics` is scraped, with the gauges
+/// read from the machine then. The article's names are kept so its alert rules work unchanged:
+/// `inference_requests_total{device,status}` and `inference_latency_seconds{device}`; the rest is
+/// `npu_supervisor_*`.
+final class SupervisorMetrics {  // loop-confined, like the rest of the driver
+    /// A histogram's bucket counts (non-cumulative; the last is +Inf) and sum.
+    struct Histogram {
+        var counts = [Int](repeating: 0, count: SupervisorMetrics.bucketNanoseconds.count + 1)
+        var sumNanoseconds: Int64 = 0
 
-    static let buckets: [Duration] = [
-        .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
-        .milliseconds(250), .milliseconds(500), .seconds(1), .milliseconds(2500), .seconds(5), .seconds(10),
-        .seconds(30), .seconds(60),
-    ]
-
-    init() {
-        queueDepth = registry.makeGauge(descriptor: MetricNameDescriptor(
-            namespace: "npu_supervisor", metricName: "queue_depth", unitName: "",
-            helpText: "Requests waiting for a worker with room."))
-        fallbackActive = registry.makeGauge(descriptor: MetricNameDescriptor(
-            namespace: "npu_supervisor", metricName: "fallback_active", unitName: "",
-            helpText: "1 while CPU fallback workers run because device workers cannot serve."))
+        @inline(__always) mutating func observe(_ nanoseconds: Int64) {
+            var i = 0
+            let bounds = SupervisorMetrics.bucketNanoseconds
+            while i < bounds.count && nanoseconds > bounds[i] { i += 1 }
+            counts[i] += 1
+            sumNanoseconds &+= nanoseconds
+        }
     }
 
-    /// One final answer. `device` is the worker that answered ("none" when no worker did).
-    func requestFinished(device: String, ok: Bool, latency: Duration) {
-        let key = device + (ok ? "|ok" : "|error")
-        let counter = requestCounters[key] ?? {
-            let c = registry.makeCounter(descriptor: MetricNameDescriptor(
-                metricName: "inference_requests", unitName: "total",
-                helpText: "Final answers to inference requests, by device and status (ok or error)."),
-                labels: [("device", device), ("status", ok ? "ok" : "error")])
-            requestCounters[key] = c
-            return c
-        }()
-        counter.increment()
-        guard ok else { return }
-        let histogram = latencies[device] ?? {
-            let h = registry.makeDurationHistogram(descriptor: MetricNameDescriptor(
-                metricName: "inference_latency", unitName: "seconds",
-                helpText: "Time from accepting a request to its final answer."),
-                labels: [("device", device)], buckets: Self.buckets)
-            latencies[device] = h
-            return h
-        }()
-        histogram.record(latency)
+    static let bucketSeconds: [Double] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+    static let bucketNanoseconds: [Int64] = bucketSeconds.map { Int64($0 * 1e9) }
+    static let outcomes = AvailabilityAccount.Outcome.allCases
+
+    /// Worker slots `0..<slotCount` are at index `slot + 1`; index 0 is "none" (refused, or expired before
+    /// reaching a worker). Slots added later (a reload) grow the arrays on their first count.
+    private(set) var slotCount: Int
+    /// `requests[(slot + 1) * outcomes.count + outcome]`.
+    private(set) var requests: [Int]
+    var latency: [Histogram]
+    var queueTime: [Histogram]
+    var firstChunk: [Histogram]
+    /// Exits per slot and reason kind (rare: a dictionary is fine).
+    var exits: [[String: Int]]
+    /// Per slot: its last device probe could not run or timed out (the gauge says -1, not 0, then).
+    var probeFailed: [Bool] = []
+
+    func probeCouldNotRun(slot: Int, _ failed: Bool) {
+        if slot >= probeFailed.count { probeFailed += [Bool](repeating: false, count: slot + 1 - probeFailed.count) }
+        probeFailed[slot] = failed
+    }
+
+    /// Rollouts by how they ended (`complete`, `rolled_back`, `paused`).
+    var rollouts: [String: Int] = [:]
+
+    init(slotCount: Int) {
+        self.slotCount = 0
+        requests = [Int](repeating: 0, count: Self.outcomes.count)
+        latency = [Histogram()]
+        queueTime = latency
+        firstChunk = latency
+        exits = [[:]]
+        grow(to: slotCount)
+    }
+
+    func grow(to count: Int) {
+        guard count > slotCount else { return }
+        let added = count - slotCount
+        requests += [Int](repeating: 0, count: added * Self.outcomes.count)
+        latency += [Histogram](repeating: Histogram(), count: added)
+        queueTime += [Histogram](repeating: Histogram(), count: added)
+        firstChunk += [Histogram](repeating: Histogram(), count: added)
+        exits += [[String: Int]](repeating: [:], count: added)
+        slotCount = count
+    }
+
+    /// The array index of a slot (-1: none).
+    @inline(__always) func index(_ slot: Int) -> Int {
+        if slot < 0 { return 0 }
+        if slot >= slotCount { grow(to: slot + 1) }
+        return slot &+ 1
+    }
+
+    /// One final answer. `slot` is the worker that last held it, -1 for none; `latency` from acceptance,
+    /// nil for a refusal at the door.
+    @inline(__always) func answered(slot: Int, _ outcome: AvailabilityAccount.Outcome, latencyNanoseconds: Int64?) {
+        let i = index(slot)
+        requests[i &* Self.outcomes.count &+ outcome.rawValue] &+= 1
+        if let latencyNanoseconds { latency[i].observe(latencyNanoseconds) }
+    }
+
+    /// A request left the queue for its first worker after waiting this long (0 when dispatched at once).
+    @inline(__always) func dispatched(slot: Int, waitedNanoseconds: Int64) {
+        queueTime[index(slot)].observe(waitedNanoseconds)
+    }
+
+    @inline(__always) func firstChunk(slot: Int, afterNanoseconds: Int64) {
+        firstChunk[index(slot)].observe(afterNanoseconds)
     }
 
     /// A rollout ended: `complete`, `rolled_back` or `paused`.
     func rolloutEnded(result: String) {
-        let counter = rolloutCounters[result] ?? {
-            let c = registry.makeCounter(descriptor: MetricNameDescriptor(
-                namespace: "npu_supervisor", metricName: "rollouts", unitName: "total",
-                helpText: "Rolling restarts and upgrades by how they ended (complete, rolled_back, paused)."),
-                labels: [("result", result)])
-            rolloutCounters[result] = c
-            return c
-        }()
-        counter.increment()
+        rollouts[result, default: 0] += 1
     }
 
-    func workerExited(device: String, reason: String) {
-        let key = device + "|" + reason
-        let counter = restartCounters[key] ?? {
-            let c = registry.makeCounter(descriptor: MetricNameDescriptor(
-                namespace: "npu_supervisor", metricName: "worker_restarts", unitName: "total",
-                helpText: "Worker exits by reason (exited, signaled, oom_killed, hang, ...)."),
-                labels: [("device", device), ("reason", reason)])
-            restartCounters[key] = c
-            return c
-        }()
-        counter.increment()
+    /// Every exit reason that is followed by a restart: each is always present (at 0) so that `increase()` sees the
+    /// first one. An operator's or a shutdown's stop (`stopped`) is not a restart and is not counted.
+    static let restartReasons: [String] = [
+        ExitReason.exited(code: 1), .signaled(signal: 9, coreDumped: false), .oomKilled, .deviceOOM, .hang, .unhealthy,
+        .deviceUnhealthy(""), .protocolError(""), .startTimeout, .spawnFailed(errno: 0),
+    ].map(\.kind)
+
+    func workerExited(slot: Int, reason: String) {
+        if reason == ExitReason.stopped.kind { return }
+        exits[index(slot)][reason, default: 0] += 1
+    }
+}
+
+/// The text exposition format (version 0.0.4), written by hand: one `# HELP`/`# TYPE` per family.
+struct Exposition {
+    var text = ""
+
+    mutating func family(_ name: String, _ type: String, _ help: String) {
+        text += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
     }
 
-    private func deviceGauge(_ cache: inout [String: Gauge], _ name: String, _ help: String, _ device: String) -> Gauge {
-        if let gauge = cache[device] { return gauge }
-        let gauge = registry.makeGauge(descriptor: MetricNameDescriptor(
-            namespace: "npu_supervisor", metricName: name, unitName: "", helpText: help), labels: [("device", device)])
-        cache[device] = gauge
-        return gauge
-    }
-
-    /// Refreshes the gauges from the supervisor's state (on the event loop) and renders the exposition.
-    func render(workers: [(device: String, up: Bool, healthy: Bool)], queueDepth depth: Int, fallback: Bool) -> [UInt8] {
-        for w in workers {
-            deviceGauge(&up, "worker_up", "1 when the device's worker is ready and in rotation.", w.device)
-                .set(w.up ? 1.0 : 0.0)
-            deviceGauge(&healthy, "device_healthy", "1 when the device passes its device probe (or has none).", w.device)
-                .set(w.healthy ? 1.0 : 0.0)
+    mutating func sample(_ name: String, _ labels: [(String, String)] = [], _ value: Double) {
+        text += name
+        if !labels.isEmpty {
+            text += "{" + labels.map { "\($0.0)=\"\(Self.escape($0.1))\"" }.joined(separator: ",") + "}"
         }
-        queueDepth.set(Double(depth))
-        fallbackActive.set(fallback ? 1.0 : 0.0)
-        var out: [UInt8] = []
-        registry.emit(into: &out)
+        text += " " + Self.format(value) + "\n"
+    }
+
+    mutating func histogram(_ name: String, _ labels: [(String, String)], _ h: SupervisorMetrics.Histogram) {
+        var cumulative = 0
+        for (i, bound) in SupervisorMetrics.bucketSeconds.enumerated() {
+            cumulative += h.counts[i]
+            sample(name + "_bucket", labels + [("le", Self.format(bound))], Double(cumulative))
+        }
+        cumulative += h.counts[SupervisorMetrics.bucketSeconds.count]
+        sample(name + "_bucket", labels + [("le", "+Inf")], Double(cumulative))
+        sample(name + "_sum", labels, Double(h.sumNanoseconds) / 1e9)
+        sample(name + "_count", labels, Double(cumulative))
+    }
+
+    static func escape(_ s: String) -> String {
+        var out = ""
+        for c in s {
+            switch c {
+            case "\\": out += "\\\\"
+            case "\"": out += "\\\""
+            case "\n": out += "\\n"
+            default: out.append(c)
+            }
+        }
         return out
+    }
+
+    static func format(_ v: Double) -> String {
+        if v.isNaN { return "NaN" }
+        if v.isInfinite { return v > 0 ? "+Inf" : "-Inf" }
+        if v == v.rounded() && abs(v) < 1e15 { return String(Int64(v)) }
+        return "\(v)"
     }
 }

@@ -31,6 +31,8 @@ extension Supervisor {
         case .command:
             ProbeCommand.run(probe.command, environment: ["NPU_DEVICE_ID": slot.spec.device], timeout: probe.timeout,
                              on: eventLoop, logger: logger, exitWaiter: exitWaiter) { result in
+                // For npu_supervisor_device_healthy: a probe that could not run or timed out says nothing of the device.
+                self.metrics.probeCouldNotRun(slot: index, result.spawnError != nil || result.timedOut != nil)
                 self.feed(.deviceProbeFinished(slot: index, failure: result.failure(healthy: probe.healthy)))
             }
         }

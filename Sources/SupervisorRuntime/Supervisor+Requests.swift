@@ -92,6 +92,7 @@ extension Supervisor {
             return
         }
         guard !isShuttingDown else {
+            refused(.shuttingDown)
             client.send(.error(requestID: clientID, code: ErrorCode.shuttingDown,
                                message: "the supervisor is shutting down", retryable: true))
             return
@@ -102,6 +103,7 @@ extension Supervisor {
             do {
                 (options, payload) = try RequestOptions.split(frame.payload)
             } catch {
+                refused(.badRequest)
                 client.send(.error(requestID: clientID, code: ErrorCode.badRequest, message: "\(error)"))
                 return
             }
@@ -109,6 +111,7 @@ extension Supervisor {
         var pinned = -1
         if let device = options.device {
             guard let slot = slots.firstIndex(where: { $0.spec.device == device }) else {
+                refused(.badRequest)
                 client.send(.error(requestID: clientID, code: ErrorCode.badRequest,
                                    message: "unknown device '\(device)'; configured: "
                                        + machine.devices.joined(separator: ", ")))
@@ -117,26 +120,36 @@ extension Supervisor {
             pinned = slot
         }
         if let reason = noWorkersReason(pinned: pinned) {
+            refused(.noWorkers)
             client.send(.error(requestID: clientID, code: ErrorCode.noWorkers, message: reason, retryable: true))
             return
         }
         let timeout: TimeAmount = options.deadlineMS.map { .milliseconds(Int64(max(1, $0))) } ?? defaultTimeout
+        let acceptedAt = NIODeadline.now()
         let request = PendingRequest(id: nextRequestID, clientID: clientID, client: client, payload: payload,
-                                     pinned: pinned, timeout: timeout, now: .now())
+                                     pinned: pinned, timeout: timeout, now: acceptedAt)
         nextRequestID &+= 1
         if !dispatchNow(request) {
             if case .refuse(let code, let message, let retryable) =
                 Admission.queueOrRefuse(queued: queue.count, maxQueue: config.requests.maxQueue) {
+                refused(AvailabilityAccount.Outcome(code: code))
                 client.send(.error(requestID: clientID, code: code, message: message, retryable: retryable))
                 return
             }
             request.isQueued = true
             queue.append(request)
         }
+        machine.availability.accepted(now: MonotonicInstant(nanoseconds: Int64(acceptedAt.uptimeNanoseconds)))
         requests[request.id] = request
         client.requests[clientID] = request
         client.updateReading()
         trackDeadline(request)
+    }
+
+    /// A request answered at the door (never accepted): counted, with no latency.
+    func refused(_ outcome: AvailabilityAccount.Outcome) {
+        metrics.answered(slot: -1, outcome, latencyNanoseconds: nil)
+        machine.availability.finished(outcome, accepted: false, now: Self.now())
     }
 
     var defaultTimeout: TimeAmount { .nanoseconds(config.requests.defaultDeadline.nanoseconds) }
@@ -176,6 +189,11 @@ extension Supervisor {
     @inline(__always) func dispatchNow(_ request: PendingRequest) -> Bool {
         guard let index = machine.router.pick(pinned: request.pinned >= 0 ? request.pinned : nil) else { return false }
         machine.router.assign(index)
+        if request.attempts == 0 {
+            // Queue time: zero without a clock read when a worker had room at once.
+            metrics.dispatched(slot: index, waitedNanoseconds: request.isQueued
+                ? (NIODeadline.now() - (request.deadline - request.timeout)).nanoseconds : 0)
+        }
         request.attempts += 1
         request.worker = index
         request.lastWorker = index
@@ -262,14 +280,22 @@ extension Supervisor {
             request.worker = -1
             if machine.router.draining[slot] && machine.router.inflight[slot] == 0 { feed(.drainSettled(slot: slot)) }
         }
-        if !request.isProbe, let frame {
-            let ok = frame.type == .response
-            let latency = (NIODeadline.now() - (request.deadline - request.timeout)).nanoseconds
-            if request.lastWorker >= 0 {
-                machine.requestFinished(slot: request.lastWorker, ok: ok, latencyNanoseconds: latency)
+        if !request.isProbe {
+            let now = NIODeadline.now()
+            let mono = MonotonicInstant(nanoseconds: Int64(now.uptimeNanoseconds))
+            if let frame {
+                let latency = (now - (request.deadline - request.timeout)).nanoseconds
+                let outcome: AvailabilityAccount.Outcome =
+                    frame.type == .response ? .ok : AvailabilityAccount.Outcome(code: frame.errorPayload.code)
+                metrics.answered(slot: request.lastWorker, outcome, latencyNanoseconds: latency)
+                machine.availability.finished(outcome, accepted: true, now: mono)
+                if request.lastWorker >= 0 {
+                    machine.requestFinished(slot: request.lastWorker, ok: frame.type == .response,
+                                            latencyNanoseconds: latency)
+                }
+            } else {
+                machine.availability.abandoned(now: mono)
             }
-            metrics.requestFinished(device: request.lastWorker >= 0 ? slots[request.lastWorker].spec.device : "none",
-                                    ok: ok, latency: .nanoseconds(latency))
         }
         if let onFinish = request.onFinish {
             request.onFinish = nil

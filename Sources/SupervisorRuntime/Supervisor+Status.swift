@@ -48,6 +48,6 @@ extension Supervisor {
                                        config: configPath.map { resolve($0, against: currentDirectory()) },
                                        http: httpAddress),
             queueDepth: queue.count, fallbackActive: machine.isFallbackActive, workers: workers,
-            rollout: rolloutStatus())
+            rollout: rolloutStatus(), availability: availabilityStatus(now: mono))
     }
 }

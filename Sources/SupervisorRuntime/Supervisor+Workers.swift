@@ -216,6 +216,9 @@ extension Supervisor {
             if !queue.isEmpty { dispatchQueued() }
         case .chunk:
             guard let request = requests[frame.requestID], request.worker == index else { return }
+            if !request.streamed && !request.isProbe {
+                metrics.firstChunk(slot: index, afterNanoseconds: (NIODeadline.now() - (request.deadline - request.timeout)).nanoseconds)
+            }
             request.streamed = true
             request.client?.send(Frame(type: .chunk, flags: frame.flags, requestID: request.clientID,
                                        payload: frame.payload))

@@ -54,7 +54,8 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     /// Shutdown completed: nothing is armed any more.
     var hasStopped = false
     var httpAddress: String?
-    let metrics = SupervisorMetrics()
+    /// Per-slot request counters, rendered at scrape time (Supervisor+Metrics.swift).
+    let metrics: SupervisorMetrics
     /// Per-worker memory cgroups, nil when unavailable or off.
     var cgroups: CgroupManager?
     /// Exit detection without pidfds (see ExitWatcher.swift); nil when pidfds work.
@@ -80,6 +81,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         for (index, worker) in machine.workers.enumerated() {
             slots.append(WorkerIO(index: index, spec: worker.spec, outputLines: config.outputLines))
         }
+        metrics = SupervisorMetrics(slotCount: slots.count)
     }
 
     /// The monotonic clock, the only one the driver reads; the machine gets it as `now`.
@@ -137,7 +139,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         case .answerHopelessQueued:
             answerHopelessQueued()
         case .exitRecorded(let slot, let reason):
-            metrics.workerExited(device: slots[slot].spec.device, reason: reason.kind)
+            metrics.workerExited(slot: slot, reason: reason.kind)
         case .log(let record):
             log(record)
         case .notify(let message):

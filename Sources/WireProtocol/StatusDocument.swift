@@ -12,9 +12,11 @@ public struct StatusDocument: Codable, Sendable, Equatable {
     public var workers: [WorkerStatus]
     /// The rolling change (restart or upgrade), `idle` when none ever ran.
     public var rollout: RolloutStatus?
+    /// The availability account (absent from supervisors older than it).
+    public var availability: AvailabilityStatus?
 
     public init(state: String, reason: String, supervisor: SupervisorInfo, queueDepth: Int, fallbackActive: Bool,
-                workers: [WorkerStatus], rollout: RolloutStatus? = nil) {
+                workers: [WorkerStatus], rollout: RolloutStatus? = nil, availability: AvailabilityStatus? = nil) {
         self.state = state
         self.reason = reason
         self.supervisor = supervisor
@@ -22,10 +24,11 @@ public struct StatusDocument: Codable, Sendable, Equatable {
         self.fallbackActive = fallbackActive
         self.workers = workers
         self.rollout = rollout
+        self.availability = availability
     }
 
     enum CodingKeys: String, CodingKey {
-        case state, reason, supervisor, workers, rollout
+        case state, reason, supervisor, workers, rollout, availability
         case queueDepth = "queue_depth"
         case fallbackActive = "fallback_active"
     }

@@ -136,6 +136,7 @@ enum StatusTable {
         var lines = ["state: \(doc.state) (\(doc.reason)); supervisor pid \(doc.supervisor.pid), up "
             + duration(doc.supervisor.uptimeSeconds) + ", queue \(doc.queueDepth)"]
         if let rollout = doc.rollout, rollout.state != "idle" { lines.append(rolloutLine(rollout)) }
+        if let a = doc.availability { lines.append(availabilityLine(a)) }
         let header = ["DEVICE", "KIND", "STATE", "PID", "UPTIME", "RESTARTS", "INFLIGHT", "HEALTH", "LAST EXIT"]
         var rows = [header]
         for w in doc.workers {
@@ -165,6 +166,22 @@ enum StatusTable {
         if !r.devices.isEmpty { line += ": " + r.devices.joined(separator: ", ") }
         if let reason = r.reason { line += "; \(reason)" }
         return line
+    }
+
+    /// One line: `availability: 99.9950% since start (19995 ok, 1 failed of 20000 received), objective 99.99%,
+    /// budget left 50.0%; last 1h 99.9950%; capacity lost 12.3 device-seconds`.
+    static func availabilityLine(_ a: AvailabilityStatus) -> String {
+        func percent(_ x: Double) -> String {
+            let v = (x * 1_000_000).rounded() / 10_000
+            return "\(v)%"
+        }
+        let s = a.sinceStart
+        let failed = s.failed.filter { $0.key != "bad_request" && $0.key != "cancelled" }.values.reduce(0, +)
+        let lost = s.capacityLostSeconds.values.flatMap(\.values).reduce(0, +)
+        return "availability: \(percent(s.availability)) since start (\(s.succeeded) ok, \(failed) failed of "
+            + "\(s.received) received), objective \(percent(a.objective)), budget left "
+            + "\(percent(s.errorBudgetRemaining)); last \(duration(a.windowSeconds)) \(percent(a.window.availability)); "
+            + "capacity lost \((lost * 10).rounded() / 10) device-seconds"
     }
 
     /// `ok`, or the first level that is not, e.g. `device: probe ...: Health Status : Critical`.

@@ -138,7 +138,7 @@ struct HealthTests {
         #expect(ready.code == 200 && ready.body.hasPrefix("ready: 1/1 workers ready"))
         #expect(try Self.curl("http://\(http)/health").code == 200)
         let metrics = try Self.curl("http://\(http)/metrics")
-        #expect(metrics.body.contains("npu_supervisor_worker_up{device=\"0\"} 1.0"))
+        #expect(metrics.body.contains("npu_supervisor_worker_up{device=\"0\"} 1\n"))
         #expect(try daemon.ctl(["stop", "0"]).status == 0)
         #expect(eventually { daemon.worker("0")?.state == "stopped" })
         let notReady = try Self.curl("http://\(http)/readyz")

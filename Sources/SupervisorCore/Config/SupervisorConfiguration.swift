@@ -113,6 +113,7 @@ public struct SupervisorConfiguration: Sendable, Hashable {
     public var cgroups = CgroupSettings()
     /// Drains and rolling changes (`[rollout]`).
     public var rollout = Rollout.Settings()
+    public var availability = AvailabilitySettings()
 
     public init() {}
 }
@@ -195,6 +196,19 @@ extension SupervisorConfiguration {
                 }
                 http.agentCheck = agent
             }
+            try r.rejectUnknownKeys()
+        }
+
+        if let t = try root.table("availability") {
+            var r = TableReader(path: "availability", table: t)
+            if let objective = try r.double("objective") {
+                guard objective > 0 && objective < 1 else {
+                    throw ConfigError(key: "availability.objective", value: "\(objective)",
+                                      expected: "a fraction between 0 and 1, such as 0.9999 for 99.99%")
+                }
+                availability.objective = objective
+            }
+            availability.window = try r.duration("window", min: .seconds(60)) ?? availability.window
             try r.rejectUnknownKeys()
         }
 
