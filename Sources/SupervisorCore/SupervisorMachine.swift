@@ -38,6 +38,12 @@ public struct SupervisorMachine: Sendable {
         public internal(set) var startedAt: MonotonicInstant?
         /// A ``Action/spawn`` was asked for and its outcome not reported yet: counts as starting.
         public internal(set) var isSpawnPending = false
+        /// Since when the worker has not read its channel (the supervisor's writes to it are backing up), nil
+        /// while it reads. Such a worker gets no new request; after `heartbeat_timeout` it is stuck (`hang`).
+        public internal(set) var unwritableSince: MonotonicInstant?
+        /// Requests that ended `deadline_exceeded` on this worker in a row (a worker that heartbeats but answers
+        /// nothing is judged by them).
+        public internal(set) var expiredInARow = 0
         /// The process was reaped while its channel still held frames: they are read before the exit is handled.
         var reapedExit: (reason: ExitReason, note: String?, jitter: Double)?
         var exitDrainDeadline: MonotonicInstant?
@@ -57,7 +63,8 @@ public struct SupervisorMachine: Sendable {
         /// In rotation: the process said ready, its channel is open, its device is not known to be bad, and it is
         /// not drained.
         public var isServing: Bool {
-            lifecycle.isReady && isChannelOpen && !device.isOutOfRotation && drain == .none && !isRetired
+            lifecycle.isReady && isChannelOpen && unwritableSince == nil && !device.isOutOfRotation && drain == .none
+                && !isRetired
         }
 
         public var isFallback: Bool { spec.isFallback }
@@ -140,6 +147,10 @@ public struct SupervisorMachine: Sendable {
         case undecodable(slot: Int, pid: Int32, message: String)
         /// The worker's channel reached EOF or failed.
         case channelClosed(slot: Int, pid: Int32)
+        /// The worker's channel stopped (false) or resumed (true) taking the supervisor's writes.
+        case channelWritability(slot: Int, pid: Int32, writable: Bool)
+        /// A request dispatched to the slot's worker ended `deadline_exceeded`.
+        case requestExpired(slot: Int)
         /// The process was reaped. `oomKillsRose`: its memory cgroup's `oom_kill` counter rose (nil without
         /// one). `jitter` is a sample in [0, 1) for the backoff.
         case processExited(slot: Int, pid: Int32, ExitReason, oomKillsRose: Bool?, jitter: Double)
@@ -260,6 +271,11 @@ public struct SupervisorMachine: Sendable {
         workers[slot].liveness.frameReceived(now: now)
     }
 
+    /// The slot's worker answered a request (ok or error): it is not mute. One store.
+    @inline(__always) public mutating func workerAnswered(slot: Int) {
+        if workers[slot].expiredInARow != 0 { workers[slot].expiredInARow = 0 }
+    }
+
     /// A real request succeeded on the slot's worker (its inference probe may be skipped).
     @inline(__always) public mutating func requestSucceeded(slot: Int, now: MonotonicInstant) {
         workers[slot].inference.realRequestSucceeded(now: now)
@@ -298,6 +314,12 @@ public struct SupervisorMachine: Sendable {
             guard workers[slot].lifecycle.pid == pid else { break }
             protocolViolation(slot, message, now: now)
         case .channelClosed(let slot, let pid): channelClosed(slot, pid: pid, now: now)
+        case .channelWritability(let slot, let pid, let writable):
+            guard workers[slot].lifecycle.pid == pid else { break }
+            workers[slot].unwritableSince = writable ? nil : (workers[slot].unwritableSince ?? now)
+            if writable { queueWork.insert(.dispatch) }
+            healthDirty = true
+        case .requestExpired(let slot): requestExpired(slot, now: now)
         case .processExited(let slot, let pid, let observed, let oomKillsRose, let jitter):
             processExited(slot, pid: pid, observed, oomKillsRose: oomKillsRose, jitter: jitter, now: now)
         case .deviceProbeFinished(let slot, let failure): deviceProbeResult(slot, failure: failure, now: now)
@@ -332,7 +354,8 @@ public struct SupervisorMachine: Sendable {
         }
         for worker in workers {
             consider(worker.lifecycle.nextDeadline)
-            consider(worker.liveness.deadline(isReady: worker.lifecycle.isReady))
+            consider(worker.liveness.deadline(isReady: worker.lifecycle.isReady && worker.isChannelOpen))
+            if let since = worker.unwritableSince { consider(since + worker.spec.heartbeatTimeout) }
             consider(worker.exitDrainDeadline)
             consider(worker.channelClosedDeadline)
             consider(worker.device.nextProbeAt)

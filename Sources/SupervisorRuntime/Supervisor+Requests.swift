@@ -328,10 +328,18 @@ extension Supervisor {
 
     func expire(_ request: PendingRequest) {
         cancelOnWorker(request)
+        let heldBy = request.isProbe ? -1 : request.worker
+        var pinnedNotServing: (device: String, state: String)?
+        if request.isQueued, request.pinned >= 0, !machine.router.serving[request.pinned] {
+            let worker = machine.workers[request.pinned]
+            pinnedNotServing = (worker.spec.device, worker.drain != .none ? worker.drain.name : worker.lifecycle.stateName)
+        }
         finish(request, with: .error(requestID: request.clientID, code: ErrorCode.deadlineExceeded,
                                      message: RetryPolicy.deadlineMessage(
                                         timeoutMilliseconds: request.timeout.nanoseconds / 1_000_000,
-                                        wasQueued: request.isQueued)))
+                                        wasQueued: request.isQueued, pinnedNotServing: pinnedNotServing)))
+        // No answer from the worker that held it: a failure of that worker (a mute one is judged by these).
+        if heldBy >= 0 { feed(.requestExpired(slot: heldBy)) }
     }
 
     func cancelOnWorker(_ request: PendingRequest) {

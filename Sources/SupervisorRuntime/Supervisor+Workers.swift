@@ -210,6 +210,7 @@ extension Supervisor {
                 }
             }
             guard let request = requests[frame.requestID], request.worker == index else { return }
+            machine.workerAnswered(slot: index)
             if frame.type == .response && !request.isProbe { machine.requestSucceeded(slot: index, now: now) }
             finish(request, with: Frame(type: frame.type, flags: frame.flags, requestID: request.clientID,
                                         payload: frame.payload))
@@ -295,6 +296,13 @@ final class WorkerChannelHandler: ChannelInboundHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         supervisor.flushAll()
+    }
+
+    /// The worker stopped (or resumed) reading what the supervisor writes to it: no new request goes to a
+    /// worker whose channel backs up, so what is queued for it stays bounded (see SupervisorMachine).
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        guard slot.pid == pid else { return }
+        supervisor.feed(.channelWritability(slot: slot.index, pid: pid, writable: context.channel.isWritable))
     }
 
     func channelInactive(context: ChannelHandlerContext) {

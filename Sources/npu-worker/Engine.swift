@@ -87,6 +87,14 @@ final class Engine: Sendable {
             abort()
         case "exit":
             exit(parsed.exitCode ?? 1)
+        case "close_channel":
+            // Close fd 3 and keep running (heart-beating into nothing): the supervisor must kill it as a protocol
+            // violation, the same way every time.
+            shutdown(connection.io.fd, Int32(SHUT_RDWR))
+            while true { sleep(3600) }
+        case "stop_reading":
+            // Block the reading thread for good: heartbeats go on (their own thread), nothing more is read.
+            while true { sleep(3600) }
         case "garbage":
             var junk = ByteBuffer()
             junk.writeInteger(UInt32(12))

@@ -239,3 +239,71 @@ final class ResultsBox: Sendable {
         }
     }
 }
+
+/// Workers that misbehave without dying: they must not hurt the supervisor or its other devices.
+@Suite(.serialized, .timeLimit(.minutes(2)))
+struct MisbehavingWorkerTests {
+    @Test func aWorkerThatStopsReadingItsChannelIsJudgedHungAndTheSupervisorStaysSmall() throws {
+        let daemon = try TestDaemon(devices: ["0", "1"], defaults: "heartbeat_timeout = \"2s\"\nmax_inflight = 64",
+                                    extra: "[requests]\nretries = 0\nmax_inflight_per_connection = 4")
+        #expect(daemon.waitAllReady() != nil)
+        let victim = try #require(daemon.worker("0")?.pid)
+        let rssBefore = rssKB(daemon.pid)
+        let client = try daemon.client()
+        try client.sendRequest(id: 1, payload: payload("{\"fault\": \"stop_reading\"}"), options: RequestOptions(device: "0"))
+        // 4 MiB requests pinned to it with short deadlines: they expire, and the ones not yet written must not
+        // pile up in the supervisor's memory (the client may have 4 in flight: 16 MiB of payloads at most).
+        let big = ByteBuffer(repeating: UInt8(ascii: "x"), count: 4 << 20)
+        // Sent from another thread: the supervisor reads at most 4 at a time from this connection, so the
+        // writes block while this thread reads the answers.
+        let sender = client
+        DispatchQueue.global().async {
+            for id in UInt64(2)...41 {
+                try? sender.sendRequest(id: id, payload: big, options: RequestOptions(deadlineMS: 300, device: "0"))
+            }
+        }
+        var answered = Set<UInt64>()
+        while answered.count < 41, let frame = try client.readFrame() { answered.insert(frame.requestID) }
+        #expect(answered.count == 41, "every request got its one final answer")
+        #expect(rssKB(daemon.pid) - rssBefore < 64 * 1024, "RSS grew \(rssKB(daemon.pid) - rssBefore) KiB")
+        #expect(eventually(timeout: .seconds(10)) { daemon.worker("0")?.pid != victim && daemon.worker("0")?.state == "ready" },
+                "a worker that reads nothing while requests wait is stuck: replaced")
+        #expect(daemon.worker("0")?.exits["hang"] == 1 || daemon.worker("0")?.exits["unhealthy"] == 1,
+                "\(daemon.worker("0")?.exits as Any)")
+        #expect(decodeAnswer(try client.infer(payload("{\"prompt\": \"other\"}"), options: RequestOptions(device: "1"))) != nil)
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func aWorkerThatHeartbeatsButAnswersNothingIsMadeUnhealthy() throws {
+        let daemon = try TestDaemon(devices: ["0", "1"],
+                                    defaults: "inference_probe = { enabled = false, failures = 3 }",
+                                    extra: "[requests]\nretries = 0")
+        #expect(daemon.waitAllReady() != nil)
+        let victim = try #require(daemon.worker("0")?.pid)
+        let client = try daemon.client()
+        // The worker sleeps far past every deadline but keeps heart-beating.
+        for id in UInt64(1)...3 {
+            try client.sendRequest(id: id, payload: payload("{\"fault\": \"sleep\", \"sleep_ms\": 30000}"),
+                                   options: RequestOptions(deadlineMS: 200, device: "0"))
+        }
+        var codes: [String] = []
+        while codes.count < 3, let frame = try client.readFrame() { codes.append(frame.errorPayload.code) }
+        #expect(codes == ["deadline_exceeded", "deadline_exceeded", "deadline_exceeded"])
+        #expect(eventually(timeout: .seconds(5)) { daemon.worker("0")?.exits["unhealthy"] == 1 },
+                "3 deadlines in a row on one worker make it unhealthy")
+        #expect(eventually { daemon.worker("0")?.pid != victim && daemon.worker("0")?.state == "ready" })
+        #expect(daemon.log.contains("3 requests in a row got no answer within their deadline"))
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func aWorkerThatClosesItsChannelIsReportedTheSameWayEveryTime() throws {
+        let daemon = try TestDaemon(devices: ["0"], defaults: "heartbeat_timeout = \"300ms\"\nheartbeat_interval = \"100ms\"")
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        _ = try? client.infer(payload("{\"fault\": \"close_channel\"}"))
+        #expect(eventually(timeout: .seconds(5)) { daemon.worker("0")?.lastExit == "protocol_error" },
+                "\(daemon.worker("0") as Any)")
+        #expect(daemon.worker("0")?.exits["hang"] == nil, "not judged by its silence: its channel is closed")
+        #expect(daemon.terminate() == 0)
+    }
+}

@@ -60,7 +60,18 @@ public enum RetryPolicy {
     }
 
     /// The message of `deadline_exceeded`.
-    public static func deadlineMessage(timeoutMilliseconds: Int64, wasQueued: Bool) -> String {
-        "no answer within \(timeoutMilliseconds) ms" + (wasQueued ? " (still queued: every worker was busy)" : "")
+    /// - Parameter pinnedNotServing: for a request pinned to a device whose worker is not serving, that
+    ///   device and its state (the request waited for it, not for busy workers).
+    public static func deadlineMessage(timeoutMilliseconds: Int64, wasQueued: Bool,
+                                       pinnedNotServing: (device: String, state: String)? = nil) -> String {
+        var message = "no answer within \(timeoutMilliseconds) ms"
+        if wasQueued {
+            if let pinned = pinnedNotServing {
+                message += " (still queued: device \(pinned.device) is \(pinned.state), not serving)"
+            } else {
+                message += " (still queued: every worker was busy)"
+            }
+        }
+        return message
     }
 }

@@ -22,6 +22,20 @@ extension SupervisorMachine {
         }
     }
 
+    /// A request the worker held ended `deadline_exceeded`. A worker that heartbeats but answers nothing is not
+    /// hung by the liveness rule; this streak judges it: `inference_probe.failures` expiries in a row make it
+    /// `unhealthy` (restarted, its requests retried).
+    mutating func requestExpired(_ slot: Int, now: MonotonicInstant) {
+        guard workers[slot].lifecycle.isReady else { return }
+        workers[slot].expiredInARow += 1
+        let limit = max(1, workers[slot].spec.inferenceProbe.failures)
+        guard workers[slot].expiredInARow >= limit else { return }
+        workers[slot].expiredInARow = 0
+        log(.error, slot, "worker unhealthy: \(limit) requests in a row got no answer within their deadline; restarting it",
+            reason: "unhealthy")
+        perform(workers[slot].lifecycle.fault(.unhealthy, now: now), on: slot)
+    }
+
     mutating func spawned(_ slot: Int, pid: Int32, now: MonotonicInstant) {
         let wasPending = workers[slot].isSpawnPending
         workers[slot].isSpawnPending = false
@@ -40,6 +54,8 @@ extension SupervisorMachine {
         workers[slot].reapedExit = nil
         workers[slot].exitDrainDeadline = nil
         workers[slot].channelClosedDeadline = nil
+        workers[slot].unwritableSince = nil
+        workers[slot].expiredInARow = 0
         log(.info, slot, "started worker: \(workers[slot].spec.command.joined(separator: " "))")
         healthDirty = true
     }
@@ -127,6 +143,7 @@ extension SupervisorMachine {
         }
         emit(.closeChannel(slot: slot))
         workers[slot].startedAt = nil
+        workers[slot].unwritableSince = nil
         workers[slot].liveness.processGone()
         workers[slot].device.workerGone()
         workers[slot].inference.workerGone()
@@ -180,9 +197,20 @@ extension SupervisorMachine {
             if before == "failed", action == .spawn { log(.notice, slot, "retrying failed device") }
             perform(action, on: slot)
         }
-        if workers[slot].liveness.isHung(isReady: workers[slot].lifecycle.isReady, now: now) {
+        // A worker whose channel closed is judged by the closed-channel rule below, not by its silence: the
+        // reason is then the same every time.
+        if workers[slot].liveness.isHung(isReady: workers[slot].lifecycle.isReady && workers[slot].isChannelOpen, now: now) {
             log(.error, slot, "worker missed heartbeats; killing it", reason: "hang")
             perform(workers[slot].lifecycle.fault(.hang, now: now), on: slot)
+        }
+        if let since = workers[slot].unwritableSince, now >= since + workers[slot].spec.heartbeatTimeout,
+           workers[slot].lifecycle.pid != nil {
+            workers[slot].unwritableSince = nil
+            if case .stopping = workers[slot].lifecycle.state {} else {
+                log(.error, slot, "worker has not read its channel (fd 3) for \(workers[slot].spec.heartbeatTimeout.configString) "
+                    + "while requests wait for it; killing it", reason: "hang")
+                perform(workers[slot].lifecycle.fault(.hang, now: now), on: slot)
+            }
         }
         if let deadline = workers[slot].exitDrainDeadline, now >= deadline, let pid = workers[slot].lifecycle.pid {
             finishExit(slot, pid: pid, now: now)
