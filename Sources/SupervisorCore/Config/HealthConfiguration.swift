@@ -76,6 +76,15 @@ public struct CgroupSettings: Sendable, Hashable {
 public struct HTTPSettings: Sendable, Hashable {
     /// `host:port` to listen on, or nil when off. Port 0 picks a free port (shown in status).
     public var listen: String? = "127.0.0.1:8087"
+    /// The request front, `POST /v1/infer` (docs/PROTOCOL.md section 12).
+    public var requests = true
+    /// File holding the bearer token the request front requires (resolved path); required for a non-loopback
+    /// `listen` while `requests` is on.
+    public var tokenFile: String?
+    /// The token read from `tokenFile` (by the config loader); never printed.
+    public var token: String?
+    /// Largest request body the front accepts (`413` beyond).
+    public var maxBodyBytes = 1 << 20
 
     public init() {}
 
