@@ -16,10 +16,19 @@ command -v mount >/dev/null 2>&1 || need+=(mount)
 # rpm (rpmbuild, rpm2cpio) and cpio: `make package` and the packaging tests.
 command -v rpmbuild >/dev/null 2>&1 || need+=(rpm)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
+# kubectl (Debian: kubernetes-client; any kubectl with `kustomize` will do) and haproxy: the deployment tests.
+command -v kubectl >/dev/null 2>&1 || need+=(kubernetes-client)
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
     echo "install-deps: installing ${need[*]}" >&2
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# kubernetes-validate (PyPI; bundles the Kubernetes API schemas): the manifests' offline validation.
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+    echo "install-deps: installing kubernetes-validate (pip)" >&2
+    python3 -m pip install --quiet kubernetes-validate==1.37.0 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages kubernetes-validate==1.37.0
 fi
