@@ -23,6 +23,8 @@ run: build
 test: build
 	$(SWIFT) build --build-tests
 	$(SWIFT) test 2>&1 | tee .build/swift-test.log; test $${PIPESTATUS[0]} -eq 0
+	# The real-process suite again with exit detection forced onto the waitid thread (kernels without pidfd).
+	NPU_SUPERVISOR_NO_PIDFD=1 $(SWIFT) test --skip-build --filter 'IntegrationTests\.' 2>&1 | tee .build/swift-test-nopidfd.log; test $${PIPESTATUS[0]} -eq 0
 	python3 -m unittest discover -s python/tests 2>&1 | tee .build/python-test.log; test $${PIPESTATUS[0]} -eq 0
 
 bench: release

@@ -64,6 +64,15 @@ out:
 
 int npu_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
 
+pid_t npu_wait_any_exited(void) {
+    for (;;) {
+        siginfo_t info;
+        memset(&info, 0, sizeof info);
+        if (waitid(P_ALL, 0, &info, WEXITED | WNOWAIT) == 0) return info.si_pid;
+        if (errno != EINTR) return -errno;
+    }
+}
+
 int npu_wifexited(int status) { return WIFEXITED(status); }
 int npu_wexitstatus(int status) { return WEXITSTATUS(status); }
 int npu_wifsignaled(int status) { return WIFSIGNALED(status); }

@@ -15,7 +15,16 @@
 public struct SupervisorMachine: Sendable {
     /// One worker slot: a device's (or a CPU fallback's) worker, whatever process currently fills it.
     public struct Worker: Sendable {
-        public let spec: WorkerSpec
+        /// The spec of the current (or next) process; replaced in place by a reload or a rollout.
+        public internal(set) var spec: WorkerSpec
+        /// Rises each time the slot gets a spec with another revision (``WorkerSpec/revision``).
+        public internal(set) var generation = 1
+        /// Out of rotation on purpose (`drain`, a rollout, shutdown): requests finish, none are sent.
+        public internal(set) var drain: Drain = .none
+        /// Removed from the configuration by a reload: stopped, hidden, never started again.
+        public internal(set) var isRetired = false
+        /// Answers since the counters were last reset (a rollout's bake window).
+        public internal(set) var stats = RequestStats()
         public internal(set) var lifecycle: WorkerStateMachine
         public internal(set) var session: WorkerSession
         public internal(set) var liveness: Liveness
@@ -45,8 +54,11 @@ public struct SupervisorMachine: Sendable {
             self.inference = InferenceProbe(spec: spec.inferenceProbe)
         }
 
-        /// In rotation: the process said ready, its channel is open and its device is not known to be bad.
-        public var isServing: Bool { lifecycle.isReady && isChannelOpen && !device.isOutOfRotation }
+        /// In rotation: the process said ready, its channel is open, its device is not known to be bad, and it is
+        /// not drained.
+        public var isServing: Bool {
+            lifecycle.isReady && isChannelOpen && !device.isOutOfRotation && drain == .none && !isRetired
+        }
 
         public var isFallback: Bool { spec.isFallback }
 
@@ -76,9 +88,40 @@ public struct SupervisorMachine: Sendable {
         }
     }
 
+    /// A slot taken out of rotation on purpose.
+    public enum Drain: Sendable, Hashable {
+        case none
+        /// Requests still finish; at `until` it counts as drained whatever it holds.
+        case draining(until: MonotonicInstant, byOperator: Bool)
+        case drained(byOperator: Bool)
+
+        public var name: String {
+            switch self {
+            case .none: "no"
+            case .draining: "draining"
+            case .drained: "drained"
+            }
+        }
+    }
+
     public enum Event: Sendable {
         /// The sockets are bound: start every device worker, begin probing and telling systemd.
         case boot
+        /// `npu-supervisorctl drain` / `undrain` for these slots.
+        case drain(slots: [Int])
+        case undrain(slots: [Int])
+        /// A draining slot holds no request any more.
+        case drainSettled(slot: Int)
+        /// `npu-supervisorctl restart --rolling`: new processes, one device at a time.
+        case rollingRestart(slots: [Int])
+        /// A validated configuration from a reload (SIGHUP, `npu-supervisorctl reload`).
+        case reload(SupervisorConfiguration)
+        /// `npu-supervisorctl rollout pause|resume|undo`.
+        case rolloutPause, rolloutResume, rolloutUndo
+        /// Before boot: the supervisor restarted during an upgrade. `previous` are the specs of the old
+        /// revision for each device the upgrade changes (by slot); `onPrevious` the slots still on it, which
+        /// start on it again.
+        case restoreRollout(previous: [Int: WorkerSpec], onPrevious: Set<Int>)
         /// A worker process was started for the slot.
         case spawned(slot: Int, pid: Int32)
         /// `posix_spawn` failed. `jitter` is a sample in [0, 1) for the backoff.
@@ -112,8 +155,11 @@ public struct SupervisorMachine: Sendable {
         case shutdown(reason: String, requestsInFlight: Int)
         /// While shutting down: the number of accepted requests not yet answered changed to this.
         case requestsInFlight(Int)
-        /// SIGHUP / reload.
+        /// A reload begins (SIGHUP, `npu-supervisorctl reload`): the runtime reads the file next and reports
+        /// ``reload(_:)`` or ``reloadFailed(_:)``.
         case reloadRequested
+        /// The new file is invalid: nothing changes.
+        case reloadFailed(String)
         /// The runtime's coalesced "health changed" (once per event-loop turn): tell systemd what changed.
         case publishHealth
         /// ``nextDeadline`` has (perhaps) passed.
@@ -146,21 +192,35 @@ public struct SupervisorMachine: Sendable {
         case answerAllShuttingDown
         /// Shutdown is complete: close the sockets, remove the lock, finish.
         case closeSockets
+        /// A reload was applied in place (nothing to roll) or its rollout ended: answer waiting `reload --wait`
+        /// callers (ok unless it failed) and tell systemd the reload is over.
+        case reloadDone(ok: Bool, message: String)
+        /// A rollout reached `complete`, `rolled_back` or `paused`.
+        case rolloutEnded(Rollout.State, reason: String?)
+        /// The configuration changed (a reload): the runtime re-reads what it applies itself (log level,
+        /// request limits) from ``config``, and adds I/O for new slots.
+        case configChanged
+        /// Persist the rollout record (so a restarted supervisor resumes paused, not confused).
+        case persistRollout
     }
 
-    public let config: SupervisorConfiguration
+    public internal(set) var config: SupervisorConfiguration
     public internal(set) var workers: [Worker]
+    /// The rolling change in progress, if any.
+    public internal(set) var rollout: Rollout
+    /// A reload waits for its rollout to end before it is done.
+    var reloadInProgress = false
+    var lastRefusal: String?
     /// The routing policy and the per-worker load; the runtime uses it directly on the hot path.
     public var router: Router
     public internal(set) var fallback: FallbackController?
     public internal(set) var readiness: Readiness
     public internal(set) var shutdown = Shutdown()
-    /// Slots `0..<deviceCount` are device workers, the rest CPU fallback workers.
-    public let deviceCount: Int
     /// Before ``Event/boot``: requests wait instead of being refused (a socket-activated service woken by its
     /// first client has not started its workers yet).
     public internal(set) var isBooting = true
     var requestsInFlight = 0
+    let protocolVersion: Int
     var actions: [Action] = []
     var healthDirty = false
     /// Work on the request queue that this event calls for; emitted last (see ``finishTurn(now:)``).
@@ -178,10 +238,11 @@ public struct SupervisorMachine: Sendable {
     public init(config: SupervisorConfiguration, protocolVersion: Int, watchdogInterval: Duration? = nil) {
         self.config = config
         var workers = config.workers.map { Worker(spec: $0, protocolVersion: protocolVersion) }
-        deviceCount = workers.count
         workers += (config.fallback?.workers ?? []).map { Worker(spec: $0, protocolVersion: protocolVersion) }
         self.workers = workers
-        router = Router(maxInflight: workers.map(\.spec.maxInflight), deviceCount: deviceCount)
+        self.protocolVersion = protocolVersion
+        router = Router(maxInflight: workers.map(\.spec.maxInflight), isFallback: workers.map(\.spec.isFallback))
+        rollout = Rollout(settings: config.rollout)
         fallback = config.fallback.map { FallbackController(whenFewerThan: $0.whenFewerThan, stopAfter: $0.stopAfter) }
         readiness = Readiness(readyTimeout: config.readyTimeout, watchdogInterval: watchdogInterval)
     }
@@ -241,9 +302,19 @@ public struct SupervisorMachine: Sendable {
         case .control(let verb, let slots, let uid): control(verb, slots: slots, uid: uid, now: now)
         case .shutdown(let reason, let inFlight): beginShutdown(reason: reason, requestsInFlight: inFlight, now: now)
         case .requestsInFlight(let count): requestsInFlight = count
-        case .reloadRequested: reload(now: now)
+        case .reloadRequested: reloadBegan(now: now)
+        case .reloadFailed(let why): reloadFailed(why, now: now)
         case .publishHealth: publishHealth()
         case .timer: timer(now: now)
+        case .drain(let slots): drain(slots, byOperator: true, now: now)
+        case .undrain(let slots): undrain(slots, now: now)
+        case .drainSettled(let slot): drainSettled(slot)
+        case .rollingRestart(let slots): rollingRestart(slots, now: now)
+        case .reload(let newConfig): reload(newConfig, now: now)
+        case .rolloutPause: rolloutPause(now: now)
+        case .rolloutResume: rolloutResume(now: now)
+        case .rolloutUndo: rolloutUndo(now: now)
+        case .restoreRollout(let previous, let onPrevious): restoreRollout(previous: previous, onPrevious: onPrevious)
         }
         finishTurn(now: now)
         return actions
@@ -262,7 +333,9 @@ public struct SupervisorMachine: Sendable {
             consider(worker.channelClosedDeadline)
             consider(worker.device.nextProbeAt)
             consider(worker.inference.nextProbeAt)
+            if case .draining(let until, _) = worker.drain { consider(until) }
         }
+        consider(rollout.nextDeadline)
         if !isShuttingDown { consider(fallback?.nextCheck) }
         consider(readiness.nextDeadline)
         consider(shutdown.nextDeadline)
@@ -283,7 +356,11 @@ public struct SupervisorMachine: Sendable {
     /// The slot of a device id.
     public func slot(of device: String) -> Int? { workers.firstIndex { $0.spec.device == device } }
 
-    public var devices: [String] { workers.map(\.spec.device) }
+    /// Device ids by slot; a slot removed by a reload shows as "" (no id matches it).
+    public var devices: [String] { workers.map { $0.isRetired ? "" : $0.spec.device } }
+
+    /// A reload is waiting for its rollout to end.
+    public var isReloading: Bool { reloadInProgress }
 
     // MARK: Internals shared by the extensions
 
@@ -327,6 +404,11 @@ public struct SupervisorMachine: Sendable {
             healthDirty = true
         }
         if case .draining = shutdown.state { drainCheck(now: now) }
+        if rollout.isActive { advanceRollout(now: now) }
+        for slot in workers.indices where router.serving[slot] != workers[slot].isServing {
+            router.setServing(slot, workers[slot].isServing)
+            healthDirty = true
+        }
         if healthDirty {
             healthDirty = false
             evaluateFallback(now: now)

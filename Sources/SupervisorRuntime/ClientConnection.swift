@@ -17,6 +17,8 @@ final class ClientConnection {
     var isInputClosed = false
     /// Bytes handed to NIO and not yet written to the socket: what a client that does not read costs us.
     var unwrittenBytes = 0
+    /// Decodes frames this connection has buffered but not yet admitted (see ``ClientHandler/decode(_:)``).
+    weak var handler: ClientHandler?
 
     init(channel: any Channel, supervisor: Supervisor) {
         self.channel = channel
@@ -70,7 +72,11 @@ final class ClientConnection {
         guard shouldPause != isReadingPaused else { return }
         isReadingPaused = shouldPause
         channel.setOption(ChannelOptions.autoRead, value: !shouldPause).whenComplete { _ in }
-        if !shouldPause { channel.read() }
+        if !shouldPause {
+            // Frames already read but held back by the limit come first.
+            handler?.decode(nil)
+            channel.read()
+        }
     }
 }
 
@@ -97,15 +103,32 @@ final class ClientHandler: ChannelInboundHandler {
             return
         }
         let connection = ClientConnection(channel: context.channel, supervisor: supervisor)
+        connection.handler = self
         self.connection = connection
         supervisor.clients[ObjectIdentifier(connection)] = connection
         context.fireChannelActive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard let connection else { return }
+        decode(unwrapInboundIn(data))
+    }
+
+    /// Whether frames wait in the buffer, not yet admitted (or a decoding loop is running: it decides at its
+    /// end; reading `reader` from inside it would overlap its access).
+    var hasBufferedInput: Bool { isDecoding || reader.hasBufferedBytes }
+    private var isDecoding = false
+
+    /// Decodes `incoming` (after what is buffered; nil: only what is buffered) while the connection may have
+    /// more requests in flight (`max_inflight_per_connection` holds within one read too); the rest stays
+    /// buffered until answers make room. Not re-entered: an answer finished while decoding only makes the
+    /// running loop go on.
+    func decode(_ incoming: ByteBuffer?) {
+        guard let connection, !isDecoding else { return }
+        isDecoding = true
+        defer { isDecoding = false }
+        let limit = supervisor.config.requests.maxInflightPerConnection
         do {
-            try reader.read(unwrapInboundIn(data)) { frame in
+            try reader.read(incoming ?? ByteBuffer(), while: { connection.isOpen && connection.requests.count < limit }) { frame in
                 switch frame.type {
                 case .request: supervisor.clientRequest(connection, frame)
                 case .cancel: supervisor.clientCancel(connection, clientID: frame.requestID)
@@ -119,7 +142,11 @@ final class ClientHandler: ChannelInboundHandler {
             // The stream cannot be resynchronised: say why, then close. Requests in flight are cancelled.
             connection.send(.error(requestID: 0, code: ErrorCode.protocolError, message: "\(error)"))
             connection.flush()
-            context.close(promise: nil)
+            connection.channel.close(promise: nil)
+            return
+        }
+        if connection.isInputClosed && connection.requests.isEmpty && !reader.hasBufferedBytes {
+            connection.closeAfterFlush()
         }
     }
 
@@ -131,7 +158,7 @@ final class ClientHandler: ChannelInboundHandler {
         // Half-close (shutdown(SHUT_WR)): `printf ... | socat` style clients still get their answers.
         if case ChannelEvent.inputClosed = event, let connection {
             connection.isInputClosed = true
-            if connection.requests.isEmpty { connection.closeAfterFlush() }
+            if connection.requests.isEmpty && !hasBufferedInput { connection.closeAfterFlush() }
             return
         }
         context.fireUserInboundEventTriggered(event)

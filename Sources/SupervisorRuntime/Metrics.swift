@@ -9,6 +9,7 @@ final class SupervisorMetrics: @unchecked Sendable {  // the registry locks; the
     private var requestCounters: [String: Counter] = [:]
     private var latencies: [String: DurationHistogram] = [:]
     private var restartCounters: [String: Counter] = [:]
+    private var rolloutCounters: [String: Counter] = [:]
     private let queueDepth: Gauge
     private let fallbackActive: Gauge
     private var up: [String: Gauge] = [:]
@@ -51,6 +52,19 @@ final class SupervisorMetrics: @unchecked Sendable {  // the registry locks; the
             return h
         }()
         histogram.record(latency)
+    }
+
+    /// A rollout ended: `complete`, `rolled_back` or `paused`.
+    func rolloutEnded(result: String) {
+        let counter = rolloutCounters[result] ?? {
+            let c = registry.makeCounter(descriptor: MetricNameDescriptor(
+                namespace: "npu_supervisor", metricName: "rollouts", unitName: "total",
+                helpText: "Rolling restarts and upgrades by how they ended (complete, rolled_back, paused)."),
+                labels: [("result", result)])
+            rolloutCounters[result] = c
+            return c
+        }()
+        counter.increment()
     }
 
     func workerExited(device: String, reason: String) {

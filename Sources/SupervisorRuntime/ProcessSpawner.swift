@@ -75,7 +75,7 @@ enum ProcessSpawner {
             close(pair[0]); close(pipeFDs[0])
             throw SystemError(call: "posix_spawn \(argv[0])", errno: rc)
         }
-        let pidFD = npu_pidfd_open(pid)
+        let pidFD = ExitDetection.usesPidfd ? npu_pidfd_open(pid) : -1
         if pidFD >= 0 { _ = fcntl(pidFD, F_SETFD, FD_CLOEXEC) }
         return SpawnedWorker(pid: pid, channelFD: pair[0], outputFD: pipeFDs[0], pidFD: pidFD)
     }
@@ -100,7 +100,7 @@ enum ProcessSpawner {
             close(pipeFDs[0])
             throw SystemError(call: "posix_spawn \(argv[0])", errno: rc)
         }
-        let pidFD = npu_pidfd_open(pid)
+        let pidFD = ExitDetection.usesPidfd ? npu_pidfd_open(pid) : -1
         if pidFD >= 0 { _ = fcntl(pidFD, F_SETFD, FD_CLOEXEC) }
         return SpawnedWorker(pid: pid, channelFD: -1, outputFD: pipeFDs[0], pidFD: pidFD)
     }

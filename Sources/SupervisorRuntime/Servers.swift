@@ -23,9 +23,9 @@ extension Supervisor {
                 ControlHandler(supervisor: self),
             ])
         }
-        return requests.and(status).and(control).and(bindHTTP()).map { all in
-            let (((r, s), c), h) = all
-            self.servers = [r, s, c] + (h.map { [$0] } ?? [])
+        return requests.and(status).and(control).and(bindHTTP()).and(bindAgentCheck()).map { all in
+            let ((((r, s), c), h), a) = all
+            self.servers = [r, s, c] + (h.map { [$0] } ?? []) + (a.map { [$0] } ?? [])
             if let address = self.httpAddress { self.logger.info("HTTP probes and metrics on http://\(address)/") }
         }
     }

@@ -34,7 +34,7 @@ extension Supervisor {
             fail(ErrorCode.badRequest, "unknown command '\(command.command)'; known: \(ControlVerb.known)")
             return
         }
-        if verb.isMutating && !isAllowedToMutate(peer) {
+        if verb.isMutating(action: command.action) && !isAllowedToMutate(peer) {
             fail(ErrorCode.permissionDenied,
                  "'\(verb.rawValue)' needs root, the daemon's user or membership of control_group"
                     + (config.controlGroup.map { " (\($0))" } ?? " (none configured)"))
@@ -57,6 +57,44 @@ extension Supervisor {
                     pid = try select(allowEmpty: false).first.flatMap { machine.workers[$0].pid }
                 }
                 answer(Frame(type: .response, requestID: requestID, payload: try JSONCoding.encode(PidResult(pid: pid))))
+            case .restart where command.rolling == true:
+                let selected = try select(allowEmpty: false).filter { !machine.workers[$0].isRetired }
+                guard !isShuttingDown else {
+                    fail(ErrorCode.commandFailed, "the supervisor is shutting down; restart --rolling refused")
+                    return
+                }
+                feed(.rollingRestart(slots: selected))
+                if let why = machine.refusal {
+                    fail(ErrorCode.commandFailed, why)
+                    return
+                }
+                let names = machine.rollout.steps.map(\.device)
+                let result = ControlResult(ok: true, message: "rolling restart started: \(names.joined(separator: ", ")) "
+                                               + "(canary \(machine.rollout.canary ?? "-"); `npu-supervisorctl rollout status`)",
+                                           devices: names)
+                answer(Frame(type: .response, requestID: requestID, payload: try JSONCoding.encode(result)))
+            case .drain, .undrain:
+                let selected = try select(allowEmpty: false).filter { !machine.workers[$0].isRetired }
+                feed(verb == .drain ? .drain(slots: selected) : .undrain(slots: selected))
+                let names = selected.map { devices[$0] }
+                let result = ControlResult(ok: true, message: "\(verb.rawValue): \(names.joined(separator: ", "))",
+                                           devices: names)
+                answer(Frame(type: .response, requestID: requestID, payload: try JSONCoding.encode(result)))
+            case .reload:
+                reload(waiter: (channel, requestID), wait: command.wait ?? false)
+            case .rollout:
+                switch command.action ?? "status" {
+                case "status": break
+                case "pause": feed(.rolloutPause)
+                case "resume": feed(.rolloutResume)
+                case "undo": feed(.rolloutUndo)
+                case let other: throw SupervisorError("unknown rollout action '\(other)'; known: status, pause, resume, undo")
+                }
+                if let why = machine.refusal, command.action != nil, command.action != "status" {
+                    fail(ErrorCode.commandFailed, why)
+                    return
+                }
+                answer(Frame(type: .response, requestID: requestID, payload: try JSONCoding.encode(rolloutStatus())))
             case .start, .stop, .restart:
                 let selected = try select(allowEmpty: false)
                 guard !isShuttingDown else {

@@ -30,7 +30,7 @@ extension Supervisor {
             feed(.deviceProbeFinished(slot: index, failure: failure))
         case .command:
             ProbeCommand.run(probe.command, environment: ["NPU_DEVICE_ID": slot.spec.device], timeout: probe.timeout,
-                             on: eventLoop, logger: logger) { result in
+                             on: eventLoop, logger: logger, exitWaiter: exitWaiter) { result in
                 self.feed(.deviceProbeFinished(slot: index, failure: result.failure(healthy: probe.healthy)))
             }
         }
@@ -123,9 +123,10 @@ struct ProbeCommand {
     static let maximumOutput = 64 * 1024
 
     static func run(_ command: [String], environment: [String: String], timeout: Duration, on loop: any EventLoop,
-                    logger: Logger, completion: @escaping (Result) -> Void) {
+                    logger: Logger, exitWaiter: ExitWaiter? = nil, completion: @escaping (Result) -> Void) {
         let state = ProbeState(result: Result(command: command, exit: nil, output: "", timedOut: nil, spawnError: nil),
                                completion: completion)
+        state.exitWaiter = exitWaiter
         let spawned: SpawnedWorker
         do {
             spawned = try ProcessSpawner.spawnProbe(command, extraEnvironment: environment)
@@ -161,7 +162,9 @@ struct ProbeCommand {
                 close(spawned.outputFD)
                 bound.value.outputClosed = true
             }
-        if spawned.pidFD >= 0 {
+        if spawned.pidFD < 0 {
+            exitWaiter?.watch(spawned.pid) { bound.value.reap() }
+        } else {
             let source = DispatchSource.makeReadSource(fileDescriptor: spawned.pidFD, queue: .global())
             source.setEventHandler {
                 source.cancel()
@@ -181,6 +184,7 @@ struct ProbeCommand {
         var outputClosed = false
         var completed = false
         var timeoutTask: Scheduled<Void>?
+        var exitWaiter: ExitWaiter?
 
         init(result: Result, completion: @escaping (Result) -> Void) {
             self.result = result
@@ -194,6 +198,7 @@ struct ProbeCommand {
         func reap() {
             guard !exited, pid > 0, let exit = ProcessSpawner.reap(pid) else { return }
             exited = true
+            exitWaiter?.forget(pid)
             result.exit = exit
             _ = kill(-pid, SIGKILL)  // helpers it left behind, and their hold on the pipe
             finishIfDone()

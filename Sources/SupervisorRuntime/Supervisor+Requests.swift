@@ -223,6 +223,7 @@ extension Supervisor {
     /// else answered with `code`.
     func failInflight(of index: Int, code: String) {
         guard machine.router.releaseAll(index) > 0 else { return }
+        if machine.router.draining[index] { feed(.drainSettled(slot: index)) }
         let device = slots[index].spec.device
         let held = requests.values.filter { $0.worker == index }.sorted { $0.id < $1.id }
         var retried: [PendingRequest] = []
@@ -258,13 +259,19 @@ extension Supervisor {
             if let index = queue.firstIndex(where: { $0 === request }) { queue.remove(at: index) }
         }
         if request.worker >= 0 {
-            machine.router.release(request.worker)
+            let slot = request.worker
+            machine.router.release(slot)
             request.worker = -1
+            if machine.router.draining[slot] && machine.router.inflight[slot] == 0 { feed(.drainSettled(slot: slot)) }
         }
         if !request.isProbe, let frame {
+            let ok = frame.type == .response
+            let latency = (NIODeadline.now() - (request.deadline - request.timeout)).nanoseconds
+            if request.lastWorker >= 0 {
+                machine.requestFinished(slot: request.lastWorker, ok: ok, latencyNanoseconds: latency)
+            }
             metrics.requestFinished(device: request.lastWorker >= 0 ? slots[request.lastWorker].spec.device : "none",
-                                    ok: frame.type == .response,
-                                    latency: .nanoseconds((NIODeadline.now() - (request.deadline - request.timeout)).nanoseconds))
+                                    ok: ok, latency: .nanoseconds(latency))
         }
         if let onFinish = request.onFinish {
             request.onFinish = nil
@@ -279,7 +286,9 @@ extension Supervisor {
             client.requests.removeValue(forKey: request.clientID)
             if let frame { client.send(frame) }
             if client.isReadingPaused { client.updateReading() }
-            if client.isInputClosed && client.requests.isEmpty { client.closeAfterFlush() }
+            if client.isInputClosed && client.requests.isEmpty && client.handler?.hasBufferedInput != true {
+                client.closeAfterFlush()
+            }
         }
         // Draining for a shutdown: the last answer lets the machine stop the workers.
         if requests.isEmpty, case .draining = machine.shutdown.state { feed(.requestsInFlight(0)) }

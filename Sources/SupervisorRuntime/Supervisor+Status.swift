@@ -13,7 +13,8 @@ extension Supervisor {
         let now = NIODeadline.now()
         let mono = Self.now()
         let all = devices == nil || devices!.isEmpty || devices! == ["all"]
-        let workers = machine.workers.indices.filter { all || devices!.contains(machine.workers[$0].spec.device) }
+        let workers = machine.workers.indices
+            .filter { !machine.workers[$0].isRetired && (all || devices!.contains(machine.workers[$0].spec.device)) }
             .map { index -> WorkerStatus in
                 let worker = machine.workers[index]
                 let lifecycle = worker.lifecycle
@@ -37,7 +38,8 @@ extension Supervisor {
                     health: WorkerHealthLevels(alive: levels.alive, device: levels.device, model: levels.model,
                                                inference: levels.inference, inRotation: levels.inRotation),
                     fallback: worker.isFallback, memoryBytes: slot.cgroup.flatMap { cgroups?.memoryUsage($0.path) },
-                    memoryLimitBytes: slot.cgroup == nil ? nil : worker.spec.memoryLimit)
+                    memoryLimitBytes: slot.cgroup == nil ? nil : worker.spec.memoryLimit,
+                    revision: worker.spec.revision, generation: worker.generation, drain: worker.drain.name)
             }
         return StatusDocument(
             state: health.rawValue, reason: reason,
@@ -45,6 +47,7 @@ extension Supervisor {
                                        uptimeSeconds: Double((now - startedAt).nanoseconds) / 1e9,
                                        config: configPath.map { resolve($0, against: currentDirectory()) },
                                        http: httpAddress),
-            queueDepth: queue.count, fallbackActive: machine.isFallbackActive, workers: workers)
+            queueDepth: queue.count, fallbackActive: machine.isFallbackActive, workers: workers,
+            rollout: rolloutStatus())
     }
 }

@@ -10,6 +10,8 @@ import WireProtocol
 /// about any of it is the machine's (``SupervisorMachine``); this file only turns it into events.
 extension Supervisor {
     func spawn(_ slot: WorkerIO) {
+        // The machine's spec is the one to run (a reload or a rollout may have replaced it).
+        slot.spec = machine.workers[slot.index].spec
         let spawned: SpawnedWorker
         do {
             var procsFD: CInt = -1
@@ -123,7 +125,12 @@ extension Supervisor {
 
     /// The parent learns of a child's death at once: a pidfd becomes readable when the process exits.
     func watchExit(_ slot: WorkerIO, pid: pid_t, pidFD: CInt) {
-        guard pidFD >= 0 else { return }  // no pidfd: the timer polls (see rearmTimer)
+        guard pidFD >= 0 else {
+            // No pidfd on this kernel: the waitid thread tells us (ExitWatcher.swift).
+            let index = slot.index
+            exitWaiter?.watch(pid) { self.reapIfExited(self.slots[index]) }
+            return
+        }
         let source = DispatchSource.makeReadSource(fileDescriptor: pidFD, queue: .global())
         let eventLoop = self.eventLoop
         let index = slot.index
@@ -162,6 +169,7 @@ extension Supervisor {
         let pid = slot.pid
         guard pid > 0, !slot.isReaped, let observed = ProcessSpawner.reap(pid) else { return }
         slot.isReaped = true
+        exitWaiter?.forget(pid)
         // Anything still in the group (helpers the worker forked) dies with it.
         _ = kill(-pid, SIGKILL)
         slot.exitWatch?.cancel()

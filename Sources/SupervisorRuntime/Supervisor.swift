@@ -46,12 +46,19 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     var timer: Scheduled<Void>?
     var timerAt: NIODeadline?
     var healthPublishPending = false
+    /// The text of the configuration in effect (kept so that an upgrade can be resumed or undone after a
+    /// restart of the supervisor: see Supervisor+Reload.swift).
+    var appliedConfigText: String?
+    /// `reload --wait` callers, answered when the reload is done.
+    var reloadWaiters: [(channel: any Channel, requestID: UInt64)] = []
     /// Shutdown completed: nothing is armed any more.
     var hasStopped = false
     var httpAddress: String?
     let metrics = SupervisorMetrics()
     /// Per-worker memory cgroups, nil when unavailable or off.
     var cgroups: CgroupManager?
+    /// Exit detection without pidfds (see ExitWatcher.swift); nil when pidfds work.
+    var exitWaiter: ExitWaiter?
 
     /// - Parameters:
     ///   - config: a validated configuration.
@@ -65,6 +72,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         self.logger = logger
         self.notifier = notifier
         self.shutdownPromise = eventLoop.makePromise(of: Void.self)
+        self.appliedConfigText = configPath.flatMap { try? readFile($0) }
         self.machine = SupervisorMachine(
             config: config, protocolVersion: wireProtocolVersion,
             watchdogInterval: notifier.watchdogInterval.map { .nanoseconds(Int64($0)) })
@@ -99,6 +107,11 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     func feed(_ event: SupervisorMachine.Event) {
         eventLoop.assertInEventLoop()
         let actions = machine.handle(event, now: Self.now())
+        // A reload may have added slots: their I/O exists before any action names them.
+        while slots.count < machine.workers.count {
+            let index = slots.count
+            slots.append(WorkerIO(index: index, spec: machine.workers[index].spec, outputLines: config.outputLines))
+        }
         for action in actions { execute(action) }
         rearmTimer()
     }
@@ -149,6 +162,18 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
             flushAll()
         case .closeSockets:
             closeSockets()
+        case .reloadDone(let ok, let message):
+            reloadDone(ok: ok, message: message)
+        case .rolloutEnded(let state, _):
+            metrics.rolloutEnded(result: state.rawValue)
+        case .configChanged:
+            let old = config
+            config = machine.config
+            if old.logLevel != config.logLevel, let level = Logger.Level(rawValue: config.logLevel) {
+                logger.logLevel = level
+            }
+        case .persistRollout:
+            persistRollout()
         }
     }
 
@@ -169,17 +194,13 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
 
     // MARK: The one timer
 
-    /// Arms the timer at the earliest deadline: the machine's, the oldest request's, and a reap poll for
-    /// workers without a pidfd. A timer armed earlier is left alone (it fires, finds nothing due, re-arms).
+    /// Arms the timer at the earliest deadline: the machine's and the oldest request's. A timer armed earlier
+    /// is left alone (it fires, finds nothing due, re-arms).
     func rearmTimer() {
         guard !hasStopped else { return }
         var next = machine.nextDeadline.map(Self.deadline)
         for list in deadlineLists.values {
             if let oldest = list.oldest, next.map({ oldest.deadline < $0 }) ?? true { next = oldest.deadline }
-        }
-        if slots.contains(where: { $0.needsReapPoll }) {
-            let poll = NIODeadline.now() + reapPollInterval
-            if next.map({ poll < $0 }) ?? true { next = poll }
         }
         guard let next else { return }
         if let armed = timerAt, armed <= next { return }
@@ -192,18 +213,12 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         timer = eventLoop.scheduleTask(deadline: deadline) { self.timerFired() }
     }
 
-    /// Without a pidfd (kernels before 5.3, seccomp refusing pidfd_open) exits are found by polling.
-    var reapPollInterval: TimeAmount {
-        let smallest = slots.map(\.spec.heartbeatInterval).min() ?? .seconds(1)
-        return .nanoseconds(min(max(smallest.nanoseconds / 2, 20_000_000), 500_000_000))
-    }
-
     func timerFired() {
         timer = nil
         timerAt = nil
         // A safety-net reap first: an exit found now is handled before the machine judges silence or a closed
         // channel (a worker that closed fd 3 and exited is not a protocol violation).
-        for slot in slots where slot.pid > 0 && (slot.needsReapPoll || !slot.isChannelOpen) { reapIfExited(slot) }
+        for slot in slots where slot.pid > 0 && !slot.isChannelOpen { reapIfExited(slot) }
         expireRequests()
         feed(.timer)
     }
@@ -255,7 +270,14 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
                 "requests": "\(self.config.requestsSocket)", "status": "\(self.config.statusSocket)",
                 "control": "\(self.config.controlSocket)", "workers": "\(self.slots.count)",
             ])
+            self.logger.info("exit detection: \(ExitDetection.chosen.description)")
+            if !ExitDetection.usesPidfd {
+                let waiter = ExitWaiter(loop: self.eventLoop)
+                waiter.start()
+                self.exitWaiter = waiter
+            }
             self.systemdBoot()
+            self.restoreRollout()
             self.feed(.boot)
         }.get()
     }
@@ -270,10 +292,9 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         eventLoop.execute { self.shutdown(reason: reason) }
     }
 
-    /// SIGHUP, from any thread. Applying a changed configuration is not implemented yet: the machine says so
-    /// (an untrapped SIGHUP would terminate the process).
+    /// SIGHUP, from any thread: re-read the configuration file and apply it (as `npu-supervisorctl reload`).
     public func reloadRequested() {
-        eventLoop.execute { self.feed(.reloadRequested) }
+        eventLoop.execute { _ = self.reload() }
     }
 
     /// Releases the event loop thread. Call after ``waitUntilStopped()``.

@@ -10,7 +10,8 @@ import WireProtocol
 /// what the driver needs to move bytes. Touched only on the supervisor's event loop.
 final class WorkerIO {
     let index: Int
-    let spec: WorkerSpec
+    /// The spec of the current process (copied from the machine at each spawn).
+    var spec: WorkerSpec
     /// The current process, 0 between processes. Frames and exits of an older process are ignored.
     var pid: pid_t = 0
     /// The frame channel to the current process (its fd 3), nil between processes.
@@ -36,9 +37,6 @@ final class WorkerIO {
     }
 
     var isChannelOpen: Bool { channel != nil }
-
-    /// A running process whose exit no pidfd will announce.
-    var needsReapPoll: Bool { pid > 0 && !isReaped && exitWatch == nil }
 
     /// Queues a frame for the worker.
     @inline(__always) func send(_ frame: Frame) {

@@ -33,6 +33,38 @@ public struct FrameReader {
         }
     }
 
+    /// Like ``read(_:_:)``, but decodes the next frame only while `more()` says so: the rest stays buffered
+    /// (back-pressure inside one read: a client that writes hundreds of requests at once gets only as many in
+    /// flight as it may). Call again with an empty buffer, or ``resume(while:_:)``, when there is room.
+    /// - Throws: ``FrameDecodingError``, or what `body` throws.
+    public mutating func read(_ incoming: ByteBuffer, while more: () -> Bool, _ body: (Frame) throws -> Void) throws {
+        var buffer: ByteBuffer
+        if var pending, pending.readableBytes > 0 {
+            var incoming = incoming
+            pending.writeBuffer(&incoming)
+            buffer = pending
+        } else {
+            buffer = incoming
+        }
+        pending = nil
+        defer {
+            if buffer.readableBytes > 0 {
+                if buffer.readerIndex > 1 << 16 { buffer.discardReadBytes() }
+                pending = buffer
+            }
+        }
+        while more(), let frame = try decoder.decode(buffer: &buffer) { try body(frame) }
+    }
+
+    /// Decodes buffered frames while `more()` says so (see ``read(_:while:_:)``).
+    public mutating func resume(while more: () -> Bool, _ body: (Frame) throws -> Void) throws {
+        guard pending != nil else { return }
+        try read(ByteBuffer(), while: more, body)
+    }
+
+    /// Whether a whole frame (or part of one) waits in the buffer.
+    public var hasBufferedBytes: Bool { (pending?.readableBytes ?? 0) > 0 }
+
     /// Call at end of stream: a partial frame left over is an error.
     public func finish() throws {
         if let pending, pending.readableBytes > 0 {

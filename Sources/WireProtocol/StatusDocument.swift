@@ -10,22 +10,61 @@ public struct StatusDocument: Codable, Sendable, Equatable {
     /// Whether CPU fallback workers are running because device workers cannot serve.
     public var fallbackActive: Bool
     public var workers: [WorkerStatus]
+    /// The rolling change (restart or upgrade), `idle` when none ever ran.
+    public var rollout: RolloutStatus?
 
     public init(state: String, reason: String, supervisor: SupervisorInfo, queueDepth: Int, fallbackActive: Bool,
-                workers: [WorkerStatus]) {
+                workers: [WorkerStatus], rollout: RolloutStatus? = nil) {
         self.state = state
         self.reason = reason
         self.supervisor = supervisor
         self.queueDepth = queueDepth
         self.fallbackActive = fallbackActive
         self.workers = workers
+        self.rollout = rollout
     }
 
     enum CodingKeys: String, CodingKey {
-        case state, reason, supervisor, workers
+        case state, reason, supervisor, workers, rollout
         case queueDepth = "queue_depth"
         case fallbackActive = "fallback_active"
     }
+}
+
+/// The state of a rolling change (docs/PROTOCOL.md, "Rollouts").
+public struct RolloutStatus: Codable, Sendable, Equatable {
+    /// `idle`, `progressing`, `paused`, `rolling_back`, `rolled_back` or `complete`.
+    public var state: String
+    /// `restart` (same specs, new processes) or `upgrade` (new specs from a reload); nil when idle.
+    public var kind: String?
+    /// The devices in the order they are changed (the first is the canary).
+    public var devices: [String]
+    /// Devices done of all, e.g. `2/4`.
+    public var progress: String
+    public var canary: String?
+    /// Why it is paused, rolling back or rolled back.
+    public var reason: String?
+
+    public init(state: String, kind: String?, devices: [String], progress: String, canary: String?, reason: String?) {
+        self.state = state
+        self.kind = kind
+        self.devices = devices
+        self.progress = progress
+        self.canary = canary
+        self.reason = reason
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(state, forKey: .state)
+        try c.encode(kind, forKey: .kind)
+        try c.encode(devices, forKey: .devices)
+        try c.encode(progress, forKey: .progress)
+        try c.encode(canary, forKey: .canary)
+        try c.encode(reason, forKey: .reason)
+    }
+
+    enum CodingKeys: String, CodingKey { case state, kind, devices, progress, canary, reason }
 }
 
 public struct SupervisorInfo: Codable, Sendable, Equatable {
@@ -79,11 +118,21 @@ public struct WorkerStatus: Codable, Sendable, Equatable {
     public var memoryBytes: Int?
     /// The cgroup's memory limit (bytes), when one is set.
     public var memoryLimitBytes: Int?
+    /// The worker spec's revision (a hash of command, env, pinning, working directory, kind, memory limit).
+    public var revision: String?
+    /// Rises each time the device gets a spec with another revision.
+    public var generation: Int?
+    /// `no`, `draining` or `drained` (out of rotation on purpose).
+    public var drain: String?
 
     public init(device: String, kind: String, state: String, desired: String, pid: Int32?, restarts: Int,
                 lastExit: String?, lastExitDetail: String?, uptimeSeconds: Double, inflight: Int, maxInflight: Int,
                 exits: [String: Int], nextRestartInSeconds: Double?, health: WorkerHealthLevels, fallback: Bool,
-                memoryBytes: Int? = nil, memoryLimitBytes: Int? = nil) {
+                memoryBytes: Int? = nil, memoryLimitBytes: Int? = nil, revision: String? = nil, generation: Int? = nil,
+                drain: String? = nil) {
+        self.revision = revision
+        self.generation = generation
+        self.drain = drain
         self.device = device
         self.kind = kind
         self.state = state
@@ -107,6 +156,7 @@ public struct WorkerStatus: Codable, Sendable, Equatable {
         case device, kind, state, desired, pid, restarts, inflight, exits, health, fallback
         case memoryBytes = "memory_bytes"
         case memoryLimitBytes = "memory_limit_bytes"
+        case revision, generation, drain
         case lastExit = "last_exit"
         case lastExitDetail = "last_exit_detail"
         case uptimeSeconds = "uptime_seconds"
@@ -134,6 +184,9 @@ public struct WorkerStatus: Codable, Sendable, Equatable {
         try c.encode(fallback, forKey: .fallback)
         try c.encode(memoryBytes, forKey: .memoryBytes)
         try c.encode(memoryLimitBytes, forKey: .memoryLimitBytes)
+        try c.encode(revision, forKey: .revision)
+        try c.encode(generation, forKey: .generation)
+        try c.encode(drain, forKey: .drain)
     }
 }
 
@@ -175,12 +228,22 @@ public struct ControlCommand: Codable, Sendable, Equatable {
     public var follow: Bool?
     /// `tail`: how many recent lines.
     public var lines: Int?
+    /// `reload`: answer only once the reload is done (its rollout complete, rolled back or paused).
+    public var wait: Bool?
+    /// `restart`: one device at a time, each drained first (a rolling restart).
+    public var rolling: Bool?
+    /// `rollout`: `status`, `pause`, `resume` or `undo`.
+    public var action: String?
 
-    public init(command: String, devices: [String]? = nil, follow: Bool? = nil, lines: Int? = nil) {
+    public init(command: String, devices: [String]? = nil, follow: Bool? = nil, lines: Int? = nil, wait: Bool? = nil,
+                rolling: Bool? = nil, action: String? = nil) {
         self.command = command
         self.devices = devices
         self.follow = follow
         self.lines = lines
+        self.wait = wait
+        self.rolling = rolling
+        self.action = action
     }
 }
 

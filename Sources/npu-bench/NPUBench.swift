@@ -27,12 +27,15 @@ struct RestartLatency: ParsableCommand {
     var backoff = "10ms"
     @Option(help: "Simulated model-load time of the worker, ms.") var loadMs = 0
     @Option(help: "Per-worker memory cgroups: auto or off.") var cgroups = "auto"
+    @Option(help: "backoff_reset_after in ms; each kill then waits until the worker has served that long, so it is restarted at once (no backoff), as runit and s6 restart a service that ran for a second.")
+    var servedMs: Int?
 
     func run() throws {
+        let resetAfter = servedMs.map { "\nbackoff_reset_after = \"\($0)ms\"" } ?? ""
         let daemon = try BenchDaemon(
             devices: 2, workerArgs: ["--load-ms", "\(loadMs)"],
             defaults: "backoff_initial = \"\(backoff)\"\nbackoff_max = \"\(backoff)\"\nbackoff_jitter = 0\n"
-                + "restart_limit = 1000000\nrestart_window = \"1s\"",
+                + "restart_limit = 1000000\nrestart_window = \"1s\"" + resetAfter,
             cgroups: cgroups, binDirectory: bin.bin)
         defer { daemon.stop() }
         _ = try daemon.waitAllReady()
@@ -40,6 +43,7 @@ struct RestartLatency: ParsableCommand {
         var ready: [Double] = []
         for _ in 0..<repetitions {
             guard let victim = daemon.status()?.workers[0].pid else { throw BenchError("no worker pid") }
+            if let servedMs { usleep(useconds_t((servedMs + 50) * 1000)) }  // it has served long enough
             let t0 = now()
             kill(victim, SIGKILL)
             var sawSpawn = false
@@ -56,7 +60,8 @@ struct RestartLatency: ParsableCommand {
                 if now() - t0 > 30 { throw BenchError("no replacement within 30 s") }
             }
         }
-        print("restart latency over \(repetitions) SIGKILLs (backoff_initial = \(backoff), model load \(loadMs) ms, cgroups \(cgroups)):")
+        print("restart latency over \(repetitions) SIGKILLs (backoff_initial = \(backoff), model load \(loadMs) ms, cgroups \(cgroups)"
+            + (servedMs.map { ", each worker killed after serving \($0 + 50) ms with backoff_reset_after \($0) ms" } ?? "") + "):")
         print("  kill -> replacement spawned: median \(ms(percentile(spawned, 50)))  p90 \(ms(percentile(spawned, 90)))  max \(ms(spawned.max() ?? 0))")
         print("  kill -> replacement ready:   median \(ms(percentile(ready, 50)))  p90 \(ms(percentile(ready, 90)))  max \(ms(ready.max() ?? 0))")
     }

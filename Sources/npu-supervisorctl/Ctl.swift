@@ -32,8 +32,8 @@ struct Ctl: ParsableCommand {
             $NPU_SUPERVISOR_SOCKET, else /run/npu-supervisor/control.sock.
             """,
         version: npuSupervisorRelease,
-        subcommands: [Status.self, Start.self, Stop.self, Restart.self, Pid.self, Tail.self, Health.self,
-                      Infer.self, Shutdown.self])
+        subcommands: [Status.self, Start.self, Stop.self, Restart.self, Drain.self, Undrain.self, Reload.self,
+                      Rollout.self, Pid.self, Tail.self, Health.self, Infer.self, Shutdown.self])
 
     /// `npu-supervisorctl --socket P status` is the supervisorctl habit: global options before the command.
     /// ArgumentParser reads a subcommand's options only after its name, so move them there.
@@ -135,12 +135,14 @@ enum StatusTable {
     static func render(_ doc: StatusDocument) -> String {
         var lines = ["state: \(doc.state) (\(doc.reason)); supervisor pid \(doc.supervisor.pid), up "
             + duration(doc.supervisor.uptimeSeconds) + ", queue \(doc.queueDepth)"]
+        if let rollout = doc.rollout, rollout.state != "idle" { lines.append(rolloutLine(rollout)) }
         let header = ["DEVICE", "KIND", "STATE", "PID", "UPTIME", "RESTARTS", "INFLIGHT", "HEALTH", "LAST EXIT"]
         var rows = [header]
         for w in doc.workers {
             var state = w.state
             if w.desired == "down" && w.state != "stopped" { state += " (stopping)" }
             if let next = w.nextRestartInSeconds { state += " (retry in \(duration(next)))" }
+            if let drain = w.drain, drain != "no" { state += " (\(drain))" }
             rows.append([w.device + (w.fallback ? " (fallback)" : ""), w.kind, state, w.pid.map(String.init) ?? "-",
                          w.pid == nil ? "-" : duration(w.uptimeSeconds), String(w.restarts),
                          "\(w.inflight)/\(w.maxInflight)", w.state == "stopped" ? "-" : healthSummary(w.health),
@@ -153,6 +155,16 @@ enum StatusTable {
             }.joined(separator: "  "))
         }
         return lines.joined(separator: "\n")
+    }
+
+    /// `rollout: progressing, upgrade 1/4 (canary 0): 0, 1, 2, 3`.
+    static func rolloutLine(_ r: RolloutStatus) -> String {
+        var line = "rollout: \(r.state)"
+        if let kind = r.kind { line += ", \(kind) \(r.progress)" }
+        if let canary = r.canary { line += " (canary \(canary))" }
+        if !r.devices.isEmpty { line += ": " + r.devices.joined(separator: ", ") }
+        if let reason = r.reason { line += "; \(reason)" }
+        return line
     }
 
     /// `ok`, or the first level that is not, e.g. `device: probe ...: Health Status : Critical`.
@@ -202,10 +214,72 @@ struct Stop: ParsableCommand {
 }
 
 struct Restart: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Restart devices' workers.")
+    static let configuration = CommandConfiguration(
+        abstract: "Restart devices' workers.",
+        discussion: "--rolling: one device at a time, each drained first and back in rotation before the next "
+            + "(a canary first); follow it with `rollout status`.")
+    @OptionGroup var sockets: SocketOptions
+    @Flag(help: "One device at a time, drained first, without dropping a request.") var rolling = false
+    @OptionGroup var target: DeviceCommand
+    func run() throws {
+        guard rolling else { return try mutate("restart", sockets, target.devices) }
+        let payload = sockets.run(ControlCommand(command: "restart", devices: target.devices, rolling: true))
+        out(try JSONCoding.decode(ControlResult.self, from: payload).message)
+    }
+}
+
+struct Drain: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Take devices out of rotation; their requests finish (bounded by drain_timeout), workers keep running.")
     @OptionGroup var sockets: SocketOptions
     @OptionGroup var target: DeviceCommand
-    func run() throws { try mutate("restart", sockets, target.devices) }
+    func run() throws { try mutate("drain", sockets, target.devices) }
+}
+
+struct Undrain: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Put drained devices back in rotation.")
+    @OptionGroup var sockets: SocketOptions
+    @OptionGroup var target: DeviceCommand
+    func run() throws { try mutate("undrain", sockets, target.devices) }
+}
+
+struct Reload: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Re-read the configuration file and apply it (an invalid file changes nothing).",
+        discussion: "Settings that need no new worker process apply at once; devices whose worker must change are "
+            + "rolled one at a time (and rolled back if the new revision fails). --wait returns when all of it is "
+            + "done and exits 1 if it failed: what systemd's ExecReload= runs.")
+    @OptionGroup var sockets: SocketOptions
+    @Flag(help: "Return only when the reload is done (its rollout complete or rolled back).") var wait = false
+    func run() throws {
+        let client = sockets.connect(try sockets.paths().control, timeout: wait ? nil : .seconds(30))
+        let frame: Frame
+        do {
+            frame = try client.control(ControlCommand(command: "reload", wait: wait))
+        } catch {
+            fail(CtlExit.unreachable, "npu-supervisorctl: \(error)")
+        }
+        if frame.type == .error {
+            let e = frame.errorPayload
+            fail(e.code == ErrorCode.permissionDenied ? CtlExit.noPermission : CtlExit.refused,
+                 "npu-supervisorctl: \(e.message)")
+        }
+        out(try JSONCoding.decode(ControlResult.self, from: frame.payload).message)
+    }
+}
+
+struct Rollout: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show or steer the rolling change: status (default), pause, resume, undo.")
+    @OptionGroup var sockets: SocketOptions
+    @Flag(help: "Print the rollout as JSON.") var json = false
+    @Argument(help: "status, pause, resume or undo.") var action: String = "status"
+    func run() throws {
+        let payload = sockets.run(ControlCommand(command: "rollout", action: action))
+        let status = try JSONCoding.decode(RolloutStatus.self, from: payload)
+        if json { return out(try JSONCoding.encodeString(status, pretty: true)) }
+        out(StatusTable.rolloutLine(status))
+    }
 }
 
 struct Pid: ParsableCommand {

@@ -36,13 +36,17 @@ final class Engine: Sendable {
     let tokenDelay: Duration
     let connection: WorkerConnection
     let emptyOutput: Bool
+    /// Answer every request with an error (a bad release, for rollout drills).
+    let failRequests: Bool
 
     static let vocabulary = [
         "the", "model", "answers", "quickly", "on", "device", "npu", "tokens", "flow", "steadily", "and",
         "serving", "stays", "up", "while", "workers", "restart", "hello", "world", "ascend",
     ]
 
-    init(device: String, tokenDelay: Duration, connection: WorkerConnection, emptyOutput: Bool) {
+    init(device: String, tokenDelay: Duration, connection: WorkerConnection, emptyOutput: Bool,
+         failRequests: Bool = false) {
+        self.failRequests = failRequests
         self.device = device
         self.tokenDelay = tokenDelay
         self.connection = connection
@@ -60,6 +64,10 @@ final class Engine: Sendable {
     }
 
     func handle(_ request: WorkerRequest) {
+        if failRequests {
+            request.fail(code: ErrorCode.workerError, message: "npu-worker --fail-requests: failing every request")
+            return
+        }
         // Not JSON: echo (the benchmark path, answered inline on the reading thread).
         guard request.payload.readableBytes > 0, request.payload.getInteger(at: request.payload.readerIndex,
                                                                               as: UInt8.self) == UInt8(ascii: "{")

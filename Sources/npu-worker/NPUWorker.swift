@@ -33,6 +33,7 @@ struct NPUWorker: ParsableCommand {
     @Option(help: "Device health drill: while this file exists, its content is reported as a device fault in health frames.")
     var healthFile: String?
     @Flag(help: "Answer every request with empty text (inference-probe drills).") var emptyOutput = false
+    @Flag(help: "Answer every request with a worker_error (a bad release: rollout gate drills).") var failRequests = false
     @Flag(help: "Ignore SIGTERM (stop_timeout drills: the supervisor must escalate to SIGKILL).") var ignoreSigterm = false
 
     func run() throws {
@@ -93,7 +94,7 @@ struct NPUWorker: ParsableCommand {
             printErr("npu-worker[\(device)]: ready")
         }
         let engine = Engine(device: device, tokenDelay: .milliseconds(tokenMs), connection: connection,
-                            emptyOutput: emptyOutput)
+                            emptyOutput: emptyOutput, failRequests: failRequests)
         do {
             try connection.serve { request in engine.handle(request) }
         } catch {

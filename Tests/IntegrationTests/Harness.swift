@@ -25,7 +25,7 @@ final class TestDaemon {
     ///   - extra: extra TOML appended at the end (e.g. `[requests]`).
     init(devices: [String] = ["0", "1", "2", "3"], workerArgs: [String] = [], defaults: String = "",
          perDevice: [String: String] = [:], supervisor: String = "", extra: String = "", http: String = "",
-         environment: [String: String] = [:], start: Bool = true) throws {
+         httpExtra: String = "", environment: [String: String] = [:], start: Bool = true) throws {
         directory = FileManager.default.temporaryDirectory
             .appendingPathComponent("npu-sv-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -40,6 +40,7 @@ final class TestDaemon {
 
             [http]
             listen = "\(http)"
+            \(httpExtra)
 
             [defaults]
             command = [\(argv)]
@@ -115,6 +116,13 @@ final class TestDaemon {
 
     func client(timeout: Duration = .seconds(30)) throws -> SupervisorClient {
         try SupervisorClient(socketPath: requestsSocket, timeout: timeout)
+    }
+
+    /// SIGKILLs the daemon (its workers go too: EOF on fd 3, or SIGKILL from the harness) and starts a new one
+    /// on the same config and folder, as systemd's Restart= would.
+    func restartAfterSIGKILL(environment: [String: String] = [:]) throws {
+        process = nil
+        process = try DaemonProcess(arguments: ["--config", configPath], environment: environment, logPath: logPath)
     }
 
     /// SIGTERM and wait for the exit status.

@@ -221,3 +221,36 @@ func rssKB(_ pid: Int32) -> Int {
 extension Array {
     subscript(safe index: Int) -> Element? { indices.contains(index) ? self[index] : nil }
 }
+
+/// `max_inflight_per_connection` is a bound even within one read: frames beyond it stay buffered.
+@Suite(.serialized, .timeLimit(.minutes(1)))
+struct BackPressureTests {
+    @Test func oneWriteOfManyRequestsNeverPutsMoreThanTheLimitInFlight() throws {
+        let daemon = try TestDaemon(devices: ["0", "1"], defaults: "max_inflight = 64",
+                                    extra: "[requests]\nmax_inflight_per_connection = 2")
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        // 200 requests of 300 ms each, in one write.
+        var burst = ByteBuffer()
+        for id in UInt64(1)...200 {
+            Frame(type: .request, requestID: id,
+                  payload: payload("{\"prompt\": \"b\", \"fault\": \"sleep\", \"sleep_ms\": 300}")).write(to: &burst)
+        }
+        try client.io.writeRaw(burst)
+        // Sample what the workers hold for a second (without the bound it would be dozens at once).
+        var most = 0
+        let until = ContinuousClock.now + .seconds(1)
+        while ContinuousClock.now < until {
+            most = max(most, daemon.status()?.workers.map(\.inflight).reduce(0, +) ?? 0)
+        }
+        #expect(most >= 1 && most <= 2, "at most 2 in flight for this connection, saw \(most)")
+        // Every request is still answered, two at a time.
+        var seen = Set<UInt64>()
+        while seen.count < 8, let frame = try client.readFrame() {
+            #expect(frame.type == .response)
+            seen.insert(frame.requestID)
+        }
+        #expect(seen.count == 8)
+        #expect(daemon.terminate() == 0)
+    }
+}

@@ -28,6 +28,11 @@ struct SupervisorLifecycleTests {
         #expect(viaCLI.workers.map(\.pid) == doc.workers.map(\.pid))
         let health = try daemon.ctl(["health"])
         #expect(health.status == 0)
+        // How exits are detected is chosen once and said once (the suite also runs with the waitid thread).
+        let forced = ProcessInfo.processInfo.environment["NPU_SUPERVISOR_NO_PIDFD"].map { !$0.isEmpty && $0 != "0" } ?? false
+        let detection = daemon.log.split(separator: "\n").filter { $0.contains("exit detection: ") }
+        #expect(detection.count == 1, "\(detection)")
+        #expect(detection.first?.contains(forced ? "a waitid thread" : "pidfd per child") == true, "\(detection)")
         #expect(daemon.terminate() == 0)
     }
 

@@ -86,7 +86,10 @@ struct ReadinessTests {
     }
 
     @Test func controlVerbsAndSelection() throws {
-        #expect(ControlVerb.allCases.filter(\.isMutating) == [.start, .stop, .restart, .shutdown])
+        #expect(ControlVerb.allCases.filter(\.isMutating)
+            == [.start, .stop, .restart, .shutdown, .drain, .undrain, .reload, .rollout])
+        #expect(!ControlVerb.rollout.isMutating(action: "status") && !ControlVerb.rollout.isMutating(action: nil))
+        #expect(ControlVerb.rollout.isMutating(action: "undo"))
         #expect(try WorkerSelection.select(["all"], among: ["0", "1"], allowEmpty: false) == [0, 1])
         #expect(try WorkerSelection.select(nil, among: ["0", "1"], allowEmpty: true) == [0, 1])
         #expect(try WorkerSelection.select(["1", "0"], among: ["0", "1"], allowEmpty: false) == [1, 0])

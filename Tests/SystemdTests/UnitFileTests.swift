@@ -60,7 +60,8 @@ struct UnitFileTests {
             "Type": "notify", "NotifyAccess": "main", "Restart": "on-failure", "KillMode": "mixed",
             "OOMPolicy": "continue", "Delegate": "yes", "RuntimeDirectory": "npu-supervisor",
             "RuntimeDirectoryPreserve": "yes", "Environment": "SWIFT_BACKTRACE=enable=no",
-            "ExecReload": "/bin/kill -HUP $MAINPID", "RestartPreventExitStatus": "78",
+            "ExecReload": "/usr/local/bin/npu-supervisorctl --config /etc/npu-supervisor/config.toml reload --wait",
+            "RestartPreventExitStatus": "78",
             "ExecStart": "/usr/local/bin/npu-supervisord --config /etc/npu-supervisor/config.toml",
             "Sockets": "npu-supervisord.socket npu-supervisord-status.socket npu-supervisord-control.socket",
         ]

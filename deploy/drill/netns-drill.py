@@ -83,6 +83,7 @@ shutdown_timeout = "10s"
 [http]
 listen = "%(addr)s:8087"
 token_file = "%(dir)s/token"
+agent_check = "%(addr)s:8088"
 [defaults]
 kind = "cpu"
 command = ["%(bin)s/npu-worker", "--token-ms", "5", "--load-ms", "300"]

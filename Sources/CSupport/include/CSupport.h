@@ -32,6 +32,10 @@ void npu_crash_segv(void);
 /// pipe2(fds, O_CLOEXEC).
 int npu_pipe_cloexec(int fds[2]);
 
+/// Blocks until any child of this process has exited and returns its pid without reaping it (waitid with
+/// WNOWAIT), or -errno (-ECHILD: no child at all). Retries on EINTR.
+pid_t npu_wait_any_exited(void);
+
 /// SO_PEERCRED of a connected Unix socket. Returns 0 or -1 with errno.
 int npu_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
 

@@ -76,6 +76,8 @@ public struct CgroupSettings: Sendable, Hashable {
 public struct HTTPSettings: Sendable, Hashable {
     /// `host:port` to listen on, or nil when off. Port 0 picks a free port (shown in status).
     public var listen: String? = "127.0.0.1:8087"
+    /// `host:port` of the HAProxy agent-check listener (`up NN%`, `drain`, `down`), nil when off.
+    public var agentCheck: String?
     /// The request front, `POST /v1/infer` (docs/PROTOCOL.md section 12).
     public var requests = true
     /// File holding the bearer token the request front requires (resolved path); required for a non-loopback

@@ -111,6 +111,8 @@ public struct SupervisorConfiguration: Sendable, Hashable {
     public var fallback: FallbackSpec?
     public var http = HTTPSettings()
     public var cgroups = CgroupSettings()
+    /// Drains and rolling changes (`[rollout]`).
+    public var rollout = Rollout.Settings()
 
     public init() {}
 }
@@ -203,6 +205,15 @@ extension SupervisorConfiguration {
                                       + "request front (http.requests) is on; give a file holding a bearer token, "
                                       + "or set http.requests = false to serve only the probes and metrics there")
             }
+            if let agent = try r.string("agent_check"), !agent.isEmpty {
+                do {
+                    _ = try HTTPSettings.parse(agent)
+                } catch {
+                    throw ConfigError(key: "http.agent_check", value: "\"\(agent)\"",
+                                      expected: "host:port such as \"0.0.0.0:8088\" for HAProxy's agent-check, or \"\" for off")
+                }
+                http.agentCheck = agent
+            }
             try r.rejectUnknownKeys()
         }
 
@@ -220,6 +231,29 @@ extension SupervisorConfiguration {
                                       expected: "an absolute cgroup folder such as /sys/fs/cgroup/npu.slice/npu-supervisord.service")
                 }
                 cgroups.parent = parent
+            }
+            try r.rejectUnknownKeys()
+        }
+
+        if let t = try root.table("rollout") {
+            var r = TableReader(path: "rollout", table: t)
+            rollout.drainTimeout = try r.duration("drain_timeout") ?? rollout.drainTimeout
+            rollout.progressDeadline = try r.duration("progress_deadline", min: .milliseconds(100))
+                ?? rollout.progressDeadline
+            rollout.minReadyTime = try r.duration("min_ready_time") ?? rollout.minReadyTime
+            rollout.bakeTime = try r.duration("bake_time") ?? rollout.bakeTime
+            if let rate = try r.double("max_error_rate") {
+                guard (0...1).contains(rate) else {
+                    throw ConfigError(key: "rollout.max_error_rate", value: "\(rate)", expected: "a fraction from 0 to 1")
+                }
+                rollout.maxErrorRate = rate
+            }
+            rollout.minRequests = try r.int("min_requests", min: 1) ?? rollout.minRequests
+            if let ratio = try r.double("max_p99_ratio") {
+                guard ratio >= 1 else {
+                    throw ConfigError(key: "rollout.max_p99_ratio", value: "\(ratio)", expected: "a factor of at least 1")
+                }
+                rollout.maxP99Ratio = ratio
             }
             try r.rejectUnknownKeys()
         }

@@ -2,14 +2,20 @@
 /// to the workers is decided in ``SupervisorMachine/handle(_:now:)`` (event ``SupervisorMachine/Event/control(_:slots:requestedBy:)``);
 /// the runtime only reads state for the read-only verbs.
 public enum ControlVerb: String, Sendable, Hashable, CaseIterable {
-    case status, health, pid, start, stop, restart, tail, shutdown
+    case status, health, pid, start, stop, restart, tail, shutdown, drain, undrain, reload, rollout
 
-    /// Verbs that change something: allowed only for root, the daemon's user or `control_group`.
+    /// Verbs that change something: allowed only for root, the daemon's user or `control_group`
+    /// (`rollout status` only reads: see ``isMutating(action:)``).
     public var isMutating: Bool {
         switch self {
-        case .start, .stop, .restart, .shutdown: true
+        case .start, .stop, .restart, .shutdown, .drain, .undrain, .reload, .rollout: true
         case .status, .health, .pid, .tail: false
         }
+    }
+
+    /// Whether this verb with this `action` changes something.
+    public func isMutating(action: String?) -> Bool {
+        self == .rollout ? (action ?? "status") != "status" : isMutating
     }
 
     /// The known verbs, for the error message of an unknown one.

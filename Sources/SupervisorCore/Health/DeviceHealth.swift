@@ -61,9 +61,9 @@ public struct DeviceHealth: Sendable, Hashable {
         case holdWorkerFailed(String)
     }
 
-    public let spec: DeviceProbeSpec
-    let heartbeatInterval: Duration
-    let heartbeatTimeout: Duration
+    public private(set) var spec: DeviceProbeSpec
+    private(set) var heartbeatInterval: Duration
+    private(set) var heartbeatTimeout: Duration
     public private(set) var verdict: Verdict = .unknown
     public private(set) var consecutiveFailures = 0
     /// The worker was already restarted once for the current fault: if the fault stays, hold it failed.
@@ -77,6 +77,28 @@ public struct DeviceHealth: Sendable, Hashable {
         self.spec = spec
         self.heartbeatInterval = heartbeatInterval
         self.heartbeatTimeout = heartbeatTimeout
+    }
+
+    /// New probe settings from a reload: the verdict so far stays; a probe that is now off forgets it, and one
+    /// that is now on runs at once.
+    public mutating func update(spec: DeviceProbeSpec, heartbeatInterval: Duration, heartbeatTimeout: Duration) {
+        let wasOff = self.spec.kind == .none
+        self.spec = spec
+        self.heartbeatInterval = heartbeatInterval
+        self.heartbeatTimeout = heartbeatTimeout
+        if spec.kind == .none {
+            verdict = .unknown
+            consecutiveFailures = 0
+            nextProbeAt = nil
+        } else if wasOff {
+            nextProbeAt = nil
+            isProbeRunning = false
+        }
+    }
+
+    /// Arms the first probe of a probe that a reload turned on.
+    public mutating func bootIfIdle(now: MonotonicInstant) {
+        if spec.kind != .none, nextProbeAt == nil, !isProbeRunning { nextProbeAt = now }
     }
 
     public var isOutOfRotation: Bool { if case .bad = verdict { true } else { false } }

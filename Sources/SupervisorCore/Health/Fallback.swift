@@ -2,12 +2,18 @@
 public struct FallbackController: Sendable {
     public enum Decision: Sendable, Hashable { case start, stop, none }
 
-    public let whenFewerThan: Int
-    public let stopAfter: Duration
+    public private(set) var whenFewerThan: Int
+    public private(set) var stopAfter: Duration
     public private(set) var isActive = false
     private var healthySince: MonotonicInstant?
 
     public init(whenFewerThan: Int, stopAfter: Duration) {
+        self.whenFewerThan = whenFewerThan
+        self.stopAfter = stopAfter
+    }
+
+    /// New thresholds from a reload; whether the fallback runs stays as it is until the next evaluation.
+    public mutating func update(whenFewerThan: Int, stopAfter: Duration) {
         self.whenFewerThan = whenFewerThan
         self.stopAfter = stopAfter
     }

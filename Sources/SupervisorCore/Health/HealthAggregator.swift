@@ -29,9 +29,12 @@ public struct WorkerHealthInput: Sendable, Hashable {
     public var isFallback: Bool
     /// Why a worker that runs is nevertheless out of rotation (its device probe fails), if it is.
     public var outOfRotation: String?
+    /// Taken out of rotation on purpose (drain, a rollout): capacity lost by choice, not a fault.
+    public var isDrained: Bool
 
     public init(device: String, state: String, desiredUp: Bool, isServing: Bool, lastExit: String?, restarts: Int,
-                isFallback: Bool = false, outOfRotation: String? = nil) {
+                isFallback: Bool = false, outOfRotation: String? = nil, isDrained: Bool = false) {
+        self.isDrained = isDrained
         self.device = device
         self.state = state
         self.desiredUp = desiredUp
@@ -51,11 +54,15 @@ public enum HealthAggregator {
         let fallback = workers.filter { $0.isFallback && $0.desiredUp }
         let serving = devices.filter(\.isServing)
         let fallbackServing = fallback.filter(\.isServing)
-        let notServing = devices.filter { $0.desiredUp && !$0.isServing }
-        let stoppedByOperator = devices.filter { !$0.desiredUp && !$0.isServing }
+        let notServing = devices.filter { $0.desiredUp && !$0.isServing && !$0.isDrained }
+        let stoppedByOperator = devices.filter { !$0.desiredUp && !$0.isServing && !$0.isDrained }
+        let drained = devices.filter(\.isDrained)
         var summary = "\(serving.count)/\(devices.count) workers ready"
         if !stoppedByOperator.isEmpty {
             summary += "; stopped: " + stoppedByOperator.map(\.device).joined(separator: ",")
+        }
+        if !drained.isEmpty {
+            summary += "; drained: " + drained.map(\.device).joined(separator: ",")
         }
         if !fallback.isEmpty {
             summary += "; CPU fallback active (\(fallbackServing.count)/\(fallback.count) ready)"

@@ -35,7 +35,7 @@ public struct InferenceProbe: Sendable, Hashable {
         case json(textField: String??)
     }
 
-    public let spec: InferenceProbeSpec
+    public private(set) var spec: InferenceProbeSpec
     public private(set) var consecutiveFailures = 0
     public private(set) var verdict = "unknown"
     public private(set) var nextProbeAt: MonotonicInstant?
@@ -44,6 +44,12 @@ public struct InferenceProbe: Sendable, Hashable {
     public private(set) var lastRealSuccess: MonotonicInstant?
 
     public init(spec: InferenceProbeSpec) { self.spec = spec }
+
+    /// New settings from a reload; the streak so far stays. A probe turned off stops at once.
+    public mutating func update(spec: InferenceProbeSpec) {
+        self.spec = spec
+        if !spec.enabled { nextProbeAt = nil }
+    }
 
     public mutating func workerBecameReady(now: MonotonicInstant) {
         consecutiveFailures = 0

@@ -2,12 +2,18 @@
 /// `heartbeat_timeout` is hung and is killed with reason `hang`. Pure: the runtime reports frames with their
 /// time; the verdict and the deadline come from here.
 public struct Liveness: Sendable, Hashable {
-    public let heartbeatInterval: Duration
-    public let heartbeatTimeout: Duration
+    public private(set) var heartbeatInterval: Duration
+    public private(set) var heartbeatTimeout: Duration
     /// When the current process last sent a frame (or was spawned); nil between processes.
     public private(set) var lastFrame: MonotonicInstant?
 
     public init(heartbeatInterval: Duration, heartbeatTimeout: Duration) {
+        self.heartbeatInterval = heartbeatInterval
+        self.heartbeatTimeout = heartbeatTimeout
+    }
+
+    /// New settings from a reload; the silence counted so far stays.
+    public mutating func update(heartbeatInterval: Duration, heartbeatTimeout: Duration) {
         self.heartbeatInterval = heartbeatInterval
         self.heartbeatTimeout = heartbeatTimeout
     }

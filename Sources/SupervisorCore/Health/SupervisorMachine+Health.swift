@@ -79,7 +79,8 @@ extension SupervisorMachine {
     /// Graceful degradation: CPU fallback workers while too few device workers can serve.
     mutating func evaluateFallback(now: MonotonicInstant) {
         guard var controller = fallback, !isShuttingDown else { return }
-        let devices = workers[..<deviceCount]
+        let devices = workers.filter { !$0.isFallback && !$0.isRetired }
+        let fallbackSlots = workers.indices.filter { workers[$0].isFallback && !workers[$0].isRetired }
         // Workers still on their very first model load count as coming: start-up is not an outage.
         let serving = devices.filter { $0.isServing || ($0.isStarting && !$0.hasBeenReady) }.count
         let wanted = devices.filter { $0.lifecycle.desired == .up }.count
@@ -87,12 +88,12 @@ extension SupervisorMachine {
         fallback = controller
         switch decision {
         case .start:
-            log(.error, nil, "only \(serving) device worker(s) can serve: starting \(workers.count - deviceCount) "
+            log(.error, nil, "only \(serving) device worker(s) can serve: starting \(fallbackSlots.count) "
                 + "CPU fallback worker(s); requests will be slow, not refused", reason: "fallback")
-            for slot in deviceCount..<workers.count { perform(workers[slot].lifecycle.start(now: now), on: slot) }
+            for slot in fallbackSlots { perform(workers[slot].lifecycle.start(now: now), on: slot) }
         case .stop:
             log(.notice, nil, "device workers serve again: stopping the CPU fallback", reason: "fallback")
-            for slot in deviceCount..<workers.count { perform(workers[slot].lifecycle.stop(now: now), on: slot) }
+            for slot in fallbackSlots { perform(workers[slot].lifecycle.stop(now: now), on: slot) }
         case .none:
             break
         }
@@ -102,12 +103,13 @@ extension SupervisorMachine {
 
     /// The aggregated health and its one-line reason.
     public func aggregate() -> (OverallHealth, String) {
-        let inputs = workers.map { worker in
+        let inputs = workers.filter { !$0.isRetired }.map { worker in
             WorkerHealthInput(
                 device: worker.spec.device, state: worker.lifecycle.stateName,
                 desiredUp: worker.lifecycle.desired == .up, isServing: worker.isServing,
                 lastExit: worker.lifecycle.lastExit?.description, restarts: worker.lifecycle.restarts,
-                isFallback: worker.isFallback, outOfRotation: worker.device.outOfRotationReason)
+                isFallback: worker.isFallback, outOfRotation: worker.device.outOfRotationReason,
+                isDrained: worker.drain != .none)
         }
         return HealthAggregator.aggregate(inputs, minReady: config.minReady)
     }

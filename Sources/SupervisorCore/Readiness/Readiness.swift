@@ -75,6 +75,15 @@ public struct Readiness: Sendable, Hashable {
             messages.append(.watchdog)
             nextWatchdog = now + watchdogInterval
         }
+        if isReloading {
+            // A reload that rolls workers takes as long as their model loads: keep systemd's reload timeout
+            // (TimeoutStartSec=) from killing `reload --wait` while it makes progress.
+            if let next = nextExtend, now >= next {
+                if loading { messages.append(.extendTimeout(microseconds: UInt64(Self.extendBy.nanoseconds / 1000))) }
+                nextExtend = now + Self.extendEvery
+            }
+            return messages
+        }
         guard !hasSentReady, !isStopping else {
             nextExtend = nil
             return messages
@@ -96,6 +105,7 @@ public struct Readiness: Sendable, Hashable {
 
     public var nextDeadline: MonotonicInstant? {
         var next = nextWatchdog
+        if isReloading, let extend = nextExtend { next = min(next ?? extend, extend) }
         if !hasSentReady && !isStopping {
             for candidate in [nextExtend, readyTimeout.flatMap { grace in startedAt.map { $0 + grace } }] {
                 if let candidate { next = min(next ?? candidate, candidate) }
@@ -105,9 +115,10 @@ public struct Readiness: Sendable, Hashable {
     }
 
     /// A reload begins (before anything is re-read or replaced).
-    public mutating func reloadBegan(monotonicMicroseconds: UInt64) -> [Message] {
+    public mutating func reloadBegan(monotonicMicroseconds: UInt64, now: MonotonicInstant? = nil) -> [Message] {
         guard hasSentReady, !isStopping, !isReloading else { return [] }
         isReloading = true
+        nextExtend = now.map { $0 + Self.extendEvery }
         return [.reloading(monotonicMicroseconds: monotonicMicroseconds)]
     }
 
@@ -115,6 +126,7 @@ public struct Readiness: Sendable, Hashable {
     public mutating func reloadFinished(summary: String) -> [Message] {
         guard isReloading else { return [] }
         isReloading = false
+        nextExtend = nil
         lastStatus = Self.statusText(summary)
         return [.reloaded(status: lastStatus)]
     }

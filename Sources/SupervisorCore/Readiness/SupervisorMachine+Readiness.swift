@@ -13,24 +13,17 @@ extension SupervisorMachine {
         for slot in workers.indices {
             workerTimers(slot, now: now)
             healthTimers(slot, now: now)
+            drainTimers(slot, now: now)
         }
         if let check = fallback?.nextCheck, now >= check { healthDirty = true }
         if let deadline = readiness.nextDeadline, now >= deadline {
             // The summary is only for the start-up grace message.
             let summary = readiness.hasSentReady ? nil : aggregate().1
-            for message in readiness.timer(now: now, loading: isLoading, summary: summary) {
+            for message in readiness.timer(now: now, loading: isLoading || rollout.isActive, summary: summary) {
                 if case .ready(let status) = message { log(.warning, nil, status) }
                 emit(.notify(message))
             }
         }
-    }
-
-    /// SIGHUP. Applying a changed configuration is not implemented yet: say so instead of pretending.
-    mutating func reload(now: MonotonicInstant) {
-        let began = readiness.reloadBegan(monotonicMicroseconds: UInt64(max(0, now.nanoseconds / 1000)))
-        for message in began { emit(.notify(message)) }
-        log(.warning, nil, "SIGHUP received: configuration reload is not supported by this version; ignored")
-        for message in readiness.reloadFinished(summary: aggregate().1) { emit(.notify(message)) }
     }
 
     /// The operator's start, stop, restart and shutdown (the runtime answers the read-only verbs itself).
@@ -49,7 +42,11 @@ extension SupervisorMachine {
             }
         case .shutdown:
             beginShutdown(reason: "shutdown requested by uid \(uid ?? 0)", requestsInFlight: requestsInFlight, now: now)
-        case .status, .health, .pid, .tail:
+        case .drain:
+            drain(slots, byOperator: true, now: now)
+        case .undrain:
+            undrain(slots, now: now)
+        case .status, .health, .pid, .tail, .reload, .rollout:
             break
         }
     }

@@ -17,16 +17,20 @@ public struct Router: Sendable, Hashable {
     public private(set) var hopeful: [Bool]
     /// Whether any worker is hopeful.
     public private(set) var anyHopeful = true
-    public let deviceCount: Int
+    /// CPU fallback workers, used only when no device worker serves.
+    public private(set) var isFallback: [Bool]
+    /// Being drained: the runtime reports when such a worker holds nothing any more.
+    public private(set) var draining: [Bool]
     private var roundRobin = 0
 
-    public init(maxInflight: [Int], deviceCount: Int) {
+    public init(maxInflight: [Int], isFallback: [Bool]) {
         self.maxInflight = maxInflight
         self.inflight = Array(repeating: 0, count: maxInflight.count)
         self.serving = Array(repeating: false, count: maxInflight.count)
         // Before boot every worker is about to start: requests wait.
         self.hopeful = Array(repeating: true, count: maxInflight.count)
-        self.deviceCount = deviceCount
+        self.isFallback = isFallback
+        self.draining = Array(repeating: false, count: maxInflight.count)
     }
 
     public var slotCount: Int { inflight.count }
@@ -38,22 +42,25 @@ public struct Router: Sendable, Hashable {
     /// The worker for the next request, or nil when it must wait. Does not count it in: see ``assign(_:)``.
     public mutating func pick(pinned: Int?) -> Int? {
         if let pinned { return hasCapacity(pinned) ? pinned : nil }
-        let count = deviceCount
+        let count = inflight.count
+        guard count > 0 else { return nil }
         var best = -1
-        if count > 0 {
-            roundRobin = roundRobin + 1 < count ? roundRobin + 1 : 0
-            var anyDeviceServing = false
-            for offset in 0..<count {
-                let index = roundRobin + offset < count ? roundRobin + offset : roundRobin + offset - count
-                guard serving[index] else { continue }
-                anyDeviceServing = true
-                guard inflight[index] < maxInflight[index] else { continue }
-                if best < 0 || inflight[index] < inflight[best] { best = index }
+        roundRobin = roundRobin + 1 < count ? roundRobin + 1 : 0
+        var anyDeviceServing = false
+        var anyFallback = false
+        for offset in 0..<count {
+            let index = roundRobin + offset < count ? roundRobin + offset : roundRobin + offset - count
+            guard serving[index] else { continue }
+            guard !isFallback[index] else {
+                anyFallback = true
+                continue
             }
-            if best >= 0 { return best }
-            if anyDeviceServing { return nil }
+            anyDeviceServing = true
+            guard inflight[index] < maxInflight[index] else { continue }
+            if best < 0 || inflight[index] < inflight[best] { best = index }
         }
-        for index in count..<inflight.count where hasCapacity(index) {
+        if best >= 0 || anyDeviceServing || !anyFallback { return best >= 0 ? best : nil }
+        for index in 0..<count where isFallback[index] && hasCapacity(index) {
             if best < 0 || inflight[index] < inflight[best] { best = index }
         }
         return best >= 0 ? best : nil
@@ -79,6 +86,18 @@ public struct Router: Sendable, Hashable {
     }
 
     mutating func setMaxInflight(_ slot: Int, _ value: Int) { maxInflight[slot] = value }
+
+    mutating func setDraining(_ slot: Int, _ value: Bool) { draining[slot] = value }
+
+    /// A slot added by a reload (a new device): appended, so existing indices stay valid.
+    mutating func append(maxInflight max: Int, isFallback fallback: Bool) {
+        maxInflight.append(max)
+        inflight.append(0)
+        serving.append(false)
+        hopeful.append(true)
+        isFallback.append(fallback)
+        draining.append(false)
+    }
 }
 
 /// The queue's head-of-line rule: queued requests are tried oldest first; once a request that may go to any

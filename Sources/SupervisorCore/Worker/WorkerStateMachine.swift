@@ -300,13 +300,22 @@ public struct WorkerStateMachine: Sendable {
         default:
             break
         }
+        // A worker that served well for backoff_reset_after is restarted at once: backoff is for repeated
+        // failures (runit and s6 likewise throttle only a service that died soon after its start).
+        var servedWell = false
         if let since = wasReadySince, now - since >= policy.backoffResetAfter {
             backoffAttempt = 0
             intensity.reset()
+            servedWell = true
         }
         if intensity.recordRestart(at: now) {
             state = .failed(retryAt: now + policy.failedRetryInterval)
             return nil
+        }
+        if servedWell {
+            restarts += 1
+            state = .stopped  // the process is gone; the spawn follows at once
+            return .spawn
         }
         let delay = policy.backoff.delay(attempt: backoffAttempt, jitterSample: jitter)
         backoffAttempt += 1
