@@ -4,7 +4,7 @@ SWIFT ?= swift
 CONFIG ?= config/example.toml
 PREFIX ?= /usr/local
 
-.PHONY: deps build release run test test-swift test-python bench install clean
+.PHONY: deps build release run test test-swift test-python bench install clean package test-package
 
 deps:
 	@scripts/install-deps.sh
@@ -34,6 +34,14 @@ bench: release
 # systemd units, docs. See scripts/install.sh for SYSCONFDIR and UNITDIR.
 install: release
 	PREFIX=$(PREFIX) DESTDIR=$(DESTDIR) BUILD_DIR=.build/release scripts/install.sh
+
+# .deb, .rpm and tarball in dist/: static, stripped binaries (built in .build-static), units, config, docs.
+package: deps
+	deploy/packaging/package.sh
+
+# The packages' contents, then each one installed in a scratch root and run with the Swift toolchain hidden.
+test-package: package
+	deploy/packaging/test-package.sh
 
 clean:
 	rm -rf .build run

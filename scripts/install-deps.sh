@@ -14,6 +14,12 @@ command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
 command -v script >/dev/null 2>&1 || need+=(bsdutils)
 command -v mount >/dev/null 2>&1 || need+=(mount)
+# rpm (rpmbuild, rpm2cpio) and cpio: `make package` and the packaging tests.
+command -v rpmbuild >/dev/null 2>&1 || need+=(rpm)
+command -v cpio >/dev/null 2>&1 || need+=(cpio)
+# kubectl (Debian: kubernetes-client; any kubectl with `kustomize` will do) and haproxy: the deployment tests.
+command -v kubectl >/dev/null 2>&1 || need+=(kubernetes-client)
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 # Monitoring tests: promtool checks and unit-tests the shipped alert rules; a real Prometheus scrapes the daemon.
 # Best effort (the tests skip with the reason where it cannot be installed): installed apart from the rest below.
 command -v promtool >/dev/null 2>&1 || optional+=(prometheus)
@@ -32,4 +38,10 @@ if [ ${#optional[@]} -gt 0 ]; then
         || echo "install-deps: could not install ${optional[*]}; the Prometheus tests will say so and skip" >&2
     # The package starts a Prometheus service where systemd runs; the tests start their own.
     if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
+fi
+# kubernetes-validate (PyPI; bundles the Kubernetes API schemas): the manifests' offline validation.
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+    echo "install-deps: installing kubernetes-validate (pip)" >&2
+    python3 -m pip install --quiet kubernetes-validate==1.37.0 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages kubernetes-validate==1.37.0
 fi

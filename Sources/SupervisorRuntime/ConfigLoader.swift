@@ -43,6 +43,20 @@ public enum ConfigLoader {
             config.workers[index].deviceProbe.command[0] = try resolveExecutable(
                 config.workers[index].deviceProbe.command[0], key: "device[\(index)].device_probe.command[0]", base: base)
         }
+        if let file = config.http.tokenFile {
+            // Read now, so that --check-config and start-up fail on an unreadable or empty token (exit 78).
+            let token: String
+            do {
+                token = try readFile(file).trimmingWhitespace()
+            } catch {
+                throw ConfigError(key: "http.token_file", value: "\"\(file)\"", expected: "a readable file: \(error)")
+            }
+            guard !token.isEmpty, !token.contains(where: { $0.isWhitespace }) else {
+                throw ConfigError(key: "http.token_file", value: "\"\(file)\"",
+                                  expected: "a file holding one bearer token (non-empty, no whitespace inside)")
+            }
+            config.http.token = token
+        }
         return config
     }
 

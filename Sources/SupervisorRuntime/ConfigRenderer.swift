@@ -19,6 +19,8 @@ public enum ConfigRenderer {
         out += "max_inflight_per_connection = \(c.requests.maxInflightPerConnection)\n"
         out += "max_client_buffer = \(c.requests.maxClientBufferBytes)\n"
         out += "\n[http]\nlisten = \(q(c.http.listen ?? ""))\n"
+        out += "requests = \(c.http.requests)\nmax_body = \(c.http.maxBodyBytes)\n"
+        if let file = c.http.tokenFile { out += "token_file = \(q(file))  # the token itself is never printed\n" }
         out += "\n[cgroups]\nmode = \(q(c.cgroups.mode.rawValue))\n"
         if let parent = c.cgroups.parent { out += "parent = \(q(parent))\n" }
         if let f = c.fallback {

@@ -18,6 +18,8 @@ extension Supervisor {
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 channel.pipeline.configureHTTPServerPipeline(withErrorHandling: true).flatMapThrowing {
+                    // The request front (POST /v1/infer) first; everything else goes on to the probes.
+                    try channel.pipeline.syncOperations.addHandler(HTTPFrontHandler(supervisor: self))
                     try channel.pipeline.syncOperations.addHandler(HTTPProbeHandler(supervisor: self))
                 }
             }

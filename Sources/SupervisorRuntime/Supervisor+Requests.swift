@@ -29,6 +29,8 @@ final class PendingRequest {
     /// An inference probe of the supervisor's own: never retried elsewhere; `onFinish` gets the answer.
     var isProbe = false
     var onFinish: ((Frame?) -> Void)?
+    /// The HTTP exchange waiting for it (the request front), nil for requests.sock clients.
+    var http: HTTPExchange?
     /// Links in the deadline list of requests with the same timeout (in deadline order).
     var newer: PendingRequest?
     unowned(unsafe) var older: PendingRequest?
@@ -300,6 +302,10 @@ extension Supervisor {
         if let onFinish = request.onFinish {
             request.onFinish = nil
             onFinish(frame)
+        }
+        if let http = request.http {
+            request.http = nil
+            http.finish(frame)
         }
         if let client = request.client {
             request.client = nil

@@ -223,6 +223,7 @@ extension Supervisor {
             request.streamed = true
             request.client?.send(Frame(type: .chunk, flags: frame.flags, requestID: request.clientID,
                                        payload: frame.payload))
+            request.http?.chunk(frame.payload)
         case .heartbeat:
             break
         case .health:

@@ -78,6 +78,15 @@ public struct HTTPSettings: Sendable, Hashable {
     public var listen: String? = "127.0.0.1:8087"
     /// `host:port` of the HAProxy agent-check listener (`up NN%`, `drain`, `down`), nil when off.
     public var agentCheck: String?
+    /// The request front, `POST /v1/infer` (docs/PROTOCOL.md section 12).
+    public var requests = true
+    /// File holding the bearer token the request front requires (resolved path); required for a non-loopback
+    /// `listen` while `requests` is on.
+    public var tokenFile: String?
+    /// The token read from `tokenFile` (by the config loader); never printed.
+    public var token: String?
+    /// Largest request body the front accepts (`413` beyond).
+    public var maxBodyBytes = 1 << 20
 
     public init() {}
 

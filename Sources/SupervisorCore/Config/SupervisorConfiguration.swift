@@ -187,6 +187,25 @@ extension SupervisorConfiguration {
                     http.listen = listen
                 }
             }
+            http.requests = try r.bool("requests") ?? http.requests
+            if let file = try r.string("token_file"), !file.isEmpty {
+                http.tokenFile = resolve(file, against: baseDirectory)
+            }
+            if let body = try r.bytes("max_body", min: 1) {
+                guard body <= maxFrameBytes - 64 else {
+                    throw ConfigError(key: "http.max_body", value: "\(body)",
+                                      expected: "at most supervisor.max_frame_bytes - 64 (\(maxFrameBytes - 64)): "
+                                          + "a request body travels to the worker in one frame")
+                }
+                http.maxBodyBytes = body
+            }
+            if let listen = http.listen, http.requests, http.tokenFile == nil,
+               !HTTPFrontPolicy.isLoopback(host: try HTTPSettings.parse(listen).host) {
+                throw ConfigError(key: "http.token_file", value: nil,
+                                  expected: "required: http.listen (\"\(listen)\") is not a loopback address and the "
+                                      + "request front (http.requests) is on; give a file holding a bearer token, "
+                                      + "or set http.requests = false to serve only the probes and metrics there")
+            }
             if let agent = try r.string("agent_check"), !agent.isEmpty {
                 do {
                     _ = try HTTPSettings.parse(agent)
