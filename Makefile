@@ -27,8 +27,10 @@ test: build
 	NPU_SUPERVISOR_NO_PIDFD=1 $(SWIFT) test --skip-build --filter 'IntegrationTests\.' 2>&1 | tee .build/swift-test-nopidfd.log; test $${PIPESTATUS[0]} -eq 0
 	python3 -m unittest discover -s python/tests 2>&1 | tee .build/python-test.log; test $${PIPESTATUS[0]} -eq 0
 
+# Restart latency and idle memory of this build (BENCHMARKS.md has the side-by-side comparisons and their commands).
 bench: release
-	scripts/bench-restart.sh
+	.build/release/npu-bench restart --repetitions 30 --served-ms 200
+	.build/release/npu-bench idle --workers 4
 
 # Binaries to $(DESTDIR)$(PREFIX)/bin, config to /etc/npu-supervisor/config.toml (an existing one is kept),
 # systemd units, docs. See scripts/install.sh for SYSCONFDIR and UNITDIR.
