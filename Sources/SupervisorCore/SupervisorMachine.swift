@@ -41,6 +41,14 @@ public struct SupervisorMachine: Sendable {
         /// Since when the worker has not read its channel (the supervisor's writes to it are backing up), nil
         /// while it reads. Such a worker gets no new request; after `heartbeat_timeout` it is stuck (`hang`).
         public internal(set) var unwritableSince: MonotonicInstant?
+        /// The sentence about the last exit, when the evidence says more than the reason's own ``ExitReason/detail``
+        /// (a SIGKILL that the memory cgroup's counter proves was not the OOM killer).
+        public var lastExitDetail: String? {
+            guard let last = lifecycle.lastExit else { return nil }
+            if let note = exitNote, note.reason == last { return note.detail }
+            return last.detail
+        }
+        var exitNote: (reason: ExitReason, detail: String)?
         /// Requests that ended `deadline_exceeded` on this worker in a row (a worker that heartbeats but answers
         /// nothing is judged by them).
         public internal(set) var expiredInARow = 0

@@ -31,7 +31,7 @@ extension Supervisor {
                     device: worker.spec.device, kind: worker.spec.kind.rawValue, state: lifecycle.stateName,
                     desired: lifecycle.desired.rawValue, pid: worker.pid,
                     restarts: lifecycle.restarts, lastExit: lifecycle.lastExit?.description,
-                    lastExitDetail: lifecycle.lastExit?.detail,
+                    lastExitDetail: worker.lastExitDetail,
                     uptimeSeconds: slot.spawnedAt.map { Double((now - $0).nanoseconds) / 1e9 } ?? 0,
                     inflight: machine.router.inflight[index], maxInflight: worker.spec.maxInflight,
                     exits: lifecycle.exitCounts, nextRestartInSeconds: next,

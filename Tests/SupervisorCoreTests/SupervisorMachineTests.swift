@@ -101,6 +101,9 @@ struct SupervisorMachineTests {
         #expect(m.workers[0].lifecycle.lastExit == reason)
         let proven = Self.logs(actions).contains { $0.contains("not the kernel OOM killer") }
         #expect(proven == (rose == false), "a SIGKILL the counter disproves is said to be no OOM kill")
+        // Status says what the log says.
+        #expect((m.workers[0].lastExitDetail?.contains("not the kernel OOM killer") == true) == (rose == false))
+        if rose == nil { #expect(m.workers[0].lastExitDetail?.contains("without a memory cgroup") == true) }
     }
 
     @Test func aClosedChannelWithALiveProcessIsKilledAfterASecond() {

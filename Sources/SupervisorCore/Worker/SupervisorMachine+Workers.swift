@@ -149,6 +149,12 @@ extension SupervisorMachine {
         workers[slot].inference.workerGone()
         emit(.failInflight(slot: slot))
         let action = workers[slot].lifecycle.exited(reason, now: now, jitter: jitter)
+        // The same words in status as in the log line below.
+        if let last = workers[slot].lifecycle.lastExit, last == .signaled(signal: 9, coreDumped: false), let note {
+            workers[slot].exitNote = (last, "killed by SIGKILL (\(note))")
+        } else {
+            workers[slot].exitNote = nil
+        }
         logTransition(slot, pid: pid, note: note, now: now)
         if let last = workers[slot].lifecycle.lastExit, last != .stopped {
             emit(.exitRecorded(slot: slot, reason: last))
