@@ -193,7 +193,7 @@ public struct SupervisorMachine: Sendable {
         /// Close the slot's frame channel (its process is gone).
         case closeChannel(slot: Int)
         /// The slot's worker can no longer answer what it holds: retry or answer each (``RetryPolicy``).
-        case failInflight(slot: Int)
+        case failInflight(slot: Int, cause: RetryPolicy.LossCause)
         case runDeviceProbe(slot: Int)
         /// Send the inference probe as a request pinned to the slot; report its judged answer.
         case sendInferenceProbe(slot: Int)

@@ -92,6 +92,9 @@ final class SupervisorMetrics {  // loop-confined, like the rest of the driver
     }
 
     /// A rollout ended: `complete`, `rolled_back` or `paused`.
+    /// Requests answered `worker_lost` as suspected of crashing workers (``RetryPolicy``).
+    var quarantined = 0
+
     func rolloutEnded(result: String) {
         rollouts[result, default: 0] += 1
     }

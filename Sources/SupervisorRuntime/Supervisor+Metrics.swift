@@ -119,6 +119,9 @@ extension Supervisor {
         e.family("npu_supervisor_fallback_active", "gauge",
                  "1 while CPU fallback workers run because device workers cannot serve.")
         e.sample("npu_supervisor_fallback_active", [], machine.fallback?.isActive == true ? 1 : 0)
+        e.family("npu_supervisor_requests_quarantined_total", "counter",
+                 "Requests not retried because they were in flight on two workers that crashed (suspected of crashing them).")
+        e.sample("npu_supervisor_requests_quarantined_total", [], Double(m.quarantined))
         e.family("npu_supervisor_rollouts_total", "counter", "Rolling restarts and upgrades by how they ended.")
         for result in Set(["complete", "rolled_back", "paused"]).union(m.rollouts.keys).sorted() {
             e.sample("npu_supervisor_rollouts_total", [("result", result)], Double(m.rollouts[result] ?? 0))

@@ -16,8 +16,10 @@ final class PendingRequest {
     let pinned: Int
     let deadline: NIODeadline
     let timeout: TimeAmount
-    /// Dispatches so far (1 = first try).
+    /// Dispatches so far (1 = first try), not counting those lost to deaths that were not its doing.
     var attempts = 0
+    /// Crashes of workers it was in flight on (two make it a poison suspect).
+    var crashes = 0
     /// Whether any chunk reached the client: then the request must never run again.
     var streamed = false
     /// The slot holding it now, -1 for none.
@@ -237,9 +239,10 @@ extension Supervisor {
         }
     }
 
-    /// Every request the slot holds: re-dispatched if nothing of it reached the client yet and retries remain,
-    /// else answered with `code`.
-    func failInflight(of index: Int, code: String) {
+    /// Every request the slot holds: re-dispatched if nothing of it reached the client yet and it may be (see
+    /// ``RetryPolicy``: a death that was not the request's doing spends no retry; a request in flight on two
+    /// workers that crashed is quarantined), else answered with `code`.
+    func failInflight(of index: Int, code: String, cause: RetryPolicy.LossCause) {
         guard machine.router.releaseAll(index) > 0 else { return }
         if machine.router.draining[index] { feed(.drainSettled(slot: index)) }
         let device = slots[index].spec.device
@@ -247,12 +250,19 @@ extension Supervisor {
         var retried: [PendingRequest] = []
         for request in held {
             request.worker = -1
+            if cause.countsAsCrash { request.crashes += 1 }
             switch RetryPolicy.afterWorkerLost(device: device, streamed: request.streamed, isProbe: request.isProbe,
                                                attempts: request.attempts, retries: config.requests.retries,
-                                               isShuttingDown: isShuttingDown) {
-            case .retry:
+                                               isShuttingDown: isShuttingDown, cause: cause, crashes: request.crashes) {
+            case .retry(let spendsRetry):
+                if !spendsRetry { request.attempts -= 1 }  // the next dispatch counts again
                 retried.append(request)
             case .fail(let why):
+                finish(request, with: .error(requestID: request.clientID, code: code, message: why))
+            case .quarantine(let why):
+                metrics.quarantined += 1
+                logger.warning("request \(request.clientID) (\(request.payload.readableBytes) bytes) quarantined: \(why)",
+                               metadata: slots[index].metadata(reason: "poison"))
                 finish(request, with: .error(requestID: request.clientID, code: code, message: why))
             }
         }

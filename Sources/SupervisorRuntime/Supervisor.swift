@@ -127,8 +127,8 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
             if kill(-pid, signal) != 0 && errno == ESRCH { _ = kill(pid, signal) }
         case .closeChannel(let slot):
             slots[slot].closeChannel()
-        case .failInflight(let slot):
-            failInflight(of: slot, code: ErrorCode.workerLost)
+        case .failInflight(let slot, let cause):
+            failInflight(of: slot, code: ErrorCode.workerLost, cause: cause)
         case .runDeviceProbe(let slot):
             runDeviceProbe(slots[slot])
         case .sendInferenceProbe(let slot):

@@ -78,7 +78,8 @@ struct RequestRoutingTests {
     }
 
     @Test func retriesExhaustedGiveWorkerLost() throws {
-        // A request that kills every worker it touches: with retries = 1 it is tried twice, then worker_lost.
+        // A request that kills every worker it touches: with retries = 1 it is tried twice, then worker_lost
+        // (after the second crash it is also a poison suspect, which says so).
         let daemon = try TestDaemon(devices: ["0", "1"])
         #expect(daemon.waitAllReady() != nil)
         let client = try daemon.client()
@@ -88,7 +89,7 @@ struct RequestRoutingTests {
             return
         }
         #expect(e.code == "worker_lost")
-        #expect(e.message.contains("2 attempts"))
+        #expect(e.message.contains("in flight on 2 workers that crashed"), "\(e.message)")
         #expect(eventually { daemon.status()?.workers.allSatisfy { $0.lastExit == "signaled(11)" } ?? false })
         #expect(daemon.terminate() == 0)
     }
@@ -304,6 +305,47 @@ struct MisbehavingWorkerTests {
         #expect(eventually(timeout: .seconds(5)) { daemon.worker("0")?.lastExit == "protocol_error" },
                 "\(daemon.worker("0") as Any)")
         #expect(daemon.worker("0")?.exits["hang"] == nil, "not judged by its silence: its channel is closed")
+        #expect(daemon.terminate() == 0)
+    }
+}
+
+/// Retries are for the request's sake: deaths that were not its doing spend none; a request that crashes the
+/// workers it runs on is quarantined after the second.
+@Suite(.serialized, .timeLimit(.minutes(2)))
+struct RetryAttributionTests {
+    @Test func aPoisonRequestIsQuarantinedAfterTheSecondCrash() throws {
+        let daemon = try TestDaemon(devices: ["0", "1", "2", "3"], extra: "[requests]\nretries = 3")
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        guard case .error(let e) = try client.infer(payload("{\"prompt\": \"x\", \"fault\": \"crash\"}")) else {
+            Issue.record("a poison request must not succeed")
+            return
+        }
+        #expect(e.code == "worker_lost")
+        #expect(e.message.contains("suspected of crashing workers"), "\(e.message)")
+        let crashed = daemon.status()?.workers.map { $0.exits["signaled"] ?? 0 }.reduce(0, +) ?? 0
+        #expect(crashed == 2, "two workers crashed, not four (retries = 3): \(crashed)")
+        #expect(daemon.log.contains("quarantined"))
+        #expect(daemon.terminate() == 0)
+    }
+
+    @Test func killsFromOutsideSpendNoRetry() throws {
+        // retries = 1 and a SIGKILL every 0.3 s: without attribution, a request on two killed workers would fail.
+        let daemon = try TestDaemon(devices: ["0", "1", "2", "3"], workerArgs: ["--token-ms", "1"],
+                                    defaults: "restart_limit = 1000\nbackoff_initial = \"20ms\"",
+                                    extra: "[requests]\nretries = 1")
+        #expect(daemon.waitAllReady() != nil)
+        let result = try runCommand(Binaries.directory + "/npu-bench", [
+            "load", "--socket", daemon.requestsSocket, "--status", daemon.statusSocket, "--clients", "8",
+            "--depth", "2", "--duration", "3", "--kill-every", "0.3", "--machine",
+            "--json", "{\"prompt\": \"chaos\", \"max_new_tokens\": 4}",
+        ])
+        #expect(result.status == 0, "\(result.stdout) \(result.stderr)")
+        let line = try #require(result.stdout.split(separator: "\n").last)
+        let report = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
+        #expect(report["never_answered"] as? Int == 0)
+        #expect((report["kills"] as? Int ?? 0) >= 5)
+        #expect((report["errors"] as? [String: Any])?.isEmpty == true, "SIGKILLs from outside fail no request: \(line)")
         #expect(daemon.terminate() == 0)
     }
 }

@@ -86,20 +86,44 @@ struct RoutingTests {
     }
 
     @Test(arguments: [
-        // (streamed, probe, attempts, retries, shutting down, retried)
-        (false, false, 1, 1, false, true),
-        (false, false, 2, 1, false, false),
-        (true, false, 1, 3, false, false),
-        (false, true, 1, 3, false, false),
-        (false, false, 1, 0, false, false),
-        (false, false, 1, 1, true, false),
-    ])
+        // (streamed, probe, attempts, retries, shutting down, cause, crashes, expected)
+        (false, false, 1, 1, false, RetryPolicy.LossCause.crash, 1, "retry spends"),
+        (false, false, 2, 1, false, .crash, 1, "fail"),
+        (false, false, 2, 1, false, .unknown, 0, "fail"),
+        (false, false, 5, 1, false, .notTheRequest, 0, "retry free"),   // a kill from outside: the deadline bounds it
+        (false, false, 5, 1, false, .suspect, 1, "retry free"),         // an OOM kill or hang: free, but counted...
+        (false, false, 1, 1, false, .suspect, 2, "quarantine"),         // ...so the second one stops it
+        (false, false, 1, 0, false, .notTheRequest, 0, "fail"),         // retries = 0: never run twice
+        (false, false, 1, 3, false, .crash, 2, "quarantine"),           // on two crashed workers: poison suspect
+        (true, false, 1, 3, false, .notTheRequest, 0, "fail"),           // streamed: never runs twice
+        (false, true, 1, 3, false, .notTheRequest, 0, "fail"),           // the supervisor's own probe
+        (false, false, 1, 1, true, .notTheRequest, 0, "fail"),           // shutting down
+        (false, false, 1, 0, false, .crash, 1, "fail"),
+    ] as [(Bool, Bool, Int, Int, Bool, RetryPolicy.LossCause, Int, String)])
     func retryAfterALostWorker(streamed: Bool, probe: Bool, attempts: Int, retries: Int, shuttingDown: Bool,
-                               retried: Bool) {
+                               cause: RetryPolicy.LossCause, crashes: Int, expected: String) {
         let decision = RetryPolicy.afterWorkerLost(device: "3", streamed: streamed, isProbe: probe, attempts: attempts,
-                                                   retries: retries, isShuttingDown: shuttingDown)
-        #expect((decision == .retry) == retried)
+                                                   retries: retries, isShuttingDown: shuttingDown, cause: cause,
+                                                   crashes: crashes)
+        let shown: String = switch decision {
+        case .retry(true): "retry spends"
+        case .retry(false): "retry free"
+        case .fail: "fail"
+        case .quarantine: "quarantine"
+        }
+        #expect(shown == expected)
         if streamed { #expect(decision == .fail("the worker on device 3 died after streaming part of the answer")) }
+    }
+
+    @Test(arguments: [
+        (ExitReason.signaled(signal: 11, coreDumped: true), RetryPolicy.LossCause.crash),
+        (.signaled(signal: 6, coreDumped: false), .crash), (.exited(code: 1), .crash), (.deviceOOM, .crash),
+        (.signaled(signal: 9, coreDumped: false), .notTheRequest), (.oomKilled, .suspect), (.hang, .suspect),
+        (.stopped, .notTheRequest), (.deviceUnhealthy("x"), .notTheRequest), (.unhealthy, .notTheRequest),
+        (.protocolError("x"), .unknown),
+    ] as [(ExitReason, RetryPolicy.LossCause)])
+    func whoseFaultADeathWas(reason: ExitReason, cause: RetryPolicy.LossCause) {
+        #expect(RetryPolicy.lossCause(reason) == cause)
     }
 
     @Test func deadlineMessageSaysWhetherItWasStillQueued() {

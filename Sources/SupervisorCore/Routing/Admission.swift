@@ -37,26 +37,68 @@ public enum Admission {
     }
 }
 
-/// What happens to a request whose worker died before answering (docs/PROTOCOL.md, "Retries").
+/// What happens to a request whose worker died before answering (docs/PROTOCOL.md 5.6, "Worker death and
+/// retries").
 public enum RetryPolicy {
     public enum Decision: Sendable, Hashable {
-        /// Re-dispatch it (to the front of the queue: it is among the oldest).
-        case retry
+        /// Re-dispatch it (to the front of the queue: it is among the oldest). `spendsRetry`: the death may have
+        /// been the request's doing, so it counts against `retries`.
+        case retry(spendsRetry: Bool)
         /// Answer it with the error code given by the caller (`worker_lost`) and this message.
         case fail(String)
+        /// It was in flight on workers that crashed twice: suspected of crashing them; answered `worker_lost`
+        /// with this message instead of taking a third worker down.
+        case quarantine(String)
+    }
+
+    /// Whose fault a worker's death may have been, for the requests it held.
+    public enum LossCause: Sendable, Hashable {
+        /// The worker crashed on its own (exit, SIGSEGV, SIGABRT, a device OOM): a request it was running may
+        /// have caused it. Spends a retry; counts toward the poison rule.
+        case crash
+        /// The kernel's OOM killer or a hang: often not the request's doing (another process's memory, a wedged
+        /// device), sometimes so. Spends no retry, but counts toward the poison rule, so that a request that
+        /// does it every time is stopped after the second.
+        case suspect
+        /// Killed from outside or for a reason of the supervisor's own (a signal it did not raise itself, a
+        /// failed probe, a device fault, an operator's stop or restart, a rollout): not the request's doing.
+        /// Spends no retry (its deadline still bounds it).
+        case notTheRequest
+        /// Unclear (a protocol violation): spends a retry, but is not counted as a crash.
+        case unknown
+
+        /// Whether the death counts toward the poison rule (two such deaths with the request in flight).
+        public var countsAsCrash: Bool { self == .crash || self == .suspect }
+    }
+
+    public static func lossCause(_ reason: ExitReason) -> LossCause {
+        switch reason {
+        case .exited, .deviceOOM: .crash
+        case .signaled(let signal, _): [4, 5, 6, 7, 8, 11, 31].contains(signal) ? .crash : .notTheRequest
+        case .oomKilled, .hang: .suspect
+        case .unhealthy, .deviceUnhealthy, .stopped, .startTimeout, .spawnFailed: .notTheRequest
+        case .protocolError: .unknown
+        }
     }
 
     /// - Parameters:
-    ///   - streamed: a chunk of it already reached the client (it must never run twice).
-    ///   - isProbe: the supervisor's own inference probe (never retried elsewhere).
-    ///   - attempts: dispatches so far (1 = first try).
-    ///   - retries: the configured `retries`.
+    ///   - crashes: crashes of workers this request was in flight on, this one included.
     public static func afterWorkerLost(device: String, streamed: Bool, isProbe: Bool, attempts: Int, retries: Int,
-                                       isShuttingDown: Bool) -> Decision {
-        if !streamed && !isProbe && attempts <= retries && !isShuttingDown { return .retry }
-        return .fail(streamed
-            ? "the worker on device \(device) died after streaming part of the answer"
-            : "the worker on device \(device) died; retries exhausted (\(attempts) attempts)")
+                                       isShuttingDown: Bool, cause: LossCause, crashes: Int) -> Decision {
+        if streamed {
+            return .fail("the worker on device \(device) died after streaming part of the answer")
+        }
+        if isProbe || isShuttingDown {
+            return .fail("the worker on device \(device) died; retries exhausted (\(attempts) attempts)")
+        }
+        if crashes >= 2 {
+            return .quarantine("the request was in flight on \(crashes) workers that crashed; it is suspected of "
+                + "crashing workers and is not sent to another one")
+        }
+        // retries = 0: the operator wants no request run twice, whatever the cause.
+        if retries > 0 && (cause == .notTheRequest || cause == .suspect) { return .retry(spendsRetry: false) }
+        if attempts <= retries { return .retry(spendsRetry: true) }
+        return .fail("the worker on device \(device) died; retries exhausted (\(attempts) attempts)")
     }
 
     /// The message of `deadline_exceeded`.

@@ -98,8 +98,9 @@ extension SupervisorMachine {
     }
 
     /// The channel closed. If the process was already reaped, its exit is handled now (every frame it wrote
-    /// has been read). Otherwise its requests cannot be answered any more (retried at once), and a process
-    /// that does not exit by itself within a second closed fd 3 but kept running: it is killed.
+    /// has been read). Otherwise its requests cannot be answered any more; they are retried when the exit says
+    /// whose fault it was (a crash spends a request's retry, a kill from outside does not), which follows at
+    /// once for a process that died, and within a second for one that closed fd 3 but kept running (killed).
     mutating func channelClosed(_ slot: Int, pid: Int32, now: MonotonicInstant) {
         guard workers[slot].lifecycle.pid == pid else { return }
         if workers[slot].reapedExit != nil {
@@ -108,8 +109,6 @@ extension SupervisorMachine {
         }
         if workers[slot].isChannelOpen {
             workers[slot].isChannelOpen = false
-            emit(.failInflight(slot: slot))
-            queueWork.insert(.dispatch)
         }
         workers[slot].channelClosedDeadline = workers[slot].channelClosedDeadline ?? now + .seconds(1)
         healthDirty = true
@@ -147,8 +146,9 @@ extension SupervisorMachine {
         workers[slot].liveness.processGone()
         workers[slot].device.workerGone()
         workers[slot].inference.workerGone()
-        emit(.failInflight(slot: slot))
         let action = workers[slot].lifecycle.exited(reason, now: now, jitter: jitter)
+        // The requests it held: retried or answered, by what the exit says of them.
+        emit(.failInflight(slot: slot, cause: RetryPolicy.lossCause(workers[slot].lifecycle.lastExit ?? reason)))
         // The same words in status as in the log line below.
         if let last = workers[slot].lifecycle.lastExit, last == .signaled(signal: 9, coreDumped: false), let note {
             workers[slot].exitNote = (last, "killed by SIGKILL (\(note))")
