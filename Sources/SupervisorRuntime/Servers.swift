@@ -73,10 +73,20 @@ final class StatusHandler: ChannelInboundHandler {
         }
         buffer.writeString("\n")
         let channel = context.channel
-        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in channel.close(promise: nil) }
+        // Half-close after the document: the client sees EOF. Closing outright while it has sent bytes we did
+        // not read would make the kernel answer with a reset instead; whatever it sends is read and dropped,
+        // and the connection is closed when it closes its side (or after a second).
+        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in
+            channel.close(mode: .output, promise: nil)
+            channel.eventLoop.scheduleTask(in: .seconds(1)) { channel.close(promise: nil) }
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event { context.close(promise: nil) }
+    }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
 }

@@ -38,7 +38,7 @@ extension Supervisor {
                     health: WorkerHealthLevels(alive: levels.alive, device: levels.device, model: levels.model,
                                                inference: levels.inference, inRotation: levels.inRotation),
                     fallback: worker.isFallback, memoryBytes: slot.cgroup.flatMap { cgroups?.memoryUsage($0.path) },
-                    memoryLimitBytes: slot.cgroup == nil ? nil : worker.spec.memoryLimit,
+                    memoryLimitBytes: worker.spec.memoryLimit,
                     revision: worker.spec.revision, generation: worker.generation, drain: worker.drain.name)
             }
         return StatusDocument(

@@ -90,6 +90,16 @@ public struct SupervisorInfo: Codable, Sendable, Equatable {
         case pid, version, config, http
         case uptimeSeconds = "uptime_seconds"
     }
+
+    // Nullable fields are present as null (`"http": null` when the listener is off): part of the contract.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(pid, forKey: .pid)
+        try c.encode(version, forKey: .version)
+        try c.encode(uptimeSeconds, forKey: .uptimeSeconds)
+        try c.encode(config, forKey: .config)
+        try c.encode(http, forKey: .http)
+    }
 }
 
 public struct WorkerStatus: Codable, Sendable, Equatable {

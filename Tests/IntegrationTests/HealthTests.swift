@@ -102,9 +102,11 @@ struct HealthTests {
             defaults: "device_probe = { type = \"command\", command = [\"\(smi)\", \"info\", \"-t\", \"health\", \"-i\", \"{device}\"], interval = \"200ms\", timeout = \"300ms\" }")
         #expect(eventually { daemon.worker("0")?.health.device.contains("timed out after 300ms") == true })
         // The timed-out probe's process group is gone: no `sleep 30` left behind.
+        // (Only this daemon's children: other suites running at the same time may have `sleep 30`s of their own.)
         let leftovers = try runCommand("/usr/bin/pgrep", ["-f", "sleep 30"]).stdout
             .split(separator: "\n").compactMap { Int32($0) }
             .filter { (try? String(contentsOfFile: "/proc/\($0)/cmdline", encoding: .utf8))?.contains("sleep") == true }
+            .filter { parentPID(of: $0) == daemon.pid }
         #expect(eventually(timeout: .seconds(2)) { leftovers.allSatisfy { !processExists($0) } })
         #expect(daemon.terminate() == 0)
     }

@@ -254,3 +254,39 @@ struct BackPressureTests {
         #expect(daemon.terminate() == 0)
     }
 }
+
+/// status.sock and the status document as docs/PROTOCOL.md section 8 says.
+@Suite(.serialized, .timeLimit(.minutes(1)))
+struct StatusSocketTests {
+    @Test func aClientThatWritesFirstStillGetsTheDocumentAndACleanEOF() throws {
+        let daemon = try TestDaemon(devices: ["0"])
+        #expect(daemon.waitAllReady() != nil)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        _ = withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            daemon.statusSocket.utf8CString.withUnsafeBytes { raw.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0.prefix(raw.count))) }
+        }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        #expect(connected == 0)
+        _ = "hello?\n".withCString { write(fd, $0, 7) }  // bytes the daemon never reads
+        var data: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        var lastError: Int32 = 0
+        while true {
+            let n = read(fd, &chunk, chunk.count)
+            if n < 0 { lastError = errno; break }
+            if n == 0 { break }
+            data += chunk[0..<n]
+        }
+        #expect(lastError == 0, "the document ends with EOF, not \(String(cString: strerror(lastError)))")
+        let text = String(decoding: data, as: UTF8.self)
+        #expect(text.contains("\"workers\""))
+        // Every nullable field is present: the HTTP listener is off here, so `http` is null, not missing.
+        #expect(text.contains("\"http\" : null"), "\(text.prefix(400))")
+        #expect(daemon.terminate() == 0)
+    }
+}

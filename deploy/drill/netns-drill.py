@@ -18,7 +18,7 @@ import argparse, http.client, json, os, shutil, signal, socket, subprocess, sys,
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-TAG = "nd%d" % (os.getpid() % 100000)
+TAG = os.environ.get("NPU_DRILL_TAG") or "nd%d" % (os.getpid() % 100000)
 NS = {name: "%s-%s" % (TAG, name) for name in ("sw", "h1", "h2", "h3", "lb")}
 ADDR = {"h1": "10.213.0.1", "h2": "10.213.0.2", "h3": "10.213.0.3", "lb": "10.213.0.10"}
 TOKEN = "drill-token-0123456789"
