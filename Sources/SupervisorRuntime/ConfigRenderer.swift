@@ -48,6 +48,7 @@ public enum ConfigRenderer {
             out += "failed_retry_interval = \(q(p.failedRetryInterval.configString))\n"
             out += "start_timeout = \(q(p.startTimeout.configString))\nstop_timeout = \(q(p.stopTimeout.configString))\n"
             if let limit = w.memoryLimit { out += "memory_limit = \(limit)\n" }
+            out += "output_rate_limit = \(w.outputRateLimit ?? 0)\n"
             let d = w.deviceProbe
             out += "device_probe = { type = \(q(d.kind.rawValue))"
             if d.kind == .command { out += ", command = [" + d.command.map(q).joined(separator: ", ") + "], healthy = \(q(d.healthy))" }

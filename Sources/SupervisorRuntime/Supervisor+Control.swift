@@ -111,12 +111,13 @@ extension Supervisor {
                       command.devices?.count == 1, command.devices != ["all"]
                 else { throw SupervisorError("tail takes exactly one device") }
                 let slot = slots[index]
-                let lines = slot.output.last(command.lines ?? 50)
+                let (lines, next) = slot.output.last(command.lines ?? 50)
                 if command.follow == true {
                     for line in lines { channel.write(Frame(type: .chunk, requestID: requestID, string: line), promise: nil) }
                     channel.flush()
                     outputFollowers[ObjectIdentifier(channel)] = OutputFollower(
-                        device: slot.spec.device, requestID: requestID, channel: channel)
+                        device: slot.spec.device, requestID: requestID, channel: channel, from: next)
+                    followersChanged()
                 } else {
                     answer(Frame(type: .response, requestID: requestID,
                                  payload: try JSONCoding.encode(TailResult(device: slot.spec.device, lines: lines))))
@@ -151,7 +152,7 @@ final class ControlHandler: ChannelInboundHandler {
         let frame = unwrapInboundIn(data)
         guard frame.type == .request else {
             if frame.type == .cancel {
-                supervisor.outputFollowers.removeValue(forKey: ObjectIdentifier(context.channel))
+                supervisor.removeFollower(ObjectIdentifier(context.channel))
                 return
             }
             context.writeAndFlush(NIOAny(Frame.error(requestID: frame.requestID, code: ErrorCode.unsupported,
@@ -169,7 +170,7 @@ final class ControlHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        supervisor.outputFollowers.removeValue(forKey: ObjectIdentifier(context.channel))
+        supervisor.removeFollower(ObjectIdentifier(context.channel))
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {

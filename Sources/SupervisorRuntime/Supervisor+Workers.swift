@@ -99,18 +99,30 @@ extension Supervisor {
             }
     }
 
+    /// The output pipe is served by the output thread (``outputLoop``): lines are split, rate-limited, kept in
+    /// the slot's ring and logged there; only when a `tail -f` reader follows the device is a batch hopped here.
     func attachOutput(_ slot: WorkerIO, pid: pid_t, fd: CInt) {
         let device = slot.spec.device
         let index = slot.index
-        NIOPipeBootstrap(group: eventLoop)
+        let sink = slot.output
+        let logger = self.logger
+        let eventLoop = self.eventLoop
+        let rate = slot.spec.outputRateLimit
+        NIOPipeBootstrap(group: outputLoop)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(OutputLineHandler { line in
-                        self.workerOutput(self.slots[index], pid: pid, device: device, line: line)
+                    try channel.pipeline.syncOperations.addHandler(OutputLineHandler(
+                        limiter: OutputRateLimiter(bytesPerSecond: rate)) { batch in
+                        let metadata: Logger.Metadata = ["device": "\(device)", "worker_pid": "\(pid)", "stream": "output"]
+                        for line in batch { logger.info("\(line)", metadata: metadata) }
+                        if let first = sink.append(batch) {
+                            eventLoop.execute { self.workerOutput(device: device, batch, first: first) }
+                        }
                     })
                 }
             }
             .takingOwnershipOfDescriptor(input: fd)
+            .hop(to: eventLoop)
             .whenComplete { result in
                 let slot = self.slots[index]
                 switch result {
@@ -143,24 +155,39 @@ extension Supervisor {
         source.resume()
     }
 
-    func workerOutput(_ slot: WorkerIO, pid: pid_t, device: String, line: String) {
-        slot.output.append(line)
-        logger.info("\(line)", metadata: ["device": "\(device)", "worker_pid": "\(pid)", "stream": "output"])
+    /// A batch of a worker's kept output for the `tail -f` readers of its device; `first` numbers its first line.
+    func workerOutput(device: String, _ batch: [String], first: UInt64) {
+        eventLoop.assertInEventLoop()
         for (key, follower) in outputFollowers where follower.device == device {
-            // A `tail -f` reader that does not keep up loses lines (counted) rather than growing our memory.
-            guard follower.channel.isWritable else {
-                outputFollowers[key]?.dropped += 1
-                continue
-            }
-            if follower.dropped > 0 {
-                follower.channel.write(Frame(type: .chunk, requestID: follower.requestID,
-                                             string: "[npu-supervisord: \(follower.dropped) line(s) dropped: reader too slow]"),
-                                       promise: nil)
-                outputFollowers[key]?.dropped = 0
-            }
-            follower.channel.writeAndFlush(Frame(type: .chunk, requestID: follower.requestID, string: line),
+            var written = false
+            for (offset, line) in batch.enumerated() where first + UInt64(offset) >= follower.from {
+                // A `tail -f` reader that does not keep up loses lines (counted) rather than growing our memory.
+                guard follower.channel.isWritable else {
+                    outputFollowers[key]?.dropped += 1
+                    continue
+                }
+                if let dropped = outputFollowers[key]?.dropped, dropped > 0 {
+                    follower.channel.write(Frame(type: .chunk, requestID: follower.requestID,
+                                                 string: "[npu-supervisord: \(dropped) line(s) dropped: reader too slow]"),
                                            promise: nil)
+                    outputFollowers[key]?.dropped = 0
+                }
+                follower.channel.write(Frame(type: .chunk, requestID: follower.requestID, string: line), promise: nil)
+                written = true
+            }
+            if written { follower.channel.flush() }
         }
+    }
+
+    /// The set of `tail -f` readers changed: tell each slot's output whether its batches must come here.
+    func followersChanged() {
+        let followed = Set(outputFollowers.values.map(\.device))
+        for slot in slots { slot.output.setFollowed(followed.contains(slot.spec.device)) }
+    }
+
+    func removeFollower(_ key: ObjectIdentifier) {
+        guard outputFollowers.removeValue(forKey: key) != nil else { return }
+        followersChanged()
     }
 
     /// Reaps the slot's process if it has exited, gathers the evidence (the memory cgroup's OOM counter) and
@@ -317,32 +344,85 @@ final class WorkerChannelHandler: ChannelInboundHandler {
 }
 
 /// Splits a worker's stdout/stderr into lines (capped at 16 KiB each, so a worker printing without newlines
-/// cannot grow the supervisor's memory) and hands them on.
+/// cannot grow the supervisor's memory), judges each against the worker's output rate limit
+/// (``OutputRateLimiter``: what is over it is counted and replaced by a marker) and hands on what is kept, one
+/// batch per read. Runs on the output thread.
 final class OutputLineHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     static let maximumLine = 16 * 1024
-    let onLine: (String) -> Void
+    let onBatch: ([String]) -> Void
+    var limiter: OutputRateLimiter
     var pending = ByteBuffer()
+    var batch: [String] = []
 
-    init(onLine: @escaping (String) -> Void) { self.onLine = onLine }
+    init(limiter: OutputRateLimiter, onBatch: @escaping ([String]) -> Void) {
+        self.limiter = limiter
+        self.onBatch = onBatch
+    }
+
+    private func judge(_ bytes: UnsafeRawBufferPointer, suffix: String = "", now: Int64) {
+        switch limiter.admit(lineBytes: bytes.count, nowNanoseconds: now) {
+        case .drop: return
+        case .keep: break
+        case .keepAfterMarker(let marker): batch.append(marker)
+        }
+        batch.append(String(decoding: bytes, as: UTF8.self) + suffix)
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
-        pending.writeBuffer(&buffer)
-        while let newline = pending.readableBytesView.firstIndex(of: UInt8(ascii: "\n")) {
-            let length = newline - pending.readerIndex
-            let line = pending.readString(length: length) ?? ""
-            pending.moveReaderIndex(forwardBy: 1)
-            onLine(line)
+        let now = Int64(NIODeadline.now().uptimeNanoseconds)
+        if pending.readableBytes == 0 {
+            // The usual case: split the read buffer itself; only an unfinished last line is copied.
+            split(&buffer, now: now)
+            if buffer.readableBytes > 0 { pending.writeBuffer(&buffer) }
+        } else {
+            pending.writeBuffer(&buffer)
+            split(&pending, now: now)
         }
-        if pending.readableBytes > Self.maximumLine {
-            onLine((pending.readString(length: Self.maximumLine) ?? "") + " [line truncated]")
+        while pending.readableBytes > Self.maximumLine {
+            pending.withUnsafeReadableBytes { judge(UnsafeRawBufferPointer(rebasing: $0.prefix(Self.maximumLine)),
+                                                    suffix: " [line truncated]", now: now) }
+            pending.moveReaderIndex(forwardBy: Self.maximumLine)
         }
         pending.discardReadBytes()
+        if batch.count >= 4096 { deliver() }
+    }
+
+    /// Takes every complete line off the front of `buffer`.
+    private func split(_ buffer: inout ByteBuffer, now: Int64) {
+        let consumed = buffer.withUnsafeReadableBytes { bytes -> Int in
+            guard let base = bytes.baseAddress else { return 0 }
+            var start = 0
+            while start < bytes.count,
+                  let hit = memchr(base + start, Int32(UInt8(ascii: "\n")), bytes.count - start) {
+                let end = base.distance(to: UnsafeRawPointer(hit))
+                judge(UnsafeRawBufferPointer(rebasing: bytes[start..<end]), now: now)
+                start = end + 1
+            }
+            return start
+        }
+        buffer.moveReaderIndex(forwardBy: consumed)
+    }
+
+    private func deliver() {
+        guard !batch.isEmpty else { return }
+        let lines = batch
+        batch.removeAll(keepingCapacity: true)
+        onBatch(lines)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        deliver()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if pending.readableBytes > 0, let rest = pending.readString(length: pending.readableBytes) { onLine(rest) }
+        if pending.readableBytes > 0 {
+            pending.withUnsafeReadableBytes { judge($0, now: Int64(NIODeadline.now().uptimeNanoseconds)) }
+            pending.clear()
+        }
+        if let marker = limiter.flushMarker() { batch.append(marker) }
+        deliver()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

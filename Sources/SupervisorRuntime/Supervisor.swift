@@ -19,6 +19,9 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     public static let version = npuSupervisorRelease
 
     let eventLoop: any EventLoop
+    /// Workers' stdout/stderr are read, split, rate-limited, kept and logged on a thread of their own, so that a
+    /// worker flooding its output does not compete with the request path (only `tail -f` batches hop here).
+    let outputLoop: any EventLoop
     let group: MultiThreadedEventLoopGroup
     var config: SupervisorConfiguration
     let configPath: String?
@@ -66,8 +69,9 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     ///   - configPath: shown in status; used by `reload` later.
     public init(config: SupervisorConfiguration, configPath: String?, logger: Logger,
                 notifier: SystemdNotifier = SystemdNotifier()) {
-        self.group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         self.eventLoop = group.next()
+        self.outputLoop = group.next()
         self.config = config
         self.configPath = configPath
         self.logger = logger

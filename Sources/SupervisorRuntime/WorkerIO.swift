@@ -1,6 +1,7 @@
 @preconcurrency import Dispatch
 import Glibc
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import SupervisorCore
 import WireProtocol
@@ -23,7 +24,8 @@ final class WorkerIO {
     var hello: HelloFromWorker?
     /// The process was reaped; its exit has been handed to the machine.
     var isReaped = false
-    var output: LineRing
+    /// The worker's output, kept by the output thread (``OutputSink``); read here for `tail`.
+    let output: OutputSink
     /// Frames for the worker, written once per burst (``flush()``).
     var outbound = ByteBuffer()
     var isDirty = false
@@ -33,7 +35,7 @@ final class WorkerIO {
     init(index: Int, spec: WorkerSpec, outputLines: Int) {
         self.index = index
         self.spec = spec
-        self.output = LineRing(capacity: outputLines)
+        self.output = OutputSink(capacity: outputLines)
     }
 
     var isChannelOpen: Bool { channel != nil }
@@ -89,10 +91,46 @@ struct LineRing {
     }
 }
 
+/// A worker's kept output, shared by the output thread (which appends, see ``OutputLineHandler``) and the
+/// supervisor's event loop (which reads it for `tail`): a ring under a lock, and a line count so that a `tail -f`
+/// reader registered between two batches gets each line exactly once.
+final class OutputSink: @unchecked Sendable {  // all state under `lock`
+    private let lock = NIOLock()
+    private var ring: LineRing
+    /// Lines appended since the start (the sequence number of the next line).
+    private var appended: UInt64 = 0
+    private var followed = false
+
+    init(capacity: Int) { self.ring = LineRing(capacity: capacity) }
+
+    /// Output thread: keeps a batch; answers the sequence number of its first line when a `tail -f` reader
+    /// wants it (the caller then hops it to the event loop), nil when nobody follows.
+    func append(_ lines: [String]) -> UInt64? {
+        lock.withLock {
+            let first = appended
+            for line in lines { ring.append(line) }
+            appended += UInt64(lines.count)
+            return followed ? first : nil
+        }
+    }
+
+    /// Event loop: the last `n` lines and the sequence number of the next line.
+    func last(_ n: Int) -> (lines: [String], next: UInt64) {
+        lock.withLock { (ring.last(n), appended) }
+    }
+
+    /// Event loop: whether any `tail -f` reader follows this device (batches are hopped to it only then).
+    func setFollowed(_ value: Bool) {
+        lock.withLock { followed = value }
+    }
+}
+
 /// A `tail -f` client on control.sock.
 struct OutputFollower {
     let device: String
     let requestID: UInt64
     let channel: any Channel
+    /// Lines numbered below this were in its first answer (``OutputSink``).
+    var from: UInt64 = 0
     var dropped = 0
 }

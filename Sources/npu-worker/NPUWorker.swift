@@ -34,6 +34,8 @@ struct NPUWorker: ParsableCommand {
     var healthFile: String?
     @Flag(help: "Answer every request with empty text (inference-probe drills).") var emptyOutput = false
     @Flag(help: "Answer every request with a worker_error (a bad release: rollout gate drills).") var failRequests = false
+    @Flag(help: "Once ready, write numbered lines to stdout as fast as it can (output flooding drills).")
+    var floodOutput = false
     @Flag(help: "Ignore SIGTERM (stop_timeout drills: the supervisor must escalate to SIGKILL).") var ignoreSigterm = false
 
     func run() throws {
@@ -92,6 +94,32 @@ struct NPUWorker: ParsableCommand {
         } else {
             try connection.ready()
             printErr("npu-worker[\(device)]: ready")
+        }
+        if floodOutput {
+            Thread.detach {
+                // ~100-byte numbered lines, 64 KiB per write, forever.
+                var n = 0
+                let pad = String(repeating: "x", count: 64)
+                while true {
+                    var chunk = ""
+                    chunk.reserveCapacity(70_000)
+                    while chunk.utf8.count < 65_536 {
+                        chunk += "npu-worker[\(device)]: flood line \(n) \(pad)\n"
+                        n += 1
+                    }
+                    let ok = chunk.withCString { p -> Bool in
+                        var off = 0
+                        let len = strlen(p)
+                        while off < len {
+                            let w = write(1, p + off, len - off)
+                            if w <= 0 { return false }
+                            off += w
+                        }
+                        return true
+                    }
+                    if !ok { return }
+                }
+            }
         }
         let engine = Engine(device: device, tokenDelay: .milliseconds(tokenMs), connection: connection,
                             emptyOutput: emptyOutput, failRequests: failRequests)

@@ -14,6 +14,18 @@ struct ConfigurationTests {
         max_inflight = 9
         """
 
+    @Test func outputRateLimit() throws {
+        let base = "[defaults]\ncommand = [\"/bin/true\"]\n"
+        #expect(try ConfigLoader.parse(base + "[[device]]\nid = \"0\"\n", path: "/tmp/c.toml")
+            .workers[0].outputRateLimit == 8 << 20)
+        let set = try ConfigLoader.parse(base + "output_rate_limit = \"1MiB\"\n[[device]]\nid = \"0\"\n"
+                                         + "[[device]]\nid = \"1\"\noutput_rate_limit = 0\n", path: "/tmp/c.toml")
+        #expect(set.workers.map(\.outputRateLimit) == [1 << 20, nil])
+        #expect(throws: ConfigError.self) {
+            try ConfigLoader.parse(base + "output_rate_limit = \"1KiB\"\n[[device]]\nid = \"0\"\n", path: "/tmp/c.toml")
+        }
+    }
+
     @Test func defaultsApplyAndDevicesOverride() throws {
         let c = try ConfigLoader.parse(Self.minimal, path: "/etc/npu/c.toml")
         #expect(c.workers.count == 2)

@@ -36,6 +36,10 @@ public struct WorkerSpec: Sendable, Hashable {
     public var inferenceProbe = InferenceProbeSpec()
     /// The worker cgroup's memory limit in bytes (`memory_limit`), nil for none.
     public var memoryLimit: Int?
+    /// Bytes per second of the worker's stdout/stderr kept (ring, log, `tail -f`); past it lines are dropped
+    /// and counted, with a marker (`output_rate_limit`, ``OutputRateLimiter``). nil: no limit.
+    public var outputRateLimit: Int? = WorkerSpec.defaultOutputRateLimit
+    public static let defaultOutputRateLimit: Int? = 8 << 20
     /// A CPU fallback worker (started only while device workers cannot serve).
     public var isFallback = false
 
@@ -328,7 +332,7 @@ extension WorkerSpec {
         "kind", "command", "env", "pin_env", "working_directory", "max_inflight", "heartbeat_interval",
         "heartbeat_timeout", "restart", "backoff_initial", "backoff_max", "backoff_multiplier", "backoff_jitter",
         "backoff_reset_after", "restart_limit", "restart_window", "failed_retry_interval", "start_timeout",
-        "stop_timeout", "device_probe", "inference_probe", "memory_limit",
+        "stop_timeout", "device_probe", "inference_probe", "memory_limit", "output_rate_limit",
     ]
 
     init(index: Int, device: [String: ConfigValue], defaults: [String: ConfigValue], baseDirectory: String,
@@ -468,6 +472,13 @@ extension WorkerSpec {
                 heartbeatInterval: heartbeatInterval, heartbeatTimeout: heartbeatTimeout, policy: policy,
                 deviceProbe: deviceProbe, inferenceProbe: inferenceProbe)
             self.memoryLimit = try r.bytes("memory_limit", min: 1 << 20)
+            if let rate = try r.bytes("output_rate_limit", min: 0) {
+                guard rate == 0 || rate >= 64 << 10 else {
+                    throw ConfigError(key: "\(path).output_rate_limit", value: "\(rate)",
+                                      expected: "0 (no limit) or at least 64KiB (a second's worth must hold a 16 KiB line)")
+                }
+                self.outputRateLimit = rate == 0 ? nil : rate
+            }
         } catch let e as ConfigError {
             throw located(e)
         }
