@@ -24,6 +24,11 @@ extension SocketPaths {
     /// `currentDirectory`, gives the base for relative paths.
     /// - Throws: ``ConfigFileError``.
     public init(parsingConfig text: String, path: String, currentDirectory: String) throws {
+        // toml++ aborts on some malformed headers instead of reporting them (SupervisorPaths/TOMLGuard.swift).
+        if let defect = tomlHeaderDefect(in: text) {
+            throw ConfigFileError(description: "valid TOML expected: \(defect.description) at \(path):"
+                                  + "\(defect.line):\(defect.column)")
+        }
         let table: TOMLTable
         do {
             table = try TOMLTable(string: text)

@@ -17,6 +17,11 @@ public enum ConfigLoader {
 
     /// Parses config text; `path` names the file in errors and gives the base for relative paths.
     public static func parse(_ text: String, path: String) throws -> SupervisorConfiguration {
+        // toml++ aborts on some malformed headers instead of reporting them (SupervisorPaths/TOMLGuard.swift).
+        if let defect = tomlHeaderDefect(in: text) {
+            throw ConfigError(key: "(syntax)", value: nil,
+                              expected: "valid TOML: \(defect.description) at \(path):\(defect.line):\(defect.column)")
+        }
         let table: TOMLTable
         do {
             table = try TOMLTable(string: text)

@@ -18,9 +18,11 @@ public struct FrameReader {
     /// - Throws: ``FrameDecodingError`` (the stream is unusable afterwards), or what `body` throws.
     public mutating func read(_ incoming: ByteBuffer, _ body: (Frame) throws -> Void) throws {
         if var buffer = pending, buffer.readableBytes > 0 {
+            // Drop our own reference first: appending to a buffer that `pending` still shares would copy all of
+            // it on every read (quadratic for a large frame arriving in pieces; found by fuzzing).
+            pending = nil
             var incoming = incoming
             buffer.writeBuffer(&incoming)
-            pending = nil
             while let frame = try decoder.decode(buffer: &buffer) { try body(frame) }
             if buffer.readableBytes > 0 {
                 if buffer.readerIndex > 1 << 16 { buffer.discardReadBytes() }
@@ -38,13 +40,13 @@ public struct FrameReader {
     /// flight as it may). Call again with an empty buffer, or ``resume(while:_:)``, when there is room.
     /// - Throws: ``FrameDecodingError``, or what `body` throws.
     public mutating func read(_ incoming: ByteBuffer, while more: () -> Bool, _ body: (Frame) throws -> Void) throws {
-        var buffer: ByteBuffer
-        if var pending, pending.readableBytes > 0 {
+        var buffer = incoming
+        if var held = pending, held.readableBytes > 0 {
+            // Unshared before appending (see read(_:_:)): no copy of what is held.
+            pending = nil
             var incoming = incoming
-            pending.writeBuffer(&incoming)
-            buffer = pending
-        } else {
-            buffer = incoming
+            if incoming.readableBytes > 0 { held.writeBuffer(&incoming) }
+            buffer = held
         }
         pending = nil
         defer {

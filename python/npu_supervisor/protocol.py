@@ -395,7 +395,7 @@ def split_request_options(payload: bytes) -> Tuple[Dict[str, Any], bytes]:
         raise ValueError("request options prefix is truncated")
     try:
         options = json.loads(payload[2:2 + length].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # deep nesting: RecursionError
         raise ValueError("request options are not valid JSON: %s" % error) from None
     if not isinstance(options, dict):
         raise ValueError("request options are not a JSON object")
@@ -415,7 +415,7 @@ def parse_error_payload(payload: bytes) -> Dict[str, Any]:
         if isinstance(value, dict) and isinstance(value.get("code"), str):
             return {"code": value["code"], "message": str(value.get("message", "")),
                     "retryable": bool(value.get("retryable", False))}
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # deep nesting ("[[[..."): RecursionError
         pass
     return {"code": ErrorCode.WORKER_ERROR, "message": payload.decode("utf-8", "replace"), "retryable": False}
 
