@@ -123,7 +123,7 @@ public struct WorkerStatus: Codable, Sendable, Equatable {
     public var exits: [String: Int]
     /// Seconds until the next restart attempt when in `backoff` or `failed`.
     public var nextRestartInSeconds: Double?
-    /// The health levels of DESIGN section 5.
+    /// The health levels (docs/PROTOCOL.md 8.1).
     public var health: WorkerHealthLevels
     /// A CPU fallback worker.
     public var fallback: Bool

@@ -210,8 +210,8 @@ struct DeviceCommand: ParsableArguments {
     }
 }
 
-func mutate(_ name: String, _ sockets: SocketOptions, _ devices: [String]) throws {
-    let payload = sockets.run(ControlCommand(command: name, devices: devices))
+func mutate(_ name: String, _ sockets: SocketOptions, _ devices: [String], rolling: Bool? = nil) throws {
+    let payload = sockets.run(ControlCommand(command: name, devices: devices, rolling: rolling))
     let result = try JSONCoding.decode(ControlResult.self, from: payload)
     out(result.message)
 }
@@ -238,11 +238,7 @@ struct Restart: ParsableCommand {
     @OptionGroup var sockets: SocketOptions
     @Flag(help: "One device at a time, drained first, without dropping a request.") var rolling = false
     @OptionGroup var target: DeviceCommand
-    func run() throws {
-        guard rolling else { return try mutate("restart", sockets, target.devices) }
-        let payload = sockets.run(ControlCommand(command: "restart", devices: target.devices, rolling: true))
-        out(try JSONCoding.decode(ControlResult.self, from: payload).message)
-    }
+    func run() throws { try mutate("restart", sockets, target.devices, rolling: rolling ? true : nil) }
 }
 
 struct Drain: ParsableCommand {

@@ -5,7 +5,7 @@ import TestSupport
 import Testing
 import WireProtocol
 
-/// DESIGN section 5 with real processes: liveness, device probes (a fake `npu-smi` on disk), inference probes,
+/// Health (docs/PROTOCOL.md 6.3, 6.9, 6.10, 8.1, 8.2) with real processes: liveness, device probes (a fake `npu-smi` on disk), inference probes,
 /// the HTTP probes (checked with curl) and CPU fallback.
 @Suite(.serialized, .timeLimit(.minutes(3)))
 struct HealthTests {

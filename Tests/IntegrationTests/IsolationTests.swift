@@ -5,7 +5,7 @@ import TestSupport
 import Testing
 import WireProtocol
 
-/// DESIGN section 6 on the real kernel of this machine: per-worker memory cgroups, OOM kills proven by the
+/// Memory isolation (README "Configuration reference", `[cgroups]`) on the real kernel of this machine: per-worker memory cgroups, OOM kills proven by the
 /// cgroup's counter, process groups cleaned up, nothing leaking across restarts.
 @Suite(.serialized, .timeLimit(.minutes(3)))
 struct IsolationTests {
