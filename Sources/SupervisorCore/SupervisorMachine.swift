@@ -58,9 +58,15 @@ public struct SupervisorMachine: Sendable {
         /// The channel closed while the process still ran: it must exit by this time, or it is killed.
         var channelClosedDeadline: MonotonicInstant?
 
+        /// The tensor-parallel group this slot is a rank of (``SupervisorMachine/groups``), nil for a single device.
+        public internal(set) var groupIndex: Int?
+        /// Whether the slot's group lets it serve: always for a single device; for a group's leader only while
+        /// every rank is ready; never for the other ranks (they get no requests). Kept current each turn.
+        var gangOpen = true
+
         init(spec: WorkerSpec, protocolVersion: Int) {
             self.spec = spec
-            self.lifecycle = WorkerStateMachine(policy: spec.policy)
+            self.lifecycle = WorkerStateMachine(policy: Self.lifecyclePolicy(spec))
             self.session = WorkerSession(protocolVersion: protocolVersion)
             self.liveness = Liveness(heartbeatInterval: spec.heartbeatInterval, heartbeatTimeout: spec.heartbeatTimeout)
             self.device = DeviceHealth(spec: spec.deviceProbe, heartbeatInterval: spec.heartbeatInterval,
@@ -68,11 +74,26 @@ public struct SupervisorMachine: Sendable {
             self.inference = InferenceProbe(spec: spec.inferenceProbe)
         }
 
-        /// In rotation: the process said ready, its channel is open, its device is not known to be bad, and it is
-        /// not drained.
+        /// In rotation: the process said ready, its channel is open, its device is not known to be bad, it is
+        /// not drained, and (a group's leader) every rank of its group is ready.
         public var isServing: Bool {
             lifecycle.isReady && isChannelOpen && unwritableSince == nil && !device.isOutOfRotation && drain == .none
-                && !isRetired
+                && !isRetired && gangOpen
+        }
+
+        /// A rank other than a group's leader: it runs, but never receives requests.
+        public var isFollower: Bool { (spec.rank?.rank ?? 0) > 0 }
+
+        /// A rank's own lifecycle never restarts it: its group decides (``SupervisorMachine/Group``).
+        static func lifecyclePolicy(_ spec: WorkerSpec) -> WorkerStateMachine.Policy {
+            var policy = spec.policy
+            if spec.rank != nil { policy.restart = .never }
+            return policy
+        }
+
+        mutating func joinGroup(_ index: Int) {
+            groupIndex = index
+            gangOpen = false
         }
 
         public var isFallback: Bool { spec.isFallback }
@@ -221,10 +242,24 @@ public struct SupervisorMachine: Sendable {
         case configChanged
         /// Persist the rollout record (so a restarted supervisor resumes paused, not confused).
         case persistRollout
+        /// A tensor-parallel group starts (its ranks' spawns follow): pick its `MASTER_PORT` for this incarnation
+        /// and write its rank table.
+        case prepareGroup(group: Int, incarnation: Int32)
+        /// Count a group's exit (its cause) in the metrics.
+        case groupExitRecorded(group: Int, reason: ExitReason)
     }
 
     public internal(set) var config: SupervisorConfiguration
     public internal(set) var workers: [Worker]
+    /// Tensor-parallel groups; their ranks are slots of ``workers``.
+    public internal(set) var groups: [Group] = []
+    /// Set while a group starts its ranks: their spawns are the group's (any other spawn of a rank is turned
+    /// into a start of its group).
+    var spawningGroup = false
+    /// The time of the event being handled.
+    var turnNow = MonotonicInstant(nanoseconds: 0)
+    /// The backoff jitter sample of the last exit, for the group whose last rank it was.
+    var groupJitter = 0.5
     /// The rolling change in progress, if any.
     public internal(set) var rollout: Rollout
     /// A reload waits for its rollout to end before it is done.
@@ -260,6 +295,7 @@ public struct SupervisorMachine: Sendable {
         self.config = config
         var workers = config.workers.map { Worker(spec: $0, protocolVersion: protocolVersion) }
         workers += (config.fallback?.workers ?? []).map { Worker(spec: $0, protocolVersion: protocolVersion) }
+        groups = Self.makeGroups(config, workers: &workers)
         self.workers = workers
         self.protocolVersion = protocolVersion
         router = Router(maxInflight: workers.map(\.spec.maxInflight), isFallback: workers.map(\.spec.isFallback))
@@ -294,6 +330,7 @@ public struct SupervisorMachine: Sendable {
     /// Feeds one event; returns what the runtime must do, in order.
     public mutating func handle(_ event: Event, now: MonotonicInstant) -> [Action] {
         actions.removeAll(keepingCapacity: true)
+        turnNow = now
         switch event {
         case .boot: boot(now: now)
         case .spawned(let slot, let pid): spawned(slot, pid: pid, now: now)
@@ -370,6 +407,7 @@ public struct SupervisorMachine: Sendable {
             consider(worker.inference.nextProbeAt)
             if case .draining(let until, _) = worker.drain { consider(until) }
         }
+        for group in groups { consider(group.lifecycle.nextDeadline) }
         consider(rollout.nextDeadline)
         if !isShuttingDown { consider(fallback?.nextCheck) }
         consider(readiness.nextDeadline)
@@ -384,12 +422,20 @@ public struct SupervisorMachine: Sendable {
     public func noWorkersReason(pinned slot: Int?) -> String? {
         if isBooting { return nil }
         if slot.map({ router.hopeful[$0] }) ?? router.anyHopeful { return nil }
-        let candidates = slot.map { [$0] } ?? Array(workers.indices)
-        return Admission.noWorkersReason(candidates.map { (workers[$0].spec.device, workers[$0].lifecycle) })
+        let candidates = slot.map { [$0] } ?? workers.indices.filter { !workers[$0].isFollower }
+        return Admission.noWorkersReason(candidates.map { slot in
+            // A group's leader stands for its group: the group is what can come back.
+            if let g = workers[slot].groupIndex { return ("\(groups[g].spec.id) (group)", groups[g].lifecycle) }
+            return (workers[slot].spec.device, workers[slot].lifecycle)
+        })
     }
 
-    /// The slot of a device id.
-    public func slot(of device: String) -> Int? { workers.firstIndex { $0.spec.device == device } }
+    /// The slot a request pinned to this id goes to: a device's worker, or for a group's id or any of its
+    /// devices, the group's leader.
+    public func slot(of device: String) -> Int? {
+        if let g = groups.firstIndex(where: { $0.spec.id == device }) { return groups[g].leader }
+        return workers.firstIndex { $0.spec.device == device }.map { routingSlot($0) }
+    }
 
     /// Device ids by slot; a slot removed by a reload shows as "" (no id matches it).
     public var devices: [String] { workers.map { $0.isRetired ? "" : $0.spec.device } }
@@ -410,6 +456,12 @@ public struct SupervisorMachine: Sendable {
     /// Carries out a lifecycle decision. A spawn asked for earlier in this event that the lifecycle no longer
     /// wants (it was stopped, or held failed, in the same turn) is withdrawn before the runtime sees it.
     mutating func perform(_ action: WorkerStateMachine.Action?, on slot: Int) {
+        if action == .spawn, !spawningGroup, let g = workers[slot].groupIndex {
+            // A rank cannot start alone (its peers would wait for it forever): a start of any rank (a device that
+            // recovered, a trial worker) is a start of its group.
+            performGroup(groups[g].lifecycle.start(now: turnNow), group: g, now: turnNow)
+            return
+        }
         if workers[slot].isSpawnPending, action != .spawn,
            workers[slot].lifecycle.desired == .down || workers[slot].lifecycle.isHeldFailed {
             workers[slot].isSpawnPending = false
@@ -434,6 +486,10 @@ public struct SupervisorMachine: Sendable {
     /// and only then touch the queue, so that a fallback worker started in this turn counts as coming (its
     /// spawn is carried out before queued requests are judged hopeless).
     mutating func finishTurn(now: MonotonicInstant) {
+        for g in groups.indices {
+            let open = groupIsOpen(g)
+            if workers[groups[g].leader].gangOpen != open { workers[groups[g].leader].gangOpen = open }
+        }
         for slot in workers.indices where router.serving[slot] != workers[slot].isServing {
             router.setServing(slot, workers[slot].isServing)
             healthDirty = true
@@ -454,7 +510,12 @@ public struct SupervisorMachine: Sendable {
         }
         if !isBooting {
             for slot in workers.indices {
-                router.setHopeful(slot, workers[slot].isSpawnPending || Admission.isHopeful(workers[slot].lifecycle))
+                if let g = workers[slot].groupIndex {
+                    router.setHopeful(slot, slot == groups[g].leader && (Admission.isHopeful(groups[g].lifecycle)
+                        || groups[g].slots.contains { workers[$0].isSpawnPending }))
+                } else {
+                    router.setHopeful(slot, workers[slot].isSpawnPending || Admission.isHopeful(workers[slot].lifecycle))
+                }
             }
         }
         sampleAvailability(now: now)

@@ -106,6 +106,14 @@ final class SupervisorMetrics {  // loop-confined, like the rest of the driver
         .deviceUnhealthy(""), .protocolError(""), .startTimeout, .spawnFailed(errno: 0),
     ].map(\.kind)
 
+    /// Tensor-parallel groups: how many, and the causes of their restarts (by group index, reason kind).
+    var groupCount = 0
+    var groupExits: [Int: [String: Int]] = [:]
+
+    func groupExited(group: Int, reason: String) {
+        groupExits[group, default: [:]][reason, default: 0] += 1
+    }
+
     func workerExited(slot: Int, reason: String) {
         if reason == ExitReason.stopped.kind { return }
         exits[index(slot)][reason, default: 0] += 1

@@ -22,7 +22,8 @@ enum ProcessSpawner {
 
     /// The worker's environment: the supervisor's own minus the systemd variables, plus the config's `env`,
     /// plus the contract variables (which win).
-    static func environment(for spec: WorkerSpec) -> [String] {
+    /// `extra`: variables that change with each start (a group rank's `MASTER_PORT`, `RANK_TABLE_FILE`).
+    static func environment(for spec: WorkerSpec, extra: [String: String] = [:]) -> [String] {
         var env: [String: String] = [:]
         var order: [String] = []
         if let environ = npu_environ() {
@@ -37,7 +38,8 @@ enum ProcessSpawner {
                 env[name] = String(pair[pair.index(after: eq)...])
             }
         }
-        for (name, value) in spec.contractEnvironment.sorted(by: { $0.key < $1.key }) {
+        for (name, value) in spec.contractEnvironment.merging(extra, uniquingKeysWith: { _, new in new })
+            .sorted(by: { $0.key < $1.key }) {
             if env[name] == nil { order.append(name) }
             env[name] = value
         }
@@ -46,7 +48,8 @@ enum ProcessSpawner {
 
     /// - Throws: ``SystemError`` with the errno of the failing call (socketpair, pipe, posix_spawn).
     /// - Parameter trampoline: with `cgroupProcsFD`, the program that joins the cgroup and execs the worker.
-    static func spawn(_ spec: WorkerSpec, cgroupProcsFD: CInt = -1, trampoline: String? = nil) throws -> SpawnedWorker {
+    static func spawn(_ spec: WorkerSpec, cgroupProcsFD: CInt = -1, trampoline: String? = nil,
+                      extraEnvironment: [String: String] = [:]) throws -> SpawnedWorker {
         var pair: [CInt] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
             throw SystemError(call: "socketpair", errno: errno)
@@ -58,7 +61,7 @@ enum ProcessSpawner {
             throw SystemError(call: "pipe2", errno: e)
         }
         let argv = cgroupProcsFD >= 0 && trampoline != nil ? [trampoline!] + spec.command : spec.command
-        let env = environment(for: spec)
+        let env = environment(for: spec, extra: extraEnvironment)
         var pid: pid_t = 0
         let rc = withCStrings(argv) { cArgv in
             withCStrings(env) { cEnv in

@@ -42,7 +42,8 @@ extension Supervisor {
         }
         let devices = machine.devices
         func select(allowEmpty: Bool) throws -> [Int] {
-            try WorkerSelection.select(command.devices, among: devices, allowEmpty: allowEmpty)
+            try WorkerSelection.select(command.devices, among: devices,
+                                       groups: machine.groups.map { ($0.spec.id, $0.slots) }, allowEmpty: allowEmpty)
         }
         do {
             switch verb {

@@ -116,6 +116,33 @@ extension Supervisor {
             e.sample("npu_supervisor_worker_start_time_seconds", [("device", devices[i])], up.map { wallSeconds - $0 } ?? 0)
             e.sample("npu_supervisor_worker_uptime_seconds", [("device", devices[i])], up ?? 0)
         }
+        if !machine.groups.isEmpty {
+            e.family("npu_supervisor_group_up", "gauge",
+                     "1 when the tensor-parallel group is in rotation (every rank ready, its leader taking requests).")
+            for (g, group) in machine.groups.enumerated() {
+                e.sample("npu_supervisor_group_up", [("group", group.spec.id)], machine.workers[group.leader].isServing ? 1 : 0)
+            }
+            e.family("npu_supervisor_group_ranks", "gauge", "The group's number of ranks (WORLD_SIZE).")
+            for group in machine.groups {
+                e.sample("npu_supervisor_group_ranks", [("group", group.spec.id)], Double(group.slots.count))
+            }
+            e.family("npu_supervisor_group_state", "gauge", "1 for the group's current state, 0 for the others.")
+            for group in machine.groups {
+                for name in stateNames {
+                    e.sample("npu_supervisor_group_state", [("group", group.spec.id), ("state", name)],
+                             group.lifecycle.stateName == name ? 1 : 0)
+                }
+            }
+            e.family("npu_supervisor_group_restarts_total", "counter",
+                     "Times the whole group went down by the cause's reason (its ranks are restarted together unless held failed).")
+            for (g, group) in machine.groups.enumerated() {
+                var exits = m.groupExits[g] ?? [:]
+                for reason in SupervisorMetrics.restartReasons where exits[reason] == nil { exits[reason] = 0 }
+                for (reason, count) in exits.sorted(by: { $0.key < $1.key }) {
+                    e.sample("npu_supervisor_group_restarts_total", [("group", group.spec.id), ("reason", reason)], Double(count))
+                }
+            }
+        }
         e.family("npu_supervisor_fallback_active", "gauge",
                  "1 while CPU fallback workers run because device workers cannot serve.")
         e.sample("npu_supervisor_fallback_active", [], machine.fallback?.isActive == true ? 1 : 0)

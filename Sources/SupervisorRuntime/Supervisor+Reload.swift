@@ -120,17 +120,22 @@ extension Supervisor {
         feed(.restoreRollout(previous: specs, onPrevious: onPrevious))
     }
 
-    func writeAtomically(_ text: String, to path: String) {
+    @discardableResult
+    func writeAtomically(_ text: String, to path: String) -> Bool {
         let temporary = path + ".tmp"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else {
             logger.warning("cannot write \(temporary): \(String(cString: strerror(errno)))")
-            return
+            return false
         }
         let bytes = Array(text.utf8)
         let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         Glibc.close(fd)
-        if written == bytes.count { rename(temporary, path) } else { unlink(temporary) }
+        guard written == bytes.count, rename(temporary, path) == 0 else {
+            unlink(temporary)
+            return false
+        }
+        return true
     }
 
     func persistRollout() {

@@ -14,7 +14,12 @@ extension Supervisor {
         let mono = Self.now()
         let all = devices == nil || devices!.isEmpty || devices! == ["all"]
         let workers = machine.workers.indices
-            .filter { !machine.workers[$0].isRetired && (all || devices!.contains(machine.workers[$0].spec.device)) }
+            .filter { index in
+                let worker = machine.workers[index]
+                // A group's id names its ranks.
+                return !worker.isRetired && (all || devices!.contains(worker.spec.device)
+                    || worker.groupIndex.map { devices!.contains(machine.groups[$0].spec.id) } ?? false)
+            }
             .map { index -> WorkerStatus in
                 let worker = machine.workers[index]
                 let lifecycle = worker.lifecycle
@@ -27,7 +32,8 @@ extension Supervisor {
                     }
                 }
                 let levels = machine.healthLevels(index, now: mono)
-                return WorkerStatus(
+                let group = worker.groupIndex.map { machine.groups[$0] }
+                var status = WorkerStatus(
                     device: worker.spec.device, kind: worker.spec.kind.rawValue, state: lifecycle.stateName,
                     desired: lifecycle.desired.rawValue, pid: worker.pid,
                     restarts: lifecycle.restarts, lastExit: lifecycle.lastExit?.description,
@@ -40,7 +46,33 @@ extension Supervisor {
                     fallback: worker.isFallback, memoryBytes: slot.cgroup.flatMap { cgroups?.memoryUsage($0.path) },
                     memoryLimitBytes: worker.spec.memoryLimit,
                     revision: worker.spec.revision, generation: worker.generation, drain: worker.drain.name)
+                if let group {
+                    // A rank's restarts and wanted state are its group's: it never restarts alone.
+                    status.group = group.spec.id
+                    status.rank = worker.spec.rank?.rank
+                    status.restarts = group.lifecycle.restarts
+                    status.desired = group.lifecycle.desired.rawValue
+                }
+                return status
             }
+        let groups = machine.groups.indices.map { g -> GroupStatus in
+            let group = machine.groups[g]
+            var next: Double?
+            if let d = group.lifecycle.nextDeadline {
+                switch group.lifecycle.state {
+                case .backoff, .failed: next = max(0, (d - mono).seconds)
+                default: break
+                }
+            }
+            let cause = group.lifecycle.lastExit == .stopped ? nil : group.cause
+            return GroupStatus(
+                id: group.spec.id, devices: group.spec.devices, state: group.lifecycle.stateName,
+                desired: group.lifecycle.desired.rawValue, serving: machine.workers[group.leader].isServing,
+                restarts: group.lifecycle.restarts, lastExit: group.lifecycle.lastExit?.description,
+                lastExitRank: cause?.rank, lastExitDevice: cause?.device, lastExitDetail: cause?.detail,
+                masterPort: groupRuntime[g].masterPort, rankTableFile: groupRuntime[g].rankTableFile,
+                nextRestartInSeconds: next)
+        }
         return StatusDocument(
             state: health.rawValue, reason: reason,
             supervisor: SupervisorInfo(pid: getpid(), version: Self.version,
@@ -48,6 +80,6 @@ extension Supervisor {
                                        config: configPath.map { resolve($0, against: currentDirectory()) },
                                        http: httpAddress),
             queueDepth: queue.count, fallbackActive: machine.isFallbackActive, workers: workers,
-            rollout: rolloutStatus(), availability: availabilityStatus(now: mono))
+            rollout: rolloutStatus(), availability: availabilityStatus(now: mono), groups: groups)
     }
 }

@@ -27,7 +27,8 @@ extension Supervisor {
                 }
             }
             defer { if procsFD >= 0 { Glibc.close(procsFD) } }
-            spawned = try ProcessSpawner.spawn(slot.spec, cgroupProcsFD: procsFD, trampoline: cgroups?.trampoline)
+            spawned = try ProcessSpawner.spawn(slot.spec, cgroupProcsFD: procsFD, trampoline: cgroups?.trampoline,
+                                               extraEnvironment: rankEnvironment(slot.index))
         } catch let error as SystemError {
             feed(.spawnFailed(slot: slot.index, errno: error.errno, message: "\(error)", jitter: Double.random(in: 0..<1)))
             return

@@ -63,6 +63,8 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     var cgroups: CgroupManager?
     /// Exit detection without pidfds (see ExitWatcher.swift); nil when pidfds work.
     var exitWaiter: ExitWaiter?
+    /// Per tensor-parallel group: the `MASTER_PORT` and rank table of its current start (Supervisor+Groups.swift).
+    var groupRuntime: [GroupRuntime] = []
 
     /// - Parameters:
     ///   - config: a validated configuration.
@@ -86,6 +88,8 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
             slots.append(WorkerIO(index: index, spec: worker.spec, outputLines: config.outputLines))
         }
         metrics = SupervisorMetrics(slotCount: slots.count)
+        groupRuntime = machine.groups.map { _ in GroupRuntime() }
+        metrics.groupCount = machine.groups.count
     }
 
     /// The monotonic clock, the only one the driver reads; the machine gets it as `now`.
@@ -180,6 +184,10 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
             }
         case .persistRollout:
             persistRollout()
+        case .prepareGroup(let group, let incarnation):
+            prepareGroup(group, incarnation: incarnation)
+        case .groupExitRecorded(let group, let reason):
+            metrics.groupExited(group: group, reason: reason.kind)
         }
     }
 

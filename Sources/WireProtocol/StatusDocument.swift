@@ -14,9 +14,13 @@ public struct StatusDocument: Codable, Sendable, Equatable {
     public var rollout: RolloutStatus?
     /// The availability account (absent from supervisors older than it).
     public var availability: AvailabilityStatus?
+    /// Tensor-parallel groups (`[]` when none is configured; absent from supervisors older than them).
+    public var groups: [GroupStatus]?
 
     public init(state: String, reason: String, supervisor: SupervisorInfo, queueDepth: Int, fallbackActive: Bool,
-                workers: [WorkerStatus], rollout: RolloutStatus? = nil, availability: AvailabilityStatus? = nil) {
+                workers: [WorkerStatus], rollout: RolloutStatus? = nil, availability: AvailabilityStatus? = nil,
+                groups: [GroupStatus]? = nil) {
+        self.groups = groups
         self.state = state
         self.reason = reason
         self.supervisor = supervisor
@@ -28,7 +32,7 @@ public struct StatusDocument: Codable, Sendable, Equatable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case state, reason, supervisor, workers, rollout, availability
+        case state, reason, supervisor, workers, rollout, availability, groups
         case queueDepth = "queue_depth"
         case fallbackActive = "fallback_active"
     }
@@ -137,6 +141,10 @@ public struct WorkerStatus: Codable, Sendable, Equatable {
     public var generation: Int?
     /// `no`, `draining` or `drained` (out of rotation on purpose).
     public var drain: String?
+    /// The tensor-parallel group this worker is a rank of, null for a single device.
+    public var group: String?
+    /// Its rank in the group (0 is the leader, which receives the group's requests), null for a single device.
+    public var rank: Int?
 
     public init(device: String, kind: String, state: String, desired: String, pid: Int32?, restarts: Int,
                 lastExit: String?, lastExitDetail: String?, uptimeSeconds: Double, inflight: Int, maxInflight: Int,
@@ -169,7 +177,7 @@ public struct WorkerStatus: Codable, Sendable, Equatable {
         case device, kind, state, desired, pid, restarts, inflight, exits, health, fallback
         case memoryBytes = "memory_bytes"
         case memoryLimitBytes = "memory_limit_bytes"
-        case revision, generation, drain
+        case revision, generation, drain, group, rank
         case lastExit = "last_exit"
         case lastExitDetail = "last_exit_detail"
         case uptimeSeconds = "uptime_seconds"
@@ -200,6 +208,81 @@ public struct WorkerStatus: Codable, Sendable, Equatable {
         try c.encode(revision, forKey: .revision)
         try c.encode(generation, forKey: .generation)
         try c.encode(drain, forKey: .drain)
+        try c.encode(group, forKey: .group)
+        try c.encode(rank, forKey: .rank)
+    }
+}
+
+/// One tensor-parallel group (docs/PROTOCOL.md, "Tensor-parallel groups").
+public struct GroupStatus: Codable, Sendable, Equatable {
+    public var id: String
+    /// Its devices in rank order (the first is the leader).
+    public var devices: [String]
+    /// The group as one unit: `stopped`, `starting`, `ready`, `stopping`, `backoff`, `failed`.
+    public var state: String
+    /// `up` or `down`: what the operator asked for.
+    public var desired: String
+    /// In rotation: every rank ready, the leader taking requests.
+    public var serving: Bool
+    /// Restarts of the whole group.
+    public var restarts: Int
+    /// Why the group last went down (`exited(1)`, `hang`, ...), null before any.
+    public var lastExit: String?
+    /// The rank and device that caused it, null when the group was stopped on request or never went down.
+    public var lastExitRank: Int?
+    public var lastExitDevice: String?
+    public var lastExitDetail: String?
+    /// The `MASTER_PORT` of the current (or last) start, null before the first.
+    public var masterPort: Int?
+    /// The rank table file given in `RANK_TABLE_FILE`, null when `rank_table` is off.
+    public var rankTableFile: String?
+    /// Seconds until the next restart attempt when in `backoff` or `failed`.
+    public var nextRestartInSeconds: Double?
+
+    public init(id: String, devices: [String], state: String, desired: String, serving: Bool, restarts: Int,
+                lastExit: String?, lastExitRank: Int?, lastExitDevice: String?, lastExitDetail: String?,
+                masterPort: Int?, rankTableFile: String?, nextRestartInSeconds: Double?) {
+        self.id = id
+        self.devices = devices
+        self.state = state
+        self.desired = desired
+        self.serving = serving
+        self.restarts = restarts
+        self.lastExit = lastExit
+        self.lastExitRank = lastExitRank
+        self.lastExitDevice = lastExitDevice
+        self.lastExitDetail = lastExitDetail
+        self.masterPort = masterPort
+        self.rankTableFile = rankTableFile
+        self.nextRestartInSeconds = nextRestartInSeconds
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case id, devices, state, desired, serving, restarts
+        case lastExit = "last_exit"
+        case lastExitRank = "last_exit_rank"
+        case lastExitDevice = "last_exit_device"
+        case lastExitDetail = "last_exit_detail"
+        case masterPort = "master_port"
+        case rankTableFile = "rank_table_file"
+        case nextRestartInSeconds = "next_restart_in_seconds"
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(id, forKey: .id)
+        try c.encode(devices, forKey: .devices)
+        try c.encode(state, forKey: .state)
+        try c.encode(desired, forKey: .desired)
+        try c.encode(serving, forKey: .serving)
+        try c.encode(restarts, forKey: .restarts)
+        try c.encode(lastExit, forKey: .lastExit)
+        try c.encode(lastExitRank, forKey: .lastExitRank)
+        try c.encode(lastExitDevice, forKey: .lastExitDevice)
+        try c.encode(lastExitDetail, forKey: .lastExitDetail)
+        try c.encode(masterPort, forKey: .masterPort)
+        try c.encode(rankTableFile, forKey: .rankTableFile)
+        try c.encode(nextRestartInSeconds, forKey: .nextRestartInSeconds)
     }
 }
 

@@ -144,18 +144,40 @@ enum StatusTable {
             if w.desired == "down" && w.state != "stopped" { state += " (stopping)" }
             if let next = w.nextRestartInSeconds { state += " (retry in \(duration(next)))" }
             if let drain = w.drain, drain != "no" { state += " (\(drain))" }
-            rows.append([w.device + (w.fallback ? " (fallback)" : ""), w.kind, state, w.pid.map(String.init) ?? "-",
+            var name = w.device + (w.fallback ? " (fallback)" : "")
+            if let group = w.group, let rank = w.rank { name += " (\(group) rank \(rank))" }
+            rows.append([name, w.kind, state, w.pid.map(String.init) ?? "-",
                          w.pid == nil ? "-" : duration(w.uptimeSeconds), String(w.restarts),
                          "\(w.inflight)/\(w.maxInflight)", w.state == "stopped" ? "-" : healthSummary(w.health),
                          w.lastExit ?? "-"])
         }
-        let widths = header.indices.map { i in rows.map { $0[i].count }.max()! }
-        for row in rows {
-            lines.append(row.enumerated().map { i, cell in
-                i == row.count - 1 ? cell : cell + String(repeating: " ", count: widths[i] - cell.count)
-            }.joined(separator: "  "))
+        lines += table(rows)
+        if let groups = doc.groups, !groups.isEmpty {
+            let header = ["GROUP", "DEVICES", "STATE", "SERVING", "RESTARTS", "MASTER_PORT", "LAST EXIT"]
+            var rows = [header]
+            for g in groups {
+                var state = g.state
+                if g.desired == "down" && g.state != "stopped" { state += " (stopping)" }
+                if let next = g.nextRestartInSeconds { state += " (retry in \(duration(next)))" }
+                var last = g.lastExit ?? "-"
+                if let rank = g.lastExitRank, let device = g.lastExitDevice { last += " (rank \(rank), device \(device))" }
+                rows.append([g.id, g.devices.joined(separator: ","), state, g.serving ? "yes" : "no", String(g.restarts),
+                             g.masterPort.map(String.init) ?? "-", last])
+            }
+            lines.append("")
+            lines += table(rows)
         }
         return lines.joined(separator: "\n")
+    }
+
+    /// Left-aligned columns, two spaces apart; the last column is not padded.
+    static func table(_ rows: [[String]]) -> [String] {
+        let widths = rows[0].indices.map { i in rows.map { $0[i].count }.max()! }
+        return rows.map { row in
+            row.enumerated().map { i, cell in
+                i == row.count - 1 ? cell : cell + String(repeating: " ", count: widths[i] - cell.count)
+            }.joined(separator: "  ")
+        }
     }
 
     /// `rollout: progressing, upgrade 1/4 (canary 0): 0, 1, 2, 3`.

@@ -42,6 +42,8 @@ public struct WorkerSpec: Sendable, Hashable {
     public static let defaultOutputRateLimit: Int? = 8 << 20
     /// A CPU fallback worker (started only while device workers cannot serve).
     public var isFallback = false
+    /// A rank of a tensor-parallel group (`[[group]]`), nil for a single-device worker.
+    public var rank: RankInfo?
 
     public init(device: String, kind: DeviceKind, command: [String], environment: [String: String],
                 pinVariable: String?, workingDirectory: String?, maxInflight: Int, heartbeatInterval: Duration,
@@ -68,7 +70,11 @@ public struct WorkerSpec: Sendable, Hashable {
         var env = environment
         env["NPU_SUPERVISOR_FD"] = "3"
         env["NPU_DEVICE_ID"] = device
-        if let pinVariable { env[pinVariable] = device }
+        if let pinVariable {
+            env[pinVariable] = rank.map { $0.visibleDevices == .group ? $0.groupDevices.joined(separator: ",") : device }
+                ?? device
+        }
+        if let rank { env.merge(rank.environment) { _, contract in contract } }
         return env
     }
 }
@@ -111,7 +117,10 @@ public struct SupervisorConfiguration: Sendable, Hashable {
     /// (STATUS= says so). nil: READY=1 waits for `minReady` workers.
     public var readyTimeout: Duration?
     public var requests = RequestSettings()
+    /// Device workers: single devices (`[[device]]`) first, then every group's ranks in rank order.
     public var workers: [WorkerSpec] = []
+    /// Tensor-parallel groups (`[[group]]`); their ranks are in ``workers``.
+    public var groups: [GroupSpec] = []
     public var fallback: FallbackSpec?
     public var http = HTTPSettings()
     public var cgroups = CgroupSettings()
@@ -277,25 +286,39 @@ extension SupervisorConfiguration {
         }
 
         let defaults = try root.table("defaults") ?? [:]
-        guard let deviceValue = root.raw("device") else {
+        let deviceValue = root.raw("device")
+        let groupValue = root.raw("group")
+        guard deviceValue != nil || groupValue != nil else {
             throw ConfigError(key: "device", value: nil,
-                              expected: "missing: at least one [[device]] table with an id is required")
-        }
-        guard case .array(let deviceTables) = deviceValue, !deviceTables.isEmpty else {
-            throw ConfigError(key: "device", value: deviceValue.description,
-                              expected: "one or more [[device]] tables")
+                              expected: "missing: at least one [[device]] table with an id (or a [[group]]) is required")
         }
         var seen: Set<String> = []
-        for (index, item) in deviceTables.enumerated() {
-            guard case .table(let t) = item else {
-                throw ConfigError(key: "device[\(index)]", value: item.description, expected: "a table")
+        if let deviceValue {
+            guard case .array(let deviceTables) = deviceValue, !deviceTables.isEmpty else {
+                throw ConfigError(key: "device", value: deviceValue.description,
+                                  expected: "one or more [[device]] tables")
             }
-            let spec = try WorkerSpec(index: index, device: t, defaults: defaults, baseDirectory: baseDirectory)
-            guard seen.insert(spec.device).inserted else {
-                throw ConfigError(key: "device[\(index)].id", value: "\"\(spec.device)\"",
-                                  expected: "an id not used by another device")
+            for (index, item) in deviceTables.enumerated() {
+                guard case .table(let t) = item else {
+                    throw ConfigError(key: "device[\(index)]", value: item.description, expected: "a table")
+                }
+                let spec = try WorkerSpec(index: index, device: t, defaults: defaults, baseDirectory: baseDirectory)
+                guard seen.insert(spec.device).inserted else {
+                    throw ConfigError(key: "device[\(index)].id", value: "\"\(spec.device)\"",
+                                      expected: "an id not used by another device")
+                }
+                workers.append(spec)
             }
-            workers.append(spec)
+        }
+        if let groupValue {
+            let (groups, ranks) = try Self.parseGroups(groupValue, defaults: defaults, baseDirectory: baseDirectory,
+                                                       deviceIds: &seen)
+            self.groups = groups
+            workers += ranks
+        }
+        for name in envNames(defaults) where !groups.isEmpty && Self.rankVariables.contains(name) {
+            throw ConfigError(key: "defaults.env.\(name)", value: nil,
+                              expected: "not settable: the supervisor sets it for each rank of a [[group]]")
         }
 
         if let t = try root.table("fallback") {
@@ -315,9 +338,9 @@ extension SupervisorConfiguration {
                 var spec = try WorkerSpec(index: i, device: table, defaults: defaults, baseDirectory: baseDirectory,
                                           path: "fallback")
                 spec.isFallback = true
-                guard !seen.contains(spec.device) else {
+                guard !seen.contains(spec.device), !groups.contains(where: { $0.id == spec.device }) else {
                     throw ConfigError(key: "fallback", value: nil,
-                                      expected: "fallback ids cpu0..cpu\(count - 1) collide with a [[device]] id")
+                                      expected: "fallback ids cpu0..cpu\(count - 1) collide with a [[device]] or [[group]] id")
                 }
                 specs.append(spec)
             }

@@ -31,7 +31,9 @@ public enum WorkerSelection {
 
     /// - Returns: slot indices in the order named.
     /// - Throws: ``Failure`` naming the unknown device and the configured ones.
-    public static func select(_ devices: [String]?, among configured: [String], allowEmpty: Bool) throws(Failure) -> [Int] {
+    /// - Parameter groups: tensor-parallel groups by id with their ranks' slots: a group's id names every rank.
+    public static func select(_ devices: [String]?, among configured: [String], groups: [(id: String, slots: [Int])] = [],
+                              allowEmpty: Bool) throws(Failure) -> [Int] {
         let devices = devices ?? []
         if devices.isEmpty {
             guard allowEmpty else { throw Failure(description: "name one or more devices, or all") }
@@ -40,9 +42,14 @@ public enum WorkerSelection {
         if devices == ["all"] { return Array(configured.indices) }
         var slots: [Int] = []
         for device in devices {
+            if let group = groups.first(where: { $0.id == device }) {
+                slots += group.slots
+                continue
+            }
             guard let slot = configured.firstIndex(of: device) else {
                 throw Failure(description: "unknown device '\(device)'; configured: "
-                    + configured.joined(separator: ", "))
+                    + configured.filter { !$0.isEmpty }.joined(separator: ", ")
+                    + (groups.isEmpty ? "" : "; groups: " + groups.map(\.id).joined(separator: ", ")))
             }
             slots.append(slot)
         }

@@ -79,11 +79,14 @@ extension SupervisorMachine {
     /// Graceful degradation: CPU fallback workers while too few device workers can serve.
     mutating func evaluateFallback(now: MonotonicInstant) {
         guard var controller = fallback, !isShuttingDown else { return }
-        let devices = workers.filter { !$0.isFallback && !$0.isRetired }
+        // A group counts once, by its leader (its other ranks never serve).
+        let devices = workers.filter { !$0.isFallback && !$0.isRetired && !$0.isFollower }
         let fallbackSlots = workers.indices.filter { workers[$0].isFallback && !workers[$0].isRetired }
         // Workers still on their very first model load count as coming: start-up is not an outage.
         let serving = devices.filter { $0.isServing || ($0.isStarting && !$0.hasBeenReady) }.count
-        let wanted = devices.filter { $0.lifecycle.desired == .up }.count
+        let wanted = devices.filter { worker in
+            (worker.groupIndex.map { groups[$0].lifecycle.desired } ?? worker.lifecycle.desired) == .up
+        }.count
         let decision = controller.evaluate(servingDeviceWorkers: serving, wantedDeviceWorkers: wanted, now: now)
         fallback = controller
         switch decision {
@@ -103,8 +106,20 @@ extension SupervisorMachine {
 
     /// The aggregated health and its one-line reason.
     public func aggregate() -> (OverallHealth, String) {
-        let inputs = workers.filter { !$0.isRetired }.map { worker in
-            WorkerHealthInput(
+        let inputs = workers.filter { !$0.isRetired && !$0.isFollower }.map { worker in
+            if let g = worker.groupIndex {
+                // The group is one replica: one line, under its id, with the group's state and last cause.
+                let group = groups[g]
+                let outOfRotation = group.slots.lazy.compactMap { slot in
+                    self.workers[slot].device.outOfRotationReason.map { "device \(self.workers[slot].spec.device): \($0)" }
+                }.first
+                return WorkerHealthInput(
+                    device: group.spec.id, state: group.lifecycle.stateName, desiredUp: group.lifecycle.desired == .up,
+                    isServing: worker.isServing,
+                    lastExit: group.cause.map { "rank \($0.rank) \($0.reason)" } ?? group.lifecycle.lastExit?.description,
+                    restarts: group.lifecycle.restarts, outOfRotation: outOfRotation, isDrained: worker.drain != .none)
+            }
+            return WorkerHealthInput(
                 device: worker.spec.device, state: worker.lifecycle.stateName,
                 desiredUp: worker.lifecycle.desired == .up, isServing: worker.isServing,
                 lastExit: worker.lifecycle.lastExit?.description, restarts: worker.lifecycle.restarts,

@@ -15,6 +15,7 @@ extension SupervisorMachine {
             healthTimers(slot, now: now)
             drainTimers(slot, now: now)
         }
+        for g in groups.indices { groupTimers(g, now: now) }
         if let check = fallback?.nextCheck, now >= check { healthDirty = true }
         if let deadline = readiness.nextDeadline, now >= deadline {
             // The summary is only for the start-up grace message.
@@ -31,7 +32,16 @@ extension SupervisorMachine {
         switch verb {
         case .start, .stop, .restart:
             guard !isShuttingDown else { return }
+            var groupsDone: Set<Int> = []
             for slot in slots {
+                if let g = workers[slot].groupIndex {
+                    // A rank's device names its group: the ranks start, stop and restart together.
+                    if groupsDone.insert(g).inserted {
+                        log(.notice, groups[g].leader, "\(verb.rawValue) of group \(groups[g].spec.id) requested by uid \(uid ?? 0)")
+                        controlGroup(verb, group: g, now: now)
+                    }
+                    continue
+                }
                 log(.notice, slot, "\(verb.rawValue) requested by uid \(uid ?? 0)")
                 let action: WorkerStateMachine.Action? = switch verb {
                 case .start: workers[slot].lifecycle.start(now: now)
@@ -69,6 +79,7 @@ extension SupervisorMachine {
         guard shutdown.shouldStopWorkers(now: now, requestsInFlight: requestsInFlight, anyServing: anyServing)
         else { return }
         emit(.answerAllShuttingDown)
+        for g in groups.indices { performGroup(groups[g].lifecycle.stop(now: now), group: g, now: now) }
         for slot in workers.indices { perform(workers[slot].lifecycle.stop(now: now), on: slot) }
         workerGoneDuringShutdown()
     }
@@ -76,7 +87,8 @@ extension SupervisorMachine {
     /// Shutdown completes once every worker is gone.
     mutating func workerGoneDuringShutdown() {
         guard shutdown.state == .stoppingWorkers,
-              workers.allSatisfy({ $0.lifecycle.pid == nil && !$0.isSpawnPending }) else { return }
+              workers.allSatisfy({ $0.lifecycle.pid == nil && !$0.isSpawnPending }),
+              groups.allSatisfy({ $0.lifecycle.pid == nil }) else { return }
         if shutdown.workersGone() { emit(.closeSockets) }
     }
 }

@@ -13,7 +13,8 @@ extension SupervisorMachine {
     // MARK: Drain
 
     mutating func drain(_ slots: [Int], byOperator: Bool, until: MonotonicInstant? = nil, now: MonotonicInstant) {
-        for slot in slots where !workers[slot].isRetired {
+        // Draining is about routing: a group is drained by its leader, whichever of its devices is named.
+        for slot in uniqueRoutingSlots(slots) where !workers[slot].isRetired {
             switch workers[slot].drain {
             case .none:
                 let held = router.inflight[slot]
@@ -36,7 +37,7 @@ extension SupervisorMachine {
     }
 
     mutating func undrain(_ slots: [Int], now: MonotonicInstant) {
-        for slot in slots where workers[slot].drain != .none && !workers[slot].isRetired {
+        for slot in uniqueRoutingSlots(slots) where workers[slot].drain != .none && !workers[slot].isRetired {
             workers[slot].drain = .none
             router.setDraining(slot, false)
             log(.notice, slot, "undrain: back in rotation")
@@ -64,10 +65,27 @@ extension SupervisorMachine {
     /// Why the last rolling restart or reload was refused (read by the runtime to answer its caller).
     public var refusal: String? { lastRefusal }
 
+    /// The slots requests go to, each once, in the order named (a group's devices name its leader).
+    func uniqueRoutingSlots(_ slots: [Int]) -> [Int] {
+        var seen: Set<Int> = []
+        return slots.map { routingSlot($0) }.filter { seen.insert($0).inserted }
+    }
+
+    /// The id a rollout step shows: the device, or a group's id.
+    func unitName(_ slot: Int) -> String {
+        workers[slot].groupIndex.map { groups[$0].spec.id } ?? workers[slot].spec.device
+    }
+
+    /// The wanted state of the unit a slot belongs to (its group's for a rank).
+    func unitDesired(_ slot: Int) -> WorkerStateMachine.Desired {
+        workers[slot].groupIndex.map { groups[$0].lifecycle.desired } ?? workers[slot].lifecycle.desired
+    }
+
     mutating func rollingRestart(_ slots: [Int], now: MonotonicInstant) {
         lastRefusal = nil
-        let steps = slots.filter { !workers[$0].isRetired && !workers[$0].isFallback && workers[$0].lifecycle.desired == .up }
-            .map { Rollout.Step(slot: $0, device: workers[$0].spec.device, from: workers[$0].spec, to: workers[$0].spec) }
+        // A group is one step: its ranks are replaced together.
+        let steps = uniqueRoutingSlots(slots).filter { !workers[$0].isRetired && !workers[$0].isFallback && unitDesired($0) == .up }
+            .map { Rollout.Step(slot: $0, device: unitName($0), from: workers[$0].spec, to: workers[$0].spec) }
         if let why = rollout.begin(.restart, steps: steps, now: now) {
             lastRefusal = why
             return
@@ -111,6 +129,9 @@ extension SupervisorMachine {
     mutating func advanceRollout(now: MonotonicInstant) {
         let snapshot = workers
         let inflight = router.inflight
+        let groupOpen = groups.indices.map { groupIsOpen($0) }
+        let groupHasProcess = groups.map { group in group.slots.contains { !isGone($0) } }
+        let groupSnapshot = groups
         let changing = Set(rollout.steps.map(\.slot))
         var old = [Int](repeating: 0, count: RequestStats.bucketCount)
         for (slot, worker) in snapshot.enumerated()
@@ -124,6 +145,15 @@ extension SupervisorMachine {
             case .drained: true
             case .draining: inflight[slot] == 0
             case .none: inflight[slot] == 0
+            }
+            if let g = worker.groupIndex {
+                // A group's step: every rank ready, any rank's process counts, the group's exits.
+                let group = groupSnapshot[g]
+                return Rollout.WorkerView(
+                    isReady: groupOpen[g], hasProcess: groupHasProcess[g],
+                    exits: group.lifecycle.exitCounts.values.reduce(0, +),
+                    lastExit: group.lifecycle.lastExit?.description, isDrained: isDrained,
+                    ok: worker.stats.ok, failed: worker.stats.failed, p99: worker.stats.p99)
             }
             return Rollout.WorkerView(
                 isReady: worker.lifecycle.isReady && worker.isChannelOpen && !worker.device.isOutOfRotation,
@@ -140,8 +170,26 @@ extension SupervisorMachine {
         case .drain(let slot, let until):
             drain([slot], byOperator: false, until: until, now: now)
         case .stop(let slot):
-            perform(workers[slot].lifecycle.stop(now: now), on: slot)
+            if let g = workers[slot].groupIndex {
+                performGroup(groups[g].lifecycle.stop(now: now), group: g, now: now)
+            } else {
+                perform(workers[slot].lifecycle.stop(now: now), on: slot)
+            }
         case .start(let slot, let spec):
+            if let g = workers[slot].groupIndex {
+                // Every rank gets the spec set this step moves to (the leader's spec names it).
+                if let set = groups[g].rolloutSpecs.first(where: { $0.first == spec }) {
+                    for (rank, rankSpec) in set.enumerated() { replaceSpec(groups[g].slots[rank], with: rankSpec) }
+                } else {
+                    replaceSpec(slot, with: spec)
+                }
+                emit(.persistRollout)
+                if case .drained(byOperator: false) = workers[slot].drain { workers[slot].drain = .none }
+                if case .draining(_, byOperator: false) = workers[slot].drain { workers[slot].drain = .none }
+                router.setDraining(slot, false)
+                performGroup(groups[g].lifecycle.start(now: now), group: g, now: now)
+                break
+            }
             replaceSpec(slot, with: spec)
             emit(.persistRollout)  // the device's recorded revision changes now
             if case .drained(byOperator: false) = workers[slot].drain { workers[slot].drain = .none }
@@ -170,7 +218,7 @@ extension SupervisorMachine {
         let old = workers[slot].spec
         if !old.isSameRevision(as: spec) { workers[slot].generation += 1 }
         workers[slot].spec = spec
-        workers[slot].lifecycle.policy = spec.policy
+        workers[slot].lifecycle.policy = Worker.lifecyclePolicy(spec)
         workers[slot].liveness.update(heartbeatInterval: spec.heartbeatInterval, heartbeatTimeout: spec.heartbeatTimeout)
         workers[slot].device.update(spec: spec.deviceProbe, heartbeatInterval: spec.heartbeatInterval,
                                     heartbeatTimeout: spec.heartbeatTimeout)
@@ -226,13 +274,38 @@ extension SupervisorMachine {
             reloadFailed(lastRefusal!, now: now)
             return
         }
+        // A group's shape (its devices, their visibility, the rank table) is fixed while it runs: its ranks share
+        // one collective, and a device cannot move between a group and a single worker under live traffic.
+        let shape = { (g: GroupSpec) in "\(g.id)=\(g.devices.joined(separator: ","))/\(g.visibleDevices)/\(g.rankTable)" }
+        guard groups.map({ shape($0.spec) }) == new.groups.map(shape) else {
+            lastRefusal = "the [[group]] tables changed shape (ids, devices, visible_devices or rank_table): that needs a "
+                + "restart of the supervisor; a group's other keys can be reloaded"
+            reloadFailed(lastRefusal!, now: now)
+            return
+        }
         var inPlace: [String] = []
         var added: [String] = []
         var removed: [String] = []
         var steps: [Rollout.Step] = []
         let wanted = new.workers + (new.fallback?.workers ?? [])
         let ids = Set(wanted.map(\.device))
-        for spec in wanted {
+        for (g, newGroup) in new.groups.enumerated() {
+            let newSpecs = new.workers.filter { $0.rank?.group == newGroup.id }.sorted { $0.rank!.rank < $1.rank!.rank }
+            let oldSpecs = groups[g].slots.map { workers[$0].spec }
+            groups[g].spec = newGroup
+            groups[g].lifecycle.policy = newGroup.policy
+            if newSpecs == oldSpecs { continue }
+            let running = groups[g].slots.contains { !isGone($0) }
+            if !running || zip(oldSpecs, newSpecs).allSatisfy({ $0.isSameRevision(as: $1) }) {
+                for (rank, spec) in newSpecs.enumerated() { replaceSpec(groups[g].slots[rank], with: spec) }
+                inPlace.append(newGroup.id)
+            } else {
+                // One step for the whole group: its ranks are stopped and started together on the new specs.
+                groups[g].rolloutSpecs = [newSpecs, oldSpecs]
+                steps.append(Rollout.Step(slot: groups[g].leader, device: newGroup.id, from: oldSpecs[0], to: newSpecs[0]))
+            }
+        }
+        for spec in wanted where spec.rank == nil {
             if let slot = workers.firstIndex(where: { $0.spec.device == spec.device && !$0.isRetired }) {
                 if workers[slot].spec == spec { continue }
                 if workers[slot].spec.isSameRevision(as: spec) || workers[slot].lifecycle.pid == nil {

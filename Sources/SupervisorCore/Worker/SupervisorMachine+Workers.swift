@@ -3,16 +3,24 @@ extension SupervisorMachine {
     mutating func boot(now: MonotonicInstant) {
         guard isBooting else { return }
         isBooting = false
-        for slot in workers.indices where !workers[slot].isFallback {
+        for slot in workers.indices where !workers[slot].isFallback && workers[slot].groupIndex == nil {
             perform(workers[slot].lifecycle.start(now: now), on: slot)
         }
+        for g in groups.indices { performGroup(groups[g].lifecycle.start(now: now), group: g, now: now) }
         for slot in workers.indices { workers[slot].device.boot(now: now) }
         for message in readiness.begin(now: now, loading: isLoading) { emit(.notify(message)) }
     }
 
     /// A wanted worker is starting or backing off (systemd's start-up is extended meanwhile).
     var isLoading: Bool {
-        workers.contains { worker in
+        let groupLoading = groups.contains { group in
+            guard group.lifecycle.desired == .up else { return false }
+            switch group.lifecycle.state {
+            case .starting, .backoff: return true
+            default: return false
+            }
+        }
+        return groupLoading || workers.contains { worker in
             guard worker.lifecycle.desired == .up else { return false }
             if worker.isSpawnPending { return true }
             switch worker.lifecycle.state {
@@ -66,6 +74,10 @@ extension SupervisorMachine {
         let action = workers[slot].lifecycle.spawnFailed(errno: errno, now: now, jitter: jitter)
         logTransition(slot, pid: nil, note: nil, now: now)
         perform(action, on: slot)
+        if workers[slot].groupIndex != nil {
+            groupJitter = jitter
+            rankGone(slot, now: now)
+        }
     }
 
     mutating func workerMessage(_ slot: Int, pid: Int32, _ message: WorkerSession.Message, now: MonotonicInstant) {
@@ -89,6 +101,7 @@ extension SupervisorMachine {
             }
             healthDirty = true
             queueWork.insert(.dispatch)
+            if workers[slot].groupIndex != nil { rankReady(slot, now: now) }
         }
     }
 
@@ -146,9 +159,20 @@ extension SupervisorMachine {
         workers[slot].liveness.processGone()
         workers[slot].device.workerGone()
         workers[slot].inference.workerGone()
+        // A rank the group only asked to stop (SIGTERM) that died of a signal all the same was killed by someone
+        // else before the request arrived: evidence its group must weigh (SupervisorMachine+Groups.swift).
+        var killedUnasked: ExitReason?
+        if workers[slot].groupIndex != nil, case .stopping(_, .term, _) = workers[slot].lifecycle.state,
+           Self.evidence(reason) == 2, reason != .signaled(signal: SIGTERM_, coreDumped: false) {
+            killedUnasked = reason
+        }
         let action = workers[slot].lifecycle.exited(reason, now: now, jitter: jitter)
-        // The requests it held: retried or answered, by what the exit says of them.
-        emit(.failInflight(slot: slot, cause: RetryPolicy.lossCause(workers[slot].lifecycle.lastExit ?? reason)))
+        // The requests it held: retried or answered, by what the exit says of them. A group's leader's requests
+        // wait for the whole group to be down, when what broke it is known (a rank that exits because it lost its
+        // peer is not the cause).
+        if workers[slot].groupIndex == nil {
+            emit(.failInflight(slot: slot, cause: RetryPolicy.lossCause(workers[slot].lifecycle.lastExit ?? reason)))
+        }
         // The same words in status as in the log line below.
         if let last = workers[slot].lifecycle.lastExit, last == .signaled(signal: 9, coreDumped: false), let note {
             workers[slot].exitNote = (last, "killed by SIGKILL (\(note))")
@@ -160,6 +184,10 @@ extension SupervisorMachine {
             emit(.exitRecorded(slot: slot, reason: last))
         }
         perform(action, on: slot)
+        if workers[slot].groupIndex != nil {
+            groupJitter = jitter
+            rankGone(slot, killedUnasked: killedUnasked, now: now)
+        }
         queueWork.formUnion([.answerHopeless, .dispatch])
         workerGoneDuringShutdown()
     }
@@ -170,6 +198,13 @@ extension SupervisorMachine {
         guard let reason = machine.lastExit else { return }
         // A SIGKILL while a memory cgroup watched the worker: say what the counter proves instead of "possibly OOM".
         let detail = reason == .signaled(signal: 9, coreDumped: false) ? note.map { "killed by SIGKILL (\($0))" } : nil
+        if let rank = workers[slot].spec.rank {
+            // A rank's own state says little: what happens next is its group's decision (logged by the group).
+            let level: LogRecord.Level = reason == .stopped || machine.desired == .down ? .info : .error
+            log(level, slot, "worker (rank \(rank.rank) of group \(rank.group)) \(detail ?? reason.detail)",
+                reason: reason.description, pid: pid)
+            return
+        }
         var message = "worker \(detail ?? reason.detail) → \(machine.stateName)"
         switch machine.state {
         case .backoff(let until):

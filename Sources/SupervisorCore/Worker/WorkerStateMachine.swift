@@ -238,6 +238,28 @@ public struct WorkerStateMachine: Sendable {
         }
     }
 
+    /// One part of a unit of several processes failed (a rank of a tensor-parallel group): remember why, and stop
+    /// the rest gently (SIGTERM, SIGKILL after `stop_timeout`). The exit that follows is handled like a crash for
+    /// that reason (backoff, restart intensity, exit code 78).
+    public mutating func partFailed(_ reason: ExitReason, now: MonotonicInstant) -> Action? {
+        switch state {
+        case .starting(let pid, _), .ready(let pid, _):
+            pendingReason = reason
+            state = .stopping(pid: pid, step: .term, deadline: now + policy.stopTimeout)
+            return .signalGroup(SIGTERM_)
+        case .stopping where desired == .up && !restartRequested:
+            pendingReason = pendingReason ?? reason
+            return nil
+        default:
+            return nil
+        }
+    }
+
+    /// While stopping for a fault: the exit is to be reported as this reason instead (clearer evidence came in).
+    public mutating func reattribute(_ reason: ExitReason) {
+        if case .stopping = state, pendingReason != nil { pendingReason = reason }
+    }
+
     /// Whether the worker is held `failed` with no timer (exit code 78 or ``holdFailed(_:now:)``).
     public var isHeldFailed: Bool { state == .failed(retryAt: nil) }
 
