@@ -19,10 +19,8 @@ extension Supervisor {
         }
         var pinned = -1
         if let device = options.device {
-            guard let slot = slots.firstIndex(where: { $0.spec.device == device }) else {
-                exchange.finish(.error(requestID: 0, code: ErrorCode.badRequest,
-                                       message: "unknown device '\(device)'; configured: "
-                                           + machine.devices.joined(separator: ", ")))
+            guard let slot = pinTargets[device] else {
+                exchange.finish(.error(requestID: 0, code: ErrorCode.badRequest, message: unknownPinMessage(device)))
                 return
             }
             pinned = slot

@@ -13,6 +13,22 @@ struct GroupRuntime {
 }
 
 extension Supervisor {
+    /// Where a request pinned to each id goes (a device's worker; a group's leader for the group's id and each of
+    /// its devices), rebuilt when the configuration changes: the hot path reads one dictionary entry.
+    func rebuildPinTargets() {
+        var targets: [String: Int] = [:]
+        for (slot, worker) in machine.workers.enumerated() where !worker.isRetired {
+            targets[worker.spec.device] = machine.routingSlot(slot)
+        }
+        for group in machine.groups { targets[group.spec.id] = group.leader }
+        pinTargets = targets
+    }
+
+    func unknownPinMessage(_ device: String) -> String {
+        "unknown device '\(device)'; configured: " + machine.devices.filter { !$0.isEmpty }.joined(separator: ", ")
+            + (machine.groups.isEmpty ? "" : "; groups: " + machine.groups.map(\.spec.id).joined(separator: ", "))
+    }
+
     /// A group starts: pick its `MASTER_PORT` and write its rank table before its ranks are spawned.
     func prepareGroup(_ g: Int, incarnation: Int32) {
         let spec = machine.groups[g].spec

@@ -114,11 +114,9 @@ extension Supervisor {
         }
         var pinned = -1
         if let device = options.device {
-            guard let slot = slots.firstIndex(where: { $0.spec.device == device }) else {
+            guard let slot = pinTargets[device] else {
                 refused(.badRequest)
-                client.send(.error(requestID: clientID, code: ErrorCode.badRequest,
-                                   message: "unknown device '\(device)'; configured: "
-                                       + machine.devices.joined(separator: ", ")))
+                client.send(.error(requestID: clientID, code: ErrorCode.badRequest, message: unknownPinMessage(device)))
                 return
             }
             pinned = slot

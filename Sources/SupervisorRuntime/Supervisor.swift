@@ -65,6 +65,8 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     var exitWaiter: ExitWaiter?
     /// Per tensor-parallel group: the `MASTER_PORT` and rank table of its current start (Supervisor+Groups.swift).
     var groupRuntime: [GroupRuntime] = []
+    /// A request's `device` option → the slot it is pinned to (``rebuildPinTargets()``).
+    var pinTargets: [String: Int] = [:]
 
     /// - Parameters:
     ///   - config: a validated configuration.
@@ -90,6 +92,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         metrics = SupervisorMetrics(slotCount: slots.count)
         groupRuntime = machine.groups.map { _ in GroupRuntime() }
         metrics.groupCount = machine.groups.count
+        rebuildPinTargets()
     }
 
     /// The monotonic clock, the only one the driver reads; the machine gets it as `now`.
@@ -179,6 +182,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         case .configChanged:
             let old = config
             config = machine.config
+            rebuildPinTargets()
             if old.logLevel != config.logLevel, let level = Logger.Level(rawValue: config.logLevel) {
                 logger.logLevel = level
             }
