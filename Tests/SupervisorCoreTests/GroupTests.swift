@@ -310,6 +310,51 @@ struct GroupTests {
         #expect(m.rollout.steps.map(\.device) == ["tp0", "tp1"])
     }
 
+    @Test func aReloadRollsAGroupAsOneStepOntoNewSpecsForEveryRank() throws {
+        var m = try Self.serving()
+        let next = try ConfigLoader.parse(Self.toml.replacing("\"--group\", \"{group}\"]", with: "\"--group\", \"{group}\", \"--v2\"]")
+                                            .replacing("[[device]]\nid = \"0\"", with: "[[device]]\nid = \"0\"\ncommand = [\"npu-worker\"]")
+                                            + "\n[rollout]\nbake_time = \"0s\"\nmin_ready_time = \"1s\"\n",
+                                          path: "/tmp/c.toml")
+        #expect(next.workers[0].command.count == 1 && next.workers[1].command.last == "--v2")
+        _ = m.handle(.reloadRequested, now: Self.t0)
+        _ = m.handle(.reload(next), now: Self.t0)
+        #expect(m.rollout.steps.map(\.device).sorted() == ["0", "tp0", "tp1"], "one step per group, not per rank")
+        // Walk the rollout through: each stop is answered by the exits, each start by the new processes.
+        var now = Self.t0
+        var pid: Int32 = 2000
+        for _ in 0..<40 where m.rollout.isActive {
+            now = now + .milliseconds(500)
+            for slot in 0..<5 {
+                if m.workers[slot].isSpawnPending {
+                    pid += 1
+                    _ = m.handle(.spawned(slot: slot, pid: pid), now: now)
+                    _ = m.handle(.channelOpened(slot: slot, pid: pid), now: now)
+                    _ = m.handle(.workerMessage(slot: slot, pid: pid, .hello(protocolVersion: 1)), now: now)
+                    _ = m.handle(.workerMessage(slot: slot, pid: pid, .ready), now: now)
+                } else if case .stopping(let p, _, _) = m.workers[slot].lifecycle.state {
+                    _ = m.exit(slot, pid: p, .exited(code: 0), now: now)
+                }
+            }
+            for slot in 0..<5 where m.workers[slot].pid != nil { m.frameReceived(slot: slot, now: now) }
+            _ = m.handle(.timer, now: now)
+        }
+        #expect(m.rollout.state == .complete, "\(m.rollout.state) \(m.rollout.reason ?? "") \(m.rollout.progress)")
+        #expect((1...4).allSatisfy { m.workers[$0].spec.command.last == "--v2" }, "every rank on the new spec")
+        #expect(m.groups.allSatisfy { $0.lifecycle.isReady && $0.lifecycle.restarts == 0 })
+        #expect(m.router.serving[1] && m.router.serving[3])
+    }
+
+    @Test func aReloadThatChangesAGroupsShapeIsRefused() throws {
+        var m = try Self.serving()
+        let next = try ConfigLoader.parse(Self.toml.replacing("devices = [\"3\", \"4\"]", with: "devices = [\"3\", \"4\", \"5\"]"),
+                                          path: "/tmp/c.toml")
+        _ = m.handle(.reloadRequested, now: Self.t0)
+        let actions = m.handle(.reload(next), now: Self.t0)
+        #expect(actions.contains { if case .reloadDone(false, let why) = $0 { why.contains("[[group]] tables changed shape") } else { false } })
+        #expect(m.workers.count == 5 && m.groups[1].slots.count == 2, "nothing changed")
+    }
+
     /// The sweep: from each state the group can be in, every rank event; the invariants hold after each.
     @Test func invariantsHoldForEveryRankEventInEveryGroupState() throws {
         typealias Setup = (inout SupervisorMachine) -> Void
