@@ -167,6 +167,29 @@ struct GroupIntegrationTests {
         #expect(daemon.terminate() == 0)
     }
 
+    @Test func aRanksDeviceFaultRestartsTheGroupOnceThenHoldsItFailed() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("npu-g-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let daemon = try Self.makeDaemon(
+            workerArgs: ["--load-ms", "50", "--health-file", directory + "/fault-{device}"],
+            defaults: "device_probe = { type = \"worker\", interval = \"200ms\" }")
+        #expect(daemon.waitAllReady() != nil)
+        // Rank 1 of tp1 (device 4) reports an ECC error from now on.
+        try "ECC uncorrectable error".write(toFile: directory + "/fault-4", atomically: true, encoding: .utf8)
+        #expect(eventually { Self.group(daemon, "tp1")?.state == "failed" })
+        let tp1 = try #require(Self.group(daemon, "tp1"))
+        #expect(tp1.lastExit == "device_unhealthy" && tp1.lastExitRank == 1 && tp1.lastExitDevice == "4", "\(tp1)")
+        #expect(tp1.restarts == 1, "restarted once to try to clear the fault, then held: \(tp1)")
+        #expect(Self.group(daemon, "tp0")?.serving == true && daemon.worker("0")?.health.inRotation == true)
+        #expect(daemon.status()?.reason.contains("tp1") == true)
+        // The fault cleared: the operator's start brings the whole group back.
+        try FileManager.default.removeItem(atPath: directory + "/fault-4")
+        #expect(try daemon.ctl(["start", "tp1"]).status == 0)
+        #expect(eventually { Self.group(daemon, "tp1")?.serving == true })
+        #expect(daemon.terminate() == 0)
+    }
+
     @Test func operatorVerbsTakeAGroupAndNothingIsLeftAfterShutdown() throws {
         let daemon = try Self.makeDaemon()
         let before = try #require(daemon.waitAllReady())
