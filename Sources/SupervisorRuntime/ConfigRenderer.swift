@@ -26,11 +26,18 @@ public enum ConfigRenderer {
         if let f = c.fallback {
             out += "\n# [fallback]: when_fewer_than = \(f.whenFewerThan), stop_after = \(q(f.stopAfter.configString))\n"
         }
+        for g in c.groups {
+            out += "\n# [[group]] \(g.id): devices \(g.devices.joined(separator: ", ")) in rank order (rank 0, device "
+                + "\(g.devices[0]), is the leader), visible_devices = \(q(g.visibleDevices.rawValue)), rank_table = \(g.rankTable);"
+                + "\n# each rank is shown below as its own device with its effective keys; NPU_GROUP, RANK, LOCAL_RANK, "
+                + "WORLD_SIZE, MASTER_ADDR, MASTER_PORT\(g.rankTable ? ", RANK_TABLE_FILE" : "") + " are set for each start\n"
+        }
         for w in c.workers + (c.fallback?.workers ?? []) {
             let whole = out
             out = ""
             let p = w.policy
-            out += "\n[[device]]\nid = \(q(w.device))\nkind = \(q(w.kind.rawValue))\n"
+            out += "\n[[device]]" + (w.rank.map { "  # rank \($0.rank) of group \($0.group)" } ?? "")
+                + "\nid = \(q(w.device))\nkind = \(q(w.kind.rawValue))\n"
             out += "command = [" + w.command.map(q).joined(separator: ", ") + "]\n"
             out += "env = {" + w.environment.sorted { $0.key < $1.key }.map { " \($0.key) = \(q($0.value))" }
                 .joined(separator: ",") + " }\n"
