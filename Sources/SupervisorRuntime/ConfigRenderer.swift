@@ -30,7 +30,7 @@ public enum ConfigRenderer {
             out += "\n# [[group]] \(g.id): devices \(g.devices.joined(separator: ", ")) in rank order (rank 0, device "
                 + "\(g.devices[0]), is the leader), visible_devices = \(q(g.visibleDevices.rawValue)), rank_table = \(g.rankTable);"
                 + "\n# each rank is shown below as its own device with its effective keys; NPU_GROUP, RANK, LOCAL_RANK, "
-                + "WORLD_SIZE, MASTER_ADDR, MASTER_PORT\(g.rankTable ? ", RANK_TABLE_FILE" : "") + " are set for each start\n"
+                + "WORLD_SIZE, MASTER_ADDR, MASTER_PORT\(g.rankTable ? ", RANK_TABLE_FILE" : "")" + " are set for each start\n"
         }
         for w in c.workers + (c.fallback?.workers ?? []) {
             let whole = out
