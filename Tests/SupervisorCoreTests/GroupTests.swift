@@ -141,6 +141,7 @@ struct GroupTests {
         #expect(m.router.serving[1] && !m.router.serving[2], "the leader serves; the follower never does")
         #expect(m.router.hopeful[1] && !m.router.hopeful[2])
         #expect(m.slot(of: "tp0") == 1 && m.slot(of: "2") == 1 && m.slot(of: "0") == 0, "pinning names the leader")
+        #expect((1...2).allSatisfy { m.capacity($0) == .serving }, "both devices of a serving group serve")
         let (health, line) = m.aggregate()
         #expect(health == .degraded && line.contains("1/3 workers ready"), "tp1 and device 0 are still starting: \(line)")
     }
@@ -165,6 +166,7 @@ struct GroupTests {
         #expect(Self.signals(exit).map(\.slot) == [1] && Self.signals(exit)[0].signal == 15)
         #expect(Self.spawns(exit).isEmpty && Self.failed(exit).isEmpty)
         #expect(m.groups[0].cause?.rank == 1 && m.groups[0].cause?.device == "2")
+        #expect(m.capacity(1) == .down && m.capacity(2) == .down, "the whole group's capacity is lost, not one device's")
         #expect(m.router.serving[0] && m.router.serving[3], "the other group and the single device keep serving")
         let gone = m.exit(1, pid: 1001, .exited(code: 0), now: t1)
         let failed = Self.failed(gone)

@@ -3,6 +3,16 @@
 extension SupervisorMachine {
     /// What the device slot's capacity is doing now.
     public func capacity(_ slot: Int) -> AvailabilityAccount.Capacity {
+        if let g = workers[slot].groupIndex {
+            // Every device of a group serves (or not) with the group: its leader's rotation, its lifecycle.
+            let group = groups[g]
+            if workers[group.leader].isServing { return .serving }
+            if isShuttingDown { return .draining }
+            if case .failed = group.lifecycle.state, group.lifecycle.desired == .up { return .failed }
+            if group.lifecycle.desired == .down { return .draining }
+            if !group.slots.contains(where: { workers[$0].hasBeenReady }) && group.lifecycle.lastExit == nil { return .serving }
+            return .down
+        }
         let worker = workers[slot]
         if worker.isServing { return .serving }
         if isShuttingDown { return .draining }

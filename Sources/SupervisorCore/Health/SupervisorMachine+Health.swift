@@ -18,7 +18,7 @@ extension SupervisorMachine {
         if let due = workers[slot].inference.nextProbeAt, now >= due {
             let worker = workers[slot]
             let step = workers[slot].inference.due(
-                now: now, isServing: worker.lifecycle.isReady && worker.isChannelOpen,
+                now: now, isServing: worker.lifecycle.isReady && worker.isChannelOpen && worker.gangOpen,
                 isBusy: router.inflight[slot] >= router.maxInflight[slot])
             if step == .send { emit(.sendInferenceProbe(slot: slot)) }
         }
@@ -58,7 +58,7 @@ extension SupervisorMachine {
     mutating func inferenceProbeResult(_ slot: Int, failure: String?, now: MonotonicInstant) {
         let worker = workers[slot]
         let outcome = workers[slot].inference.result(
-            failure: failure, isServing: worker.lifecycle.isReady && worker.isChannelOpen, now: now)
+            failure: failure, isServing: worker.lifecycle.isReady && worker.isChannelOpen && worker.gangOpen, now: now)
         if isShuttingDown { workers[slot].inference.stop() }
         switch outcome {
         case .passed(again: true):
