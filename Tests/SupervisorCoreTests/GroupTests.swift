@@ -347,6 +347,17 @@ struct GroupTests {
         #expect(m.router.serving[1] && m.router.serving[3])
     }
 
+    @Test func anUpgradeInterruptedByTheSupervisorsRestartComesBackAsOneGroupStep() throws {
+        var m = try Self.machine()
+        var old1 = m.workers[1].spec
+        var old2 = m.workers[2].spec
+        old1.command.append("--v1")
+        old2.command.append("--v1")
+        _ = m.handle(.restoreRollout(previous: [1: old1, 2: old2], onPrevious: [2]), now: Self.t0)
+        #expect(m.rollout.steps.map(\.device) == ["tp0"] && m.rollout.state == .paused)
+        #expect(m.workers[1].spec == old1 && m.workers[2].spec == old2, "the whole group starts on the revision it was on")
+    }
+
     @Test func aReloadThatChangesAGroupsShapeIsRefused() throws {
         var m = try Self.serving()
         let next = try ConfigLoader.parse(Self.toml.replacing("devices = [\"3\", \"4\"]", with: "devices = [\"3\", \"4\", \"5\"]"),

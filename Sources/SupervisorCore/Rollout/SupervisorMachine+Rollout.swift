@@ -228,8 +228,32 @@ extension SupervisorMachine {
 
     mutating func restoreRollout(previous: [Int: WorkerSpec], onPrevious: Set<Int>) {
         guard isBooting, !previous.isEmpty else { return }
+        var previous = previous
+        var onPrevious = onPrevious
+        // A group is one step, by its leader: its ranks move between the two spec sets together.
+        for g in groups.indices where groups[g].slots.contains(where: { previous[$0] != nil }) {
+            let old = groups[g].slots.map { previous[$0] ?? workers[$0].spec }
+            let new = groups[g].slots.map { workers[$0].spec }
+            groups[g].rolloutSpecs = [new, old]
+            let wasOnPrevious = groups[g].slots.contains { onPrevious.contains($0) }
+            for slot in groups[g].slots.dropFirst() {
+                previous[slot] = nil
+                onPrevious.remove(slot)
+            }
+            previous[groups[g].leader] = old[0]
+            if wasOnPrevious {
+                onPrevious.insert(groups[g].leader)
+                for (rank, slot) in groups[g].slots.enumerated().dropFirst() {
+                    replaceSpec(slot, with: old[rank])
+                    workers[slot].generation = 1
+                }
+            } else {
+                onPrevious.remove(groups[g].leader)
+                for slot in groups[g].slots.dropFirst() { workers[slot].generation = 2 }
+            }
+        }
         let slots = previous.keys.sorted()
-        let steps = slots.map { Rollout.Step(slot: $0, device: workers[$0].spec.device, from: previous[$0]!, to: workers[$0].spec) }
+        let steps = slots.map { Rollout.Step(slot: $0, device: unitName($0), from: previous[$0]!, to: workers[$0].spec) }
         for slot in onPrevious where previous[slot] != nil {
             replaceSpec(slot, with: previous[slot]!)
             workers[slot].generation = 1
