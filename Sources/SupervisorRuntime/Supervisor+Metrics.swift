@@ -59,8 +59,15 @@ extension Supervisor {
         e.sample("npu_supervisor_queue_depth", [], Double(queue.count))
 
         let stateNames = ["stopped", "starting", "ready", "stopping", "backoff", "failed"]
-        e.family("npu_supervisor_worker_up", "gauge", "1 when the device's worker is ready and in rotation.")
-        for (i, w) in machine.workers.enumerated() { e.sample("npu_supervisor_worker_up", [("device", devices[i])], w.isServing ? 1 : 0) }
+        // A rank of a tensor-parallel group is up, wanted and held failed with its group (its followers never
+        // take requests themselves, yet serve while the group does).
+        func group(_ w: SupervisorMachine.Worker) -> SupervisorMachine.Group? { w.groupIndex.map { machine.groups[$0] } }
+        e.family("npu_supervisor_worker_up", "gauge",
+                 "1 when the device's worker is ready and in rotation (a group's rank: while its group is).")
+        for (i, w) in machine.workers.enumerated() {
+            let up = group(w).map { machine.workers[$0.leader].isServing } ?? w.isServing
+            e.sample("npu_supervisor_worker_up", [("device", devices[i])], up ? 1 : 0)
+        }
         e.family("npu_supervisor_worker_ready", "gauge", "1 when the device's worker process has said ready.")
         for (i, w) in machine.workers.enumerated() {
             e.sample("npu_supervisor_worker_ready", [("device", devices[i])], w.lifecycle.isReady ? 1 : 0)
@@ -68,7 +75,8 @@ extension Supervisor {
         e.family("npu_supervisor_worker_wanted", "gauge",
                  "1 when the worker should run (the operator wants it up; a CPU fallback worker only while the fallback is active).")
         for (i, w) in machine.workers.enumerated() {
-            e.sample("npu_supervisor_worker_wanted", [("device", devices[i])], w.lifecycle.desired == .up ? 1 : 0)
+            let desired = group(w)?.lifecycle.desired ?? w.lifecycle.desired
+            e.sample("npu_supervisor_worker_wanted", [("device", devices[i])], desired == .up ? 1 : 0)
         }
         e.family("npu_supervisor_worker_fallback", "gauge", "1 for a CPU fallback slot, 0 for a device.")
         for (i, w) in machine.workers.enumerated() {
@@ -85,7 +93,8 @@ extension Supervisor {
                  "1 while the worker is held failed (restart intensity exceeded, or its device stayed unhealthy) although wanted up.")
         for (i, w) in machine.workers.enumerated() {
             var held = false
-            if case .failed = w.lifecycle.state, w.lifecycle.desired == .up { held = true }
+            let lifecycle = group(w)?.lifecycle ?? w.lifecycle
+            if case .failed = lifecycle.state, lifecycle.desired == .up { held = true }
             e.sample("npu_supervisor_worker_held_failed", [("device", devices[i])], held ? 1 : 0)
         }
         e.family("npu_supervisor_device_healthy", "gauge",

@@ -108,6 +108,7 @@ struct GroupIntegrationTests {
         #expect(scrape.body.contains("npu_supervisor_group_restarts_total{group=\"tp0\",reason=\"signaled\"} 1"))
         #expect(scrape.body.contains("npu_supervisor_group_restarts_total{group=\"tp1\",reason=\"signaled\"} 0"))
         #expect(scrape.body.contains("npu_supervisor_group_up{group=\"tp0\"} 1"))
+        #expect(scrape.body.contains("npu_supervisor_worker_up{device=\"2\"} 1"), "a follower is up while its group serves")
         #expect(scrape.body.contains("npu_supervisor_group_state{group=\"tp0\",state=\"ready\"} 1"))
         if let promtool = MonitoringTests.promtool {
             let file = daemon.directory + "/metrics.txt"
