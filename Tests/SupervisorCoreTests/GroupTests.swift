@@ -183,6 +183,16 @@ struct GroupTests {
         #expect(m.groups[0].incarnation == 2)
     }
 
+    @Test func aGroupThatServedLongIsRestartedAtOnce() throws {
+        var m = try Self.serving()
+        let later = Self.t0 + .seconds(120)  // backoff_reset_after is 60 s
+        for slot in 0..<5 { m.frameReceived(slot: slot, now: later) }
+        _ = m.exit(2, pid: 1002, .signaled(signal: 9, coreDumped: false), now: later)
+        let gone = m.exit(1, pid: 1001, .exited(code: 0), now: later)
+        #expect(Self.spawns(gone).sorted() == [1, 2], "no backoff after good service")
+        #expect(m.groups[0].lifecycle.restarts == 1)
+    }
+
     @Test func theRankWithClearerEvidenceIsTheCause() throws {
         var m = try Self.serving()
         let t1 = Self.t0 + .seconds(5)

@@ -97,6 +97,25 @@ struct WorkerStateMachineTests {
         #expect(m.state == .backoff(until: Self.t0 + .seconds(108)))
     }
 
+    /// Good service counts however the process was taken down: a worker killed as hung (or a rank stopped with
+    /// its group) after serving for longer than backoff_reset_after is restarted at once.
+    @Test func aFaultAfterLongServiceIsRestartedAtOnce() {
+        var m = Self.ready(Self.policy(maxRestarts: 100))
+        #expect(m.fault(.hang, now: Self.t0 + .seconds(100)) == .signalGroup(9))
+        #expect(m.exited(.signaled(signal: 9, coreDumped: false), now: Self.t0 + .seconds(100), jitter: 0.5) == .spawn)
+        m.spawned(pid: 101, now: Self.t0 + .seconds(100))
+        _ = m.readyReceived(now: Self.t0 + .seconds(101))
+        #expect(m.partFailed(.exited(code: 1), now: Self.t0 + .seconds(200)) == .signalGroup(15))
+        #expect(m.exited(.stopped, now: Self.t0 + .seconds(200), jitter: 0.5) == .spawn)
+        #expect(m.lastExit == .exited(code: 1))
+        // A hang soon after the start is a repeated failure: backoff.
+        m.spawned(pid: 102, now: Self.t0 + .seconds(200))
+        _ = m.readyReceived(now: Self.t0 + .seconds(201))
+        _ = m.fault(.hang, now: Self.t0 + .seconds(205))
+        #expect(m.exited(.signaled(signal: 9, coreDumped: false), now: Self.t0 + .seconds(205), jitter: 0.5) == nil)
+        #expect(m.stateName == "backoff")
+    }
+
     @Test func tooManyRestartsInTheWindowMarkFailed() {
         var m = Self.ready(Self.policy(maxRestarts: 3))
         var now = Self.t0

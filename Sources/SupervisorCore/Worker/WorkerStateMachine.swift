@@ -84,6 +84,9 @@ public struct WorkerStateMachine: Sendable {
     private var restartRequested = false
     /// ``holdFailed(_:now:)`` is in progress: the exit that follows leaves the worker `failed`.
     private var holdRequested = false
+    /// When the process became ready, kept while it is killed for a fault (or stopped with its group): an exit
+    /// after long good service is restarted at once however the process was taken down.
+    private var readySince: MonotonicInstant?
 
     public init(policy: Policy) {
         self.policy = policy
@@ -184,6 +187,7 @@ public struct WorkerStateMachine: Sendable {
     @discardableResult
     public mutating func spawned(pid: Int32, now: MonotonicInstant) -> Bool {
         guard self.pid == nil else { return false }
+        readySince = nil
         state = .starting(pid: pid, since: now)
         return true
     }
@@ -198,6 +202,7 @@ public struct WorkerStateMachine: Sendable {
     /// The worker sent `ready`. Returns whether it became ready now (false if it was not starting).
     public mutating func readyReceived(now: MonotonicInstant) -> Bool {
         guard case .starting(let pid, _) = state else { return false }
+        readySince = now
         state = .ready(pid: pid, since: now)
         return true
     }
@@ -274,7 +279,9 @@ public struct WorkerStateMachine: Sendable {
     /// Refused (nil, nothing changes) when no process runs: only a process can exit.
     public mutating func exited(_ observed: ExitReason, now: MonotonicInstant, jitter: Double) -> Action? {
         guard pid != nil else { return nil }
-        let wasReadySince: MonotonicInstant? = if case .ready(_, let since) = state { since } else { nil }
+        // Ready until now, or until it was killed for a fault or stopped with its group.
+        let wasReadySince: MonotonicInstant? = if case .ready(_, let since) = state { since } else { readySince }
+        readySince = nil
         var reason = observed
         if let fault = pendingReason {
             reason = fault
