@@ -6,7 +6,9 @@ One npu-supervisord serves a single device ("0") and a group ("tp0", devices 1..
 ready). The two are killed in alternation: SIGKILL of the single device's worker, or of the group's last rank (a
 follower: the whole group must be stopped and restarted). Right after each kill, a request pinned to the victim
 is sent; it waits in the queue until the victim serves again, so its latency is kill -> serving again (plus the
-few milliseconds of the request itself, measured alone first and reported).
+few milliseconds of the request itself, measured alone first and reported); an answer from the old process
+(the group's leader before its follower's death was noticed) does not count: requests are sent until a new
+process answers.
 
 Usage: scripts/bench-group-restart.py [--ranks 2] [--kills 20] [--load-ms 0] [--bin .build/release]
 """
@@ -111,11 +113,16 @@ devices = [{devices}]
             target = "0" if i % 2 == 0 else "tp0"
             doc = status(run_dir)
             worker = next(w for w in doc["workers"] if w["device"] == victim_device[target])
+            # The process that answers for the target: the device's worker, or the group's leader.
+            answering = next(w for w in doc["workers"] if w["device"] == ("0" if target == "0" else "1"))["pid"]
             # Each kill after the victim has served for backoff_reset_after: restarted at once, no backoff.
             time.sleep(0.25)
             t = time.perf_counter()
             os.kill(worker["pid"], signal.SIGKILL)
-            client.infer(payload, device=target, deadline_ms=30000)
+            # Serving again = an answer from a new process (an answer from the old leader before the kill of its
+            # follower was noticed does not count).
+            while json.loads(client.infer(payload, device=target, deadline_ms=30000))["pid"] == answering:
+                pass
             results[target].append((time.perf_counter() - t) * 1000)
             wait(lambda: all(w["state"] == "ready" for w in status(run_dir)["workers"]))
         single = statistics.median(results["0"])
