@@ -45,10 +45,10 @@ class RankTests(unittest.TestCase):
                                     % (NPU_WORKER, REPO))
         self.port = free_port()
 
-    def rank(self, rank, world=2, args=(), env=None, group="tp0"):
+    def rank(self, rank, world=2, args=(), env=None, group="tp0", hello=True):
         environment = rank_env(rank, world, self.port, group)
         environment.update(env or {})
-        sup = FakeSupervisor(command=[NPU_WORKER], args=list(args), env=environment, device=str(rank))
+        sup = FakeSupervisor(command=[NPU_WORKER], args=list(args), env=environment, device=str(rank), hello=hello)
         self.addCleanup(sup.close)
         return sup
 
@@ -197,7 +197,7 @@ class RankTests(unittest.TestCase):
             ({"LOCAL_RANK": "1"}, "LOCAL_RANK=1 differs from RANK=0"),
         ]:
             with self.subTest(env=env):
-                sup = self.rank(0, env=env)
+                sup = self.rank(0, env=env, hello=False)  # it exits before reading anything
                 self.assertEqual(sup.wait_exit(), 78)
                 sup.stderr.wait_for(message)
 
