@@ -475,14 +475,16 @@ class Worker:
         return self.run_follower(follower_loop)
 
     def run_follower(self, loop: Optional[Callable[[], Any]] = None) -> str:
-        """Serves as a follower rank: connects, says ready, then runs ``loop`` on the calling thread (the
-        follower's side of the collectives: waiting for the leader's broadcast of the next request, running the
-        same forward pass) while heartbeats go on on their own thread.
+        """Serves as a follower rank: connects, says ready, then runs ``loop``, the follower's side of the
+        collectives (waiting for the leader's broadcast of the next request, running the same forward pass),
+        while heartbeats go on on their own thread.
 
-        The supervisor never sends a follower requests; one that arrives anyway is answered ``worker_error``
-        (``rank N ... is a follower``). When ``loop`` raises, the communicator is broken: :meth:`lost_peer`
-        logs it and exits 1 (restartable: the supervisor restarts the whole group). When it returns, the
-        process exits 0. Without a loop it serves until the channel closes, like :meth:`run`."""
+        ``loop`` runs on a thread of its own, so that the main thread stays free for SIGTERM (a follower blocked
+        in a collective must still stop politely). The supervisor never sends a follower requests; one that
+        arrives anyway is answered ``worker_error`` (``rank N ... is a follower``). When ``loop`` raises, the
+        communicator is broken: :meth:`lost_peer` logs it and exits 1 (restartable: the supervisor restarts the
+        whole group). When it returns, the process exits 0. End-of-file on the channel and SIGTERM end the
+        process as with :meth:`run`. With ``exit_process=False`` it returns why it stopped instead."""
         if self._handler is None:
             rank = self.rank
 
@@ -493,19 +495,21 @@ class Worker:
             self.handler(refuse)
         self.connect()
         self.ready()
-        if loop is None:
-            while not self._closed.wait(3600):
-                pass
-            return self._close_reason
-        try:
-            loop()
-        except Exception as error:  # noqa: BLE001 - any failure of a collective breaks the group
-            self.lost_peer(error)
-            return "lost peer: %s" % error
-        self._log("rank %d: follower loop finished" % self.rank.rank)
-        if self.exit_process:
-            self.exit(0)
-        return "follower loop finished"
+        if loop is not None:
+            def follow() -> None:
+                try:
+                    loop()
+                except Exception as error:  # noqa: BLE001 - any failure of a collective breaks the group
+                    self.lost_peer(error)
+                    self._close("lost peer: %s: %s" % (type(error).__name__, error), 1)
+                    return
+                self._log("rank %d: follower loop finished" % self.rank.rank)
+                self._close("follower loop finished", 0)
+
+            threading.Thread(target=follow, name="npu-follower", daemon=True).start()
+        while not self._closed.wait(3600):
+            pass
+        return self._close_reason
 
     def lost_peer(self, error: Any, request: Optional[Request] = None, exit_code: int = 1) -> None:
         """The group is broken (a collective failed: a peer died, stopped answering past its timeout, or closed
