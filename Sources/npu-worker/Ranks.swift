@@ -105,8 +105,9 @@ final class RankGroup: @unchecked Sendable {
             // accept4 is not visible from Swift's Glibc: mark it close-on-exec by hand (no other thread spawns yet).
             _ = fcntl(peer, F_SETFD, FD_CLOEXEC)
             setNoDelay(peer)
-            // A peer that connects and says nothing must not hold the rendezvous: its hello is bounded too.
-            guard let line = readLine(peer, deadline: deadline) else {
+            // A peer that connects and says nothing must not hold the rendezvous: its hello gets 5 s at most.
+            let helloDeadline = Deadline(after: min(.seconds(5), .milliseconds(deadline.remainingMilliseconds)))
+            guard let line = readLine(peer, deadline: helloDeadline) else {
                 printErr("\(tag): a peer connected but sent no hello; dropped")
                 close(peer)
                 continue
