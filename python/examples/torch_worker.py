@@ -441,8 +441,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             log(str(error))
             worker.exit(EX_CONFIG)
         except Exception as error:  # noqa: BLE001 - a rendezvous that times out or a peer that vanished
-            worker.lost_peer(error)
-            return 1
+            log("rank %d: the rendezvous of group %s failed: %s: %s" % (rank.rank, rank.group, type(error).__name__,
+                                                                       str(error).splitlines()[0] if str(error) else ""))
+            worker.exit(1)
         log("rank %d: group %s complete (%d ranks, backend %s)" % (rank.rank, rank.group, rank.world_size, backend))
 
     interval = args.health_interval or worker.heartbeat_interval

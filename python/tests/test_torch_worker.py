@@ -153,6 +153,24 @@ class TorchWorkerTests(unittest.TestCase):
         self.assertEqual(leader.wait_exit(timeout=60), 1)
         leader.stderr.wait_for("rank 0: lost peer:")
 
+    def test_a_rank_whose_group_never_forms_gives_up_after_the_rendezvous_timeout(self):
+        port = free_port()  # and no rank 0 ever listens there
+        sup = FakeSupervisor(
+            command=[sys.executable, TORCH_WORKER, "--rendezvous-timeout", "2"],
+            env={"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port), "NPU_GROUP": "tp0", "NPU_MODEL_PATH": MODEL_DIR, "CUDA_VISIBLE_DEVICES": "",
+                 "ASCEND_RT_VISIBLE_DEVICES": ""}, device="1", heartbeat_ms=200)
+        self.addCleanup(sup.close)
+        sup.expect(lambda f: f.type == MessageType.HELLO, timeout=START_TIMEOUT)
+        self.assertEqual(sup.wait_exit(timeout=START_TIMEOUT), 1)  # restartable: not 78
+        sup.stderr.wait_for("rank 1: the rendezvous of group tp0 failed")
+        # It never said ready: everything it sent after hello was heartbeats (skipped) or health frames.
+        while True:
+            frame = sup.frames.get(timeout=10)
+            if frame is None:
+                break
+            self.assertEqual(getattr(frame, "type", None), MessageType.HEARTBEAT, frame)
+
     def test_a_missing_model_is_a_configuration_error(self):
         sup = self.start({"NPU_MODEL_PATH": os.path.join(MODEL_DIR, "nope")}, hello=False)
         self.assertEqual(sup.wait_exit(timeout=START_TIMEOUT), 78)
