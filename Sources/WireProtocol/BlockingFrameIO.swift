@@ -90,6 +90,12 @@ public final class BlockingFrameIO: Sendable {
         }
     }
 
+    /// Sends at once whatever the reading thread has batched (see ``write(_:)``): for frames that must not wait
+    /// for the next read, e.g. a worker's hello before it spends minutes loading its model.
+    public func flush() throws {
+        try flushBatch()
+    }
+
     /// Sends the reading thread's batched answers.
     private func flushBatch() throws {
         let pending: ByteBuffer? = writeSide.withLockedValue { state in

@@ -42,11 +42,15 @@ public final class WorkerConnection: Sendable {
     public func hello(workerVersion: String, model: String?) throws {
         let hello = HelloFromWorker(pid: getpid(), device: device, workerVersion: workerVersion, model: model)
         try io.write(Frame(type: .hello, payload: try JSONCoding.encode(hello)))
+        // Written from the thread that read the supervisor's hello, so batched until that thread reads again,
+        // which may be only after a long model load or a tensor-parallel rendezvous: send it now.
+        try io.flush()
     }
 
     /// Says the model is loaded: the supervisor starts sending requests.
     public func ready() throws {
         try io.write(Frame(type: .ready))
+        try io.flush()
     }
 
     /// Reports a worker-level error (request id 0), e.g. `device_oom` just before exiting.

@@ -38,6 +38,9 @@ final class Engine: Sendable {
     let emptyOutput: Bool
     /// Answer every request with an error (a bad release, for rollout drills).
     let failRequests: Bool
+    /// Set in a tensor-parallel group: the leader runs a collective with every rank per request and per token;
+    /// a follower refuses requests (the supervisor sends them to rank 0 only).
+    let group: RankGroup?
 
     static let vocabulary = [
         "the", "model", "answers", "quickly", "on", "device", "npu", "tokens", "flow", "steadily", "and",
@@ -45,8 +48,9 @@ final class Engine: Sendable {
     ]
 
     init(device: String, tokenDelay: Duration, connection: WorkerConnection, emptyOutput: Bool,
-         failRequests: Bool = false) {
+         failRequests: Bool = false, group: RankGroup? = nil) {
         self.failRequests = failRequests
+        self.group = group
         self.device = device
         self.tokenDelay = tokenDelay
         self.connection = connection
@@ -64,6 +68,11 @@ final class Engine: Sendable {
     }
 
     func handle(_ request: WorkerRequest) {
+        if let group, !group.config.isLeader {
+            request.fail(code: ErrorCode.workerError,
+                         message: "rank \(group.config.rank) of group \(group.config.group) is a follower: only rank 0 serves requests")
+            return
+        }
         if failRequests {
             request.fail(code: ErrorCode.workerError, message: "npu-worker --fail-requests: failing every request")
             return
@@ -72,6 +81,15 @@ final class Engine: Sendable {
         guard request.payload.readableBytes > 0, request.payload.getInteger(at: request.payload.readerIndex,
                                                                               as: UInt8.self) == UInt8(ascii: "{")
         else {
+            if let group {
+                // Even an echo is a step of the group's work: off the reading thread, since a stalled rank
+                // blocks it (cancels must still be read).
+                Thread.detach {
+                    group.collective(requestID: request.id, step: 0)
+                    request.respond(request.payload)
+                }
+                return
+            }
             request.respond(request.payload)
             return
         }
@@ -179,6 +197,8 @@ final class Engine: Sendable {
         default:
             break
         }
+        // Prefill: every rank takes part before the first token (a stopped rank stalls the request here).
+        group?.collective(requestID: request.id, step: 0)
         let count = max(0, min(parsed.maxNewTokens ?? 16, 4096))
         let tokens = parsed.fault == "empty" || emptyOutput ? [] : Self.generate(prompt: parsed.prompt ?? "", count: count)
         var text = ""
@@ -188,6 +208,8 @@ final class Engine: Sendable {
                 return
             }
             if tokenDelay > .zero { sleepFor(tokenDelay) }
+            // One decode step: in a real tensor-parallel engine, all-reduces across the ranks.
+            group?.collective(requestID: request.id, step: UInt32(truncatingIfNeeded: i + 1))
             let piece = (i == 0 ? "" : " ") + token
             text += piece
             if parsed.stream == true { request.chunk(ByteBuffer(string: piece)) }

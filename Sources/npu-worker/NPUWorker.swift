@@ -37,6 +37,8 @@ struct NPUWorker: ParsableCommand {
     @Flag(help: "Once ready, write numbered lines to stdout as fast as it can (output flooding drills).")
     var floodOutput = false
     @Flag(help: "Ignore SIGTERM (stop_timeout drills: the supervisor must escalate to SIGKILL).") var ignoreSigterm = false
+    @Option(help: "Tensor-parallel ranks (WORLD_SIZE > 1): how long the rendezvous of the group may take before this rank gives up (exit 1), in milliseconds. Keep it below the supervisor's start_timeout.")
+    var rendezvousTimeoutMs: Int = 60_000
 
     func run() throws {
         if let listen { ListenMode.serve(path: listen) }
@@ -58,6 +60,19 @@ struct NPUWorker: ParsableCommand {
         if let code = exitAtStart {
             printErr("npu-worker[\(device)]: exiting at start with code \(code) as asked")
             throw ExitCode(code)
+        }
+        // Tensor-parallel rank (WORLD_SIZE > 1): inconsistent variables are a configuration error, found before
+        // anything else happens (78: restarting would not fix them).
+        let rankConfig: RankConfig?
+        do {
+            rankConfig = try RankConfig.fromEnvironment()
+        } catch {
+            printErr("npu-worker[\(device)]: \(error)")
+            throw ExitCode(78)
+        }
+        guard rendezvousTimeoutMs > 0 else {
+            printErr("npu-worker[\(device)]: --rendezvous-timeout-ms must be at least 1")
+            throw ExitCode(78)
         }
         let hello = try connection.awaitHello()
         try connection.hello(workerVersion: "npu-worker 0.1.0", model: model)
@@ -89,6 +104,16 @@ struct NPUWorker: ParsableCommand {
         }
         printErr("npu-worker[\(device)]: pid \(getpid()) loading model \(model) (\(loadMs) ms)")
         if loadMs > 0 { sleepFor(.milliseconds(loadMs)) }
+        // A rank says ready only once its whole group has formed: before that it could not run one forward pass.
+        var group: RankGroup?
+        if let rankConfig {
+            do {
+                group = try RankGroup.rendezvous(rankConfig, timeout: .milliseconds(rendezvousTimeoutMs))
+            } catch {
+                printErr("\(error)")
+                Glibc.exit(1)
+            }
+        }
         if neverReady {
             printErr("npu-worker[\(device)]: never saying ready, as asked")
         } else {
@@ -122,7 +147,7 @@ struct NPUWorker: ParsableCommand {
             }
         }
         let engine = Engine(device: device, tokenDelay: .milliseconds(tokenMs), connection: connection,
-                            emptyOutput: emptyOutput, failRequests: failRequests)
+                            emptyOutput: emptyOutput, failRequests: failRequests, group: group)
         do {
             try connection.serve { request in engine.handle(request) }
         } catch {

@@ -15,14 +15,14 @@ from .protocol import (
     DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, ErrorCode, Frame, FrameDecoder, FrameTooLarge, FrameTooShort,
     MessageType, ProtocolError, TruncatedFrame, decode_frames, encode_frame,
 )
-from .worker import Request, RequestFailed, Worker, WorkerError
+from .worker import RankError, RankInfo, Request, RequestFailed, Worker, WorkerError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Client", "PendingRequest", "RequestError", "ConnectionClosed", "Unreachable", "NPUSupervisorError",
     "status", "control", "wait_for_status", "wait_until_ready",
-    "Worker", "Request", "RequestFailed", "WorkerError",
+    "Worker", "Request", "RequestFailed", "WorkerError", "RankInfo", "RankError",
     "Frame", "FrameDecoder", "MessageType", "ErrorCode", "ProtocolError", "FrameTooLarge", "FrameTooShort",
     "TruncatedFrame", "encode_frame", "decode_frames", "PROTOCOL_VERSION", "DEFAULT_MAX_FRAME_BYTES",
     "__version__",

@@ -35,6 +35,7 @@ Minimal use::
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import inspect
 import json
 import os
@@ -50,13 +51,125 @@ from .protocol import (
     error_payload, json_bytes, open_stream, to_bytes,
 )
 
-__all__ = ["Worker", "Request", "RequestFailed", "WorkerError"]
+__all__ = ["Worker", "Request", "RequestFailed", "WorkerError", "RankInfo", "RankError"]
 
 DEFAULT_WORKER_VERSION = "npu_supervisor-python 0.1.0"
 
 
 class WorkerError(Exception):
     """The worker cannot talk to a supervisor (not started by npu-supervisord, failed handshake)."""
+
+
+class RankError(WorkerError):
+    """The tensor-parallel variables (``WORLD_SIZE``, ``RANK``, ...) or the rank table are inconsistent: a
+    configuration error (exit 78), not something a restart would fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RankInfo:
+    """Where this process stands in a tensor-parallel group, as npu-supervisord describes it in the environment
+    (docs/PROTOCOL.md, "Tensor-parallel groups: what a rank is given"). A worker outside any group
+    (``WORLD_SIZE`` unset or 1) gets rank 0 of a world of 1: it is its own leader, and nothing else changes.
+
+    Only the leader (rank 0) ever receives requests. Every rank still has its own channel: it says hello and
+    ready, heart-beats and reports health like any worker (:meth:`Worker.run_rank` does the split).
+    """
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+    #: The group's id (``NPU_GROUP``, e.g. ``"tp0"``).
+    group: Optional[str] = None
+    #: An HCCL-style JSON rank table written by the supervisor (``RANK_TABLE_FILE``), if any.
+    rank_table_file: Optional[str] = None
+    #: This rank's own device (``NPU_DEVICE_ID``).
+    device: Optional[str] = None
+
+    @property
+    def is_leader(self) -> bool:
+        """Rank 0: the one rank that receives requests."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True in a group of more than one rank."""
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls, environ: Optional[Dict[str, str]] = None) -> "RankInfo":
+        """Reads the group variables (default: ``os.environ``). Raises :class:`RankError` when they are present
+        but inconsistent (a rank outside ``0..WORLD_SIZE-1``, no ``MASTER_ADDR``/``MASTER_PORT`` in a group of
+        more than one, a ``LOCAL_RANK`` that differs from ``RANK`` (groups span one host), ...)."""
+        env = os.environ if environ is None else environ
+
+        def integer(name: str, default: Optional[int], low: int, high: Optional[int] = None) -> Optional[int]:
+            text = env.get(name, "")
+            if text == "":
+                return default
+            try:
+                value = int(text)
+            except ValueError:
+                raise RankError("%s=%r is not an integer" % (name, text)) from None
+            if value < low or (high is not None and value > high):
+                bounds = "%d..%d" % (low, high) if high is not None else ">= %d" % low
+                raise RankError("%s=%d is out of range (%s)" % (name, value, bounds))
+            return value
+
+        world = integer("WORLD_SIZE", 1, 1)
+        assert world is not None
+        device = env.get("NPU_DEVICE_ID") or None
+        group = env.get("NPU_GROUP") or None
+        table = env.get("RANK_TABLE_FILE") or None
+        if world == 1:
+            return cls(device=device, group=group, rank_table_file=table,
+                       master_addr=env.get("MASTER_ADDR") or None, master_port=integer("MASTER_PORT", None, 1, 65535))
+        if env.get("RANK", "") == "":
+            raise RankError("WORLD_SIZE=%d but RANK is not set" % world)
+        rank = integer("RANK", 0, 0, world - 1)
+        local_rank = integer("LOCAL_RANK", rank, 0, world - 1)
+        assert rank is not None and local_rank is not None
+        if local_rank != rank:
+            raise RankError("LOCAL_RANK=%d differs from RANK=%d; a group spans one host" % (local_rank, rank))
+        addr = env.get("MASTER_ADDR") or None
+        if addr is None:
+            raise RankError("WORLD_SIZE=%d but MASTER_ADDR is not set" % world)
+        port = integer("MASTER_PORT", None, 1, 65535)
+        if port is None:
+            raise RankError("WORLD_SIZE=%d but MASTER_PORT is not set" % world)
+        return cls(rank=rank, local_rank=local_rank, world_size=world, master_addr=addr, master_port=port,
+                   group=group, rank_table_file=table, device=device)
+
+    def read_rank_table(self) -> Optional[Dict[str, Any]]:
+        """The rank table (``RANK_TABLE_FILE``) parsed, or None when there is none. Raises :class:`RankError`
+        when it cannot be read, is not JSON of the expected shape, or does not list this rank."""
+        if not self.rank_table_file:
+            return None
+        path = self.rank_table_file
+        try:
+            with open(path, "r", encoding="utf-8") as handle:
+                table = json.load(handle)
+        except OSError as error:
+            raise RankError("RANK_TABLE_FILE %s cannot be read: %s" % (path, error.strerror)) from None
+        except ValueError as error:
+            raise RankError("RANK_TABLE_FILE %s is not valid JSON: %s" % (path, error)) from None
+        servers = table.get("server_list") if isinstance(table, dict) else None
+        if not isinstance(servers, list):
+            raise RankError("RANK_TABLE_FILE %s has no server_list array" % path)
+        ranks = set()
+        for server in servers:
+            devices = server.get("device") if isinstance(server, dict) else None
+            if not isinstance(devices, list):
+                raise RankError("RANK_TABLE_FILE %s: a server_list entry has no device array" % path)
+            for entry in devices:
+                if not isinstance(entry, dict) or "rank_id" not in entry:
+                    raise RankError("RANK_TABLE_FILE %s: a device entry has no rank_id" % path)
+                ranks.add(str(entry["rank_id"]))
+        if str(self.rank) not in ranks:
+            raise RankError("RANK_TABLE_FILE %s does not list rank %d (it lists %s)"
+                            % (path, self.rank, ", ".join(sorted(ranks)) or "none"))
+        return table
 
 
 class RequestFailed(Exception):
@@ -184,12 +297,14 @@ class Worker:
     :param exit_process: exit the process when the channel closes (the contract). False returns from
         :meth:`run` instead (tests, embedding).
     :param line_buffered_output: make stdout line-buffered so ``print`` reaches the supervisor's log at once.
+    :param rank: this process's place in a tensor-parallel group; default :meth:`RankInfo.from_env` (which raises
+        :class:`RankError` for inconsistent variables).
     """
 
     def __init__(self, model: Optional[str] = None, worker_version: str = DEFAULT_WORKER_VERSION,
                  max_threads: int = 8, fd: Optional[int] = None, device: Optional[str] = None,
                  term_grace: float = 5.0, handle_sigterm: bool = True, exit_process: bool = True,
-                 line_buffered_output: bool = True):
+                 line_buffered_output: bool = True, rank: Optional[RankInfo] = None):
         if fd is None:
             value = os.environ.get("NPU_SUPERVISOR_FD")
             if not value:
@@ -217,6 +332,7 @@ class Worker:
         self.handle_sigterm = handle_sigterm
         self.exit_process = exit_process
         self.line_buffered_output = line_buffered_output
+        self.rank = rank if rank is not None else RankInfo.from_env()
         #: The supervisor's hello (``protocol``, ``device``, ``heartbeat_interval_ms``, ``max_frame_bytes``).
         self.supervisor_hello: Optional[Dict[str, Any]] = None
         self.heartbeat_interval = 1.0
@@ -345,6 +461,67 @@ class Worker:
         while not self._closed.wait(3600):
             pass
         return self._close_reason
+
+    def run_rank(self, handler: Optional[Handler] = None, follower_loop: Optional[Callable[[], Any]] = None) -> str:
+        """The leader/follower split of a tensor-parallel group, in one call.
+
+        * Rank 0 (and a worker outside any group): :meth:`run` with ``handler``.
+        * Other ranks: :meth:`run_follower` with ``follower_loop``.
+
+        Join the group (e.g. ``torch.distributed.init_process_group``) before calling it: ``ready`` goes out
+        only here, and a rank must not say ready before its group has formed."""
+        if self.rank.is_leader:
+            return self.run(handler)
+        return self.run_follower(follower_loop)
+
+    def run_follower(self, loop: Optional[Callable[[], Any]] = None) -> str:
+        """Serves as a follower rank: connects, says ready, then runs ``loop``, the follower's side of the
+        collectives (waiting for the leader's broadcast of the next request, running the same forward pass),
+        while heartbeats go on on their own thread.
+
+        ``loop`` runs on a thread of its own, so that the main thread stays free for SIGTERM (a follower blocked
+        in a collective must still stop politely). The supervisor never sends a follower requests; one that
+        arrives anyway is answered ``worker_error`` (``rank N ... is a follower``). When ``loop`` raises, the
+        communicator is broken: :meth:`lost_peer` logs it and exits 1 (restartable: the supervisor restarts the
+        whole group). When it returns, the process exits 0. End-of-file on the channel and SIGTERM end the
+        process as with :meth:`run`. With ``exit_process=False`` it returns why it stopped instead."""
+        if self._handler is None:
+            rank = self.rank
+
+            def refuse(request: Request) -> None:
+                raise RequestFailed(ErrorCode.WORKER_ERROR, "rank %d of group %s is a follower: only rank 0 serves "
+                                    "requests" % (rank.rank, rank.group or "(unnamed)"))
+
+            self.handler(refuse)
+        self.connect()
+        self.ready()
+        if loop is not None:
+            def follow() -> None:
+                try:
+                    loop()
+                except Exception as error:  # noqa: BLE001 - any failure of a collective breaks the group
+                    self.lost_peer(error)
+                    self._close("lost peer: %s: %s" % (type(error).__name__, error), 1)
+                    return
+                self._log("rank %d: follower loop finished" % self.rank.rank)
+                self._close("follower loop finished", 0)
+
+            threading.Thread(target=follow, name="npu-follower", daemon=True).start()
+        while not self._closed.wait(3600):
+            pass
+        return self._close_reason
+
+    def lost_peer(self, error: Any, request: Optional[Request] = None, exit_code: int = 1) -> None:
+        """The group is broken (a collective failed: a peer died, stopped answering past its timeout, or closed
+        its connection): fails ``request`` (if given) with a retryable ``worker_error``, logs
+        ``rank N: lost peer: ...`` and exits ``exit_code`` (never 78: the group must be restarted)."""
+        detail = "%s: %s" % (type(error).__name__, error) if isinstance(error, BaseException) else str(error)
+        if request is not None:
+            request.fail(ErrorCode.WORKER_ERROR, "rank %d lost a peer of its group: %s" % (self.rank.rank, detail),
+                         retryable=True)
+        self._log("rank %d: lost peer: %s; exiting %d" % (self.rank.rank, detail, exit_code))
+        if self.exit_process:
+            self.exit(exit_code)
 
     def report_error(self, code: str, message: str) -> bool:
         """A worker-level error (request id 0): the supervisor logs it; ``device_oom`` also makes the coming

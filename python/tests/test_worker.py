@@ -70,28 +70,30 @@ class Output:
 
 
 class FakeSupervisor:
-    """Spawns the example worker with its channel on a socketpair, like npu-supervisord does."""
+    """Spawns the example worker (or ``command``) with its channel on a socketpair, like npu-supervisord does."""
 
-    def __init__(self, args=(), env=None, hello=True, heartbeat_ms=50, protocol=1, close_on_eof=True):
+    def __init__(self, args=(), env=None, hello=True, heartbeat_ms=50, protocol=1, close_on_eof=True, command=None,
+                 device="7"):
         self.close_on_eof = close_on_eof
         self.sock, child = socket.socketpair()
         environment = dict(os.environ)
-        environment.update({"NPU_SUPERVISOR_FD": str(child.fileno()), "NPU_DEVICE_ID": "7"})
+        environment.update({"NPU_SUPERVISOR_FD": str(child.fileno()), "NPU_DEVICE_ID": device})
         environment.update(env or {})
         self.process = subprocess.Popen(
-            [sys.executable, ECHO_WORKER] + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, pass_fds=(child.fileno(),), env=environment)
+            list(command or [sys.executable, ECHO_WORKER]) + list(args), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(child.fileno(),), env=environment)
         child.close()
         self.stdout = Output(self.process.stdout)
         self.stderr = Output(self.process.stderr)
         self.writer = FrameWriter(self.sock)
         self.frames = queue.Queue()
+        self.health = queue.Queue()
         self.heartbeats = 0
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if hello:
             self.send(MessageType.HELLO, 0, json_bytes({
-                "protocol": protocol, "device": "7", "heartbeat_interval_ms": heartbeat_ms,
+                "protocol": protocol, "device": device, "heartbeat_interval_ms": heartbeat_ms,
                 "max_frame_bytes": 1 << 20}))
 
     def _read(self):
@@ -100,6 +102,10 @@ class FakeSupervisor:
                 if frame.type == MessageType.HEARTBEAT:
                     self.heartbeats += 1
                     self.frames.put(frame)  # also queued, so a test may wait for them
+                    continue
+                if frame.type == MessageType.HEALTH:
+                    # Periodic, like heartbeats, but never in answer to anything: kept apart from the answers.
+                    self.health.put(frame)
                     continue
                 self.frames.put(frame)
         except (OSError, ProtocolError) as error:
