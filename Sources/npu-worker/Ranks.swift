@@ -192,7 +192,9 @@ final class RankGroup: @unchecked Sendable {
                 throw RankFailure(description: "\(tag): rendezvous timed out after \(deadline.total): cannot reach rank 0 "
                                   + "at \(config.masterAddress):\(config.masterPort) (\(attempts) attempts; last: \(lastError))")
             }
-            sleepFor(.milliseconds(100))
+            // Short at first (the leader is usually a few milliseconds behind: they are spawned together), then
+            // every 100 ms.
+            sleepFor(.milliseconds(min(100, 2 << min(attempts, 6))))
         }
     }
 
