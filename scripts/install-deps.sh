@@ -47,9 +47,8 @@ if ! command -v kubernetes-validate >/dev/null 2>&1; then
 fi
 # PyTorch + transformers: python/examples/torch_worker.py and its tests (python/tests/test_torch_worker.py, which
 # skip with the reason where these are missing). Best effort, like Prometheus above. The CPU build of torch
-# (`+cpu`, about 190 MB) comes from a configured find-links folder or index (e.g.
-# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu); plain PyPI would pull the CUDA build and its
-# multi-GB nvidia-* wheels, which CI does not need. Measured: about 160 s on 2 CPUs from a local wheel.
+# (`+cpu`, about 190 MB) comes from a configured find-links folder or extra index of CPU wheels; the default
+# index would pull the CUDA build and its multi-GB nvidia-* wheels, which CI does not need. Measured: about 160 s on 2 CPUs from a local wheel.
 # (find_spec, not import: importing torch and transformers takes ~10 s.)
 if ! python3 -c 'import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("torch", "transformers", "tokenizers", "safetensors")))'; then
     echo "install-deps: installing torch (CPU), transformers, tokenizers, safetensors (pip; optional)" >&2
