@@ -471,7 +471,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if is_device_oom(error):
                 worker.device_oom("%s: %s" % (type(error).__name__, error), request)
             if rank.distributed and is_collective_error(error):
-                worker.lost_peer(error, request)
+                worker.lost_peer(error)  # not answered: the supervisor retries it elsewhere
             raise
 
     def follow() -> None:

@@ -511,14 +511,12 @@ class Worker:
             pass
         return self._close_reason
 
-    def lost_peer(self, error: Any, request: Optional[Request] = None, exit_code: int = 1) -> None:
+    def lost_peer(self, error: Any, exit_code: int = 1) -> None:
         """The group is broken (a collective failed: a peer died, stopped answering past its timeout, or closed
-        its connection): fails ``request`` (if given) with a retryable ``worker_error``, logs
-        ``rank N: lost peer: ...`` and exits ``exit_code`` (never 78: the group must be restarted)."""
+        its connection): logs ``rank N: lost peer: ...`` and exits ``exit_code`` (never 78: the group must be
+        restarted). A request in progress is deliberately not answered: the supervisor retries it on another
+        replica once the whole group is down (an answer would be the client's failure)."""
         detail = "%s: %s" % (type(error).__name__, error) if isinstance(error, BaseException) else str(error)
-        if request is not None:
-            request.fail(ErrorCode.WORKER_ERROR, "rank %d lost a peer of its group: %s" % (self.rank.rank, detail),
-                         retryable=True)
         self._log("rank %d: lost peer: %s; exiting %d" % (self.rank.rank, detail, exit_code))
         if self.exit_process:
             self.exit(exit_code)
