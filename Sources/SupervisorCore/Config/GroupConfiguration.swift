@@ -38,8 +38,8 @@ public struct GroupSpec: Sendable, Hashable {
     /// known (from `hccn_tool` on an Ascend host); absent ones are omitted, as single-host HCCL does not need them.
     public func rankTableJSON(host: String, deviceIPs: [String: String] = [:]) -> String {
         let entries = devices.enumerated().map { rank, device in
-            var fields = ["\"device_id\": \"\(jsonEscaped(device))\""]
-            if let ip = deviceIPs[device] { fields.append("\"device_ip\": \"\(jsonEscaped(ip))\"") }
+            var fields = ["\"device_id\": \(HTTPFrontPolicy.jsonString(device))"]
+            if let ip = deviceIPs[device] { fields.append("\"device_ip\": \(HTTPFrontPolicy.jsonString(ip))") }
             fields.append("\"rank_id\": \"\(rank)\"")
             return "        {" + fields.joined(separator: ", ") + "}"
         }
@@ -49,7 +49,7 @@ public struct GroupSpec: Sendable, Hashable {
               "server_count": "1",
               "server_list": [
                 {
-                  "server_id": "\(jsonEscaped(host))",
+                  "server_id": \(HTTPFrontPolicy.jsonString(host)),
                   "device": [
             \(entries.joined(separator: ",\n"))
                   ]
@@ -85,22 +85,6 @@ public struct RankInfo: Sendable, Hashable {
             "MASTER_ADDR": "127.0.0.1",
         ]
     }
-}
-
-func jsonEscaped(_ s: String) -> String {
-    var out = ""
-    for c in s.unicodeScalars {
-        switch c {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        case "\n": out += "\\n"
-        case _ where c.value < 0x20:
-            let hex = String(c.value, radix: 16)
-            out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-        default: out.unicodeScalars.append(c)
-        }
-    }
-    return out
 }
 
 /// The variable names of a table's `env` (validated later, with the rest of the worker keys).
