@@ -151,7 +151,7 @@ final class ClientHandler: ChannelInboundHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        supervisor.flushAll()
+        supervisor.flushAtEndOfTick()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {

@@ -225,6 +225,19 @@ extension Supervisor {
         queue = kept
     }
 
+    /// Flushes once every channel that is ready in this turn of the event loop has been read: requests from
+    /// many clients to one worker (and answers from both workers to one client) leave in one write each, not
+    /// one per channel read. Each write wakes its reader, and those wake-ups were most of the request path's
+    /// cost (BENCHMARKS.md). The flush runs in the same turn, after its I/O: no latency is added.
+    @inline(__always) func flushAtEndOfTick() {
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        eventLoop.execute { [self] in
+            flushScheduled = false
+            flushAll()
+        }
+    }
+
     /// Writes everything queued for clients and workers during this burst: one write per channel.
     func flushAll() {
         if !dirtyWorkers.isEmpty {

@@ -324,7 +324,7 @@ final class WorkerChannelHandler: ChannelInboundHandler {
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        supervisor.flushAll()
+        supervisor.flushAtEndOfTick()
     }
 
     /// The worker stopped (or resumed) reading what the supervisor writes to it: no new request goes to a

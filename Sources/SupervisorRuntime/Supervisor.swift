@@ -49,6 +49,8 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     var timer: Scheduled<Void>?
     var timerAt: NIODeadline?
     var healthPublishPending = false
+    /// A flush of every dirty channel is scheduled for the end of this event-loop turn (``flushAtEndOfTick()``).
+    var flushScheduled = false
     /// The text of the configuration in effect (kept so that an upgrade can be resumed or undone after a
     /// restart of the supervisor: see Supervisor+Reload.swift).
     var appliedConfigText: String?
