@@ -176,7 +176,8 @@ struct GroupTests {
         #expect(m.workers[1].lifecycle.lastExit == .stopped, "the leader's exit is a consequence")
         #expect(m.workers[1].lastExitDetail?.contains("stopped with its group: rank 1 (device 2)") == true)
         #expect(gone.contains(.groupExitRecorded(group: 0, reason: .signaled(signal: 9, coreDumped: false))))
-        #expect(!gone.contains(.exitRecorded(slot: 1, reason: .stopped)))
+        #expect(gone.contains(.exitRecorded(slot: 2, reason: .signaled(signal: 9, coreDumped: false))))
+        #expect(!gone.contains { if case .exitRecorded(1, _) = $0 { true } else { false } }, "the leader's is a consequence")
         // Backoff over: a new incarnation, both ranks spawned together.
         let restart = m.handle(.timer, now: t1 + .seconds(1))
         #expect(Self.prepared(restart) == [0] && Self.spawns(restart).sorted() == [1, 2])
@@ -193,6 +194,43 @@ struct GroupTests {
         #expect(m.groups[0].lifecycle.restarts == 1)
     }
 
+    /// A rank held failed for its device whose leader exits first (it lost its peer): the hold is kept, and the
+    /// group is held failed with it, not restarted.
+    @Test func aRankHeldForItsDeviceStaysHeldWhenItsLeaderExitsFirst() throws {
+        let text = Self.toml.replacing("[[device]]", with: "[defaults.device_probe]\ntype = \"worker\"\ninterval = \"1s\"\n\n[[device]]")
+        var m = try Self.machine(text)
+        _ = m.handle(.boot, now: Self.t0)
+        for slot in 0..<5 { m.bringUp(slot, now: Self.t0) }
+        #expect(m.groups[0].lifecycle.isReady)
+        // Rank 1 (slot 2) reports its device bad; the probes judge it: restart once, then hold.
+        var now = Self.t0
+        func probe() {
+            now = now + .seconds(1)
+            for slot in 0..<5 where m.workers[slot].pid != nil {
+                m.frameReceived(slot: slot, now: now)
+                _ = m.handle(.workerHealth(slot: slot, pid: m.workers[slot].pid!, ok: slot != 2, detail: "ECC"), now: now)
+            }
+            _ = m.handle(.timer, now: now)
+        }
+        probe()
+        #expect(m.workers[2].lifecycle.stateName == "stopping", "restarted once for its device")
+        _ = m.exit(2, pid: 1002, .signaled(signal: 9, coreDumped: false), now: now)
+        _ = m.exit(1, pid: 1001, .exited(code: 1), now: now)
+        #expect(m.groups[0].lifecycle.restarts == 1)
+        now = now + .seconds(2)
+        _ = m.handle(.timer, now: now)
+        m.bringUp(1, now: now)
+        m.bringUp(2, now: now)
+        for _ in 0..<3 where m.workers[2].lifecycle.stateName != "stopping" { probe() }
+        #expect(m.workers[2].lifecycle.stateName == "stopping", "held this time")
+        // The leader's exit (it lost its peer) is seen before the held rank's.
+        _ = m.exit(1, pid: 1001, .exited(code: 1), now: now)
+        _ = m.exit(2, pid: 1002, .exited(code: 0), now: now)
+        #expect(m.groups[0].lifecycle.isHeldFailed, "\(m.groups[0].lifecycle.stateName)")
+        #expect(m.groups[0].lifecycle.restarts == 1)
+        #expect(m.groups[0].cause?.rank == 1 && m.groups[0].lifecycle.lastExit?.kind == "device_unhealthy")
+    }
+
     @Test func theRankWithClearerEvidenceIsTheCause() throws {
         var m = try Self.serving()
         let t1 = Self.t0 + .seconds(5)
@@ -204,6 +242,9 @@ struct GroupTests {
         #expect(m.groups[0].cause?.rank == 0 && m.groups[0].cause?.reason == .signaled(signal: 9, coreDumped: false))
         #expect(m.groups[0].lifecycle.lastExit == .signaled(signal: 9, coreDumped: false))
         #expect(Self.failed(gone).map(\.cause) == [.notTheRequest])
+        #expect(m.workers[2].lastExitDetail?.contains("after its group broke: rank 0 (device 1) signaled(9)") == true,
+                "\(m.workers[2].lastExitDetail ?? "-")")
+        #expect(gone.contains(.exitRecorded(slot: 1, reason: .signaled(signal: 9, coreDumped: false))))
     }
 
     @Test func aCrashingLeaderSpendsItsRequestsRetry() throws {

@@ -82,6 +82,9 @@ extension SupervisorMachine {
                     default: break
                     }
                 } else {
+                    // A rank already stopping is being killed for a fault of its own or held failed for its
+                    // device: left alone (stopping it again would forget that), and its exit still a cause.
+                    if case .stopping = workers[slot].lifecycle.state { continue }
                     groups[g].stoppedByGroup.insert(slot)
                     perform(workers[slot].lifecycle.stop(now: now), on: slot)
                 }
@@ -133,8 +136,14 @@ extension SupervisorMachine {
                 if let previous = groups[g].cause, Self.evidence(reason) > Self.evidence(previous.reason) {
                     groups[g].cause = cause
                     groups[g].lifecycle.reattribute(reason)
-                    log(.notice, slot, "group \(groups[g].spec.id): cause is rank \(rank) (device \(cause.device)) "
-                        + "\(cause.detail), not rank \(previous.rank)")
+                    log(.notice, slot, "group \(groups[g].spec.id): rank \(rank) (device \(cause.device)) \(cause.detail); "
+                        + "it, not rank \(previous.rank), broke the group")
+                    // The rank first taken for the cause exited because of this one: a consequence.
+                    let first = groups[g].slots[previous.rank]
+                    if let last = workers[first].lifecycle.lastExit {
+                        workers[first].exitNote = (last, "\(workers[first].lastExitDetail ?? last.detail), after its group "
+                            + "broke: rank \(rank) (device \(cause.device)) \(reason)")
+                    }
                 }
             default:
                 break
@@ -174,7 +183,11 @@ extension SupervisorMachine {
         let action = groups[g].lifecycle.exited(observed, now: now, jitter: groupJitter)
         let reason = groups[g].lifecycle.lastExit ?? observed
         emit(.failInflight(slot: groups[g].leader, cause: RetryPolicy.lossCause(reason)))
-        if reason != .stopped { emit(.groupExitRecorded(group: g, reason: reason)) }
+        if reason != .stopped {
+            emit(.groupExitRecorded(group: g, reason: reason))
+            // Per device, only the rank that broke the group counts an exit (the others' are consequences).
+            if let cause { emit(.exitRecorded(slot: groups[g].slots[cause.rank], reason: cause.reason)) }
+        }
         logGroupTransition(g, now: now)
         performGroup(action, group: g, now: now)
         queueWork.formUnion([.answerHopeless, .dispatch])

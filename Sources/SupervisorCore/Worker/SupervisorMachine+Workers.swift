@@ -180,7 +180,7 @@ extension SupervisorMachine {
             workers[slot].exitNote = nil
         }
         logTransition(slot, pid: pid, note: note, now: now)
-        if let last = workers[slot].lifecycle.lastExit, last != .stopped {
+        if let last = workers[slot].lifecycle.lastExit, last != .stopped, workers[slot].groupIndex == nil {
             emit(.exitRecorded(slot: slot, reason: last))
         }
         perform(action, on: slot)
