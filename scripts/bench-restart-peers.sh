@@ -38,9 +38,9 @@ mkdir -p "$RUN/sv/worker"
 cleanup() {
     # runsv: "d" stops the worker (TERM), "x" makes runsv exit once it is down.
     [ -p "$RUN/sv/worker/supervise/control" ] && printf dx >"$RUN/sv/worker/supervise/control"
-    [ -f "$RUN/supervisord.pid" ] && kill "$(cat "$RUN/supervisord.pid")" 2>/dev/null
+    [ -n "${SUPD:-}" ] && kill "$SUPD" 2>/dev/null
     [ -n "${RUNSV:-}" ] && wait "$RUNSV" 2>/dev/null
-    sleep 0.5
+    [ -n "${SUPD:-}" ] && wait "$SUPD" 2>/dev/null
     rm -rf "$RUN"
 }
 trap cleanup EXIT INT TERM
@@ -57,7 +57,7 @@ RUNSV=$!
 # supervisord: one program, restarted as fast as it allows.
 cat >"$RUN/supervisord.conf" <<EOF
 [supervisord]
-nodaemon=false
+nodaemon=true
 pidfile=$RUN/supervisord.pid
 logfile=$RUN/supervisord.log
 loglevel=warn
@@ -70,7 +70,8 @@ stopsignal=KILL
 stdout_logfile=/dev/null
 stderr_logfile=/dev/null
 EOF
-venv/bin/supervisord -c "$RUN/supervisord.conf"
+venv/bin/supervisord -c "$RUN/supervisord.conf" &
+SUPD=$!
 
 i=0
 while [ ! -S "$RUN/runit.sock" ] || [ ! -S "$RUN/supervisord.sock" ]; do

@@ -335,6 +335,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
 
     /// Every worker is gone after a shutdown: close everything and complete.
     func closeSockets() {
+        discardStandbys()
         sweepOrphans(all: true)
         hasStopped = true
         timer?.cancel()
