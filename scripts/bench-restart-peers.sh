@@ -70,7 +70,7 @@ stopsignal=KILL
 stdout_logfile=/dev/null
 stderr_logfile=/dev/null
 EOF
-venv/bin/supervisord -c "$RUN/supervisord.conf" &
+venv/bin/supervisord -c "$RUN/supervisord.conf" >"$RUN/supervisord.out" 2>&1 &
 SUPD=$!
 
 i=0

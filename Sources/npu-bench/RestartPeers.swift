@@ -15,8 +15,8 @@ import WireProtocol
 /// - npu-supervisord: right after the kill, one request pinned to device 0 is sent on requests.sock; the time is
 ///   taken when its answer arrives (the supervisor holds it until the device serves again; an error answer, such
 ///   as `worker_lost` when it went to the dying worker, is sent again at once).
-/// - a peer: the probe connects to the worker's own socket every 0.1 ms until the process that listens there
-///   (SO_PEERCRED) is not the victim and answers a request.
+/// - a peer: the probe waits (inotify) for the worker's socket file to be created again, then connects until the
+///   process that listens there (SO_PEERCRED) is not the victim and answers a request.
 struct RestartPeers: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "restart-peers",
@@ -151,25 +151,37 @@ struct RestartPeers: ParsableCommand {
         return peerCredentialsPid(fd)
     }
 
-    /// Connects every 0.1 ms until a process other than `victim` listens and answers; the time of the answer.
+    /// Waits until a process other than `victim` listens on the peer's socket and answers; the time of the answer.
+    /// The probe does not spin (on 2 CPUs a spinning probe would take CPU from the starting worker): it sleeps on
+    /// inotify until the socket file is created again (the worker's bind), then connects; only in the short
+    /// window between bind and listen, or while the killed process is still there, it retries every 0.1 ms.
     func probePeer(_ t: Target, victim: pid_t, deadline: Double) -> Double? {
         let payload = ByteBuffer(string: "restart-probe")
+        let path = t.socket!
+        let directory = (path as NSString).deletingLastPathComponent
+        let inotify = inotify_init1(Int32(IN_CLOEXEC | IN_NONBLOCK))
+        defer { if inotify >= 0 { close(inotify) } }
+        if inotify >= 0 { _ = inotify_add_watch(inotify, directory, UInt32(IN_CREATE)) }
+        var created = inotify < 0
+        var buffer = [UInt8](repeating: 0, count: 4096)
         while now() < deadline {
-            guard let fd = try? connectUnixSocket(path: t.socket!) else {
-                usleep(100)
-                continue
+            if let fd = try? connectUnixSocket(path: path) {
+                defer { close(fd) }
+                if let pid = peerCredentialsPid(fd), pid != victim {
+                    let io = BlockingFrameIO(fd: fd)
+                    do {
+                        try io.write(Frame(type: .request, requestID: 1, payload: payload))
+                        if let frame = try io.readFrame(), frame.type == .response { return now() }
+                    } catch {}
+                }
             }
-            let io = BlockingFrameIO(fd: fd)
-            defer { close(fd) }
-            guard let pid = peerCredentialsPid(fd), pid != victim else {
+            if created {
                 usleep(100)
-                continue
+            } else {
+                var pfd = pollfd(fd: inotify, events: Int16(POLLIN), revents: 0)
+                _ = poll(&pfd, 1, 2)
+                if read(inotify, &buffer, buffer.count) > 0 { created = true }
             }
-            do {
-                try io.write(Frame(type: .request, requestID: 1, payload: payload))
-                if let frame = try io.readFrame(), frame.type == .response { return now() }
-            } catch {}
-            usleep(100)
         }
         return nil
     }
