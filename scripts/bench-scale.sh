@@ -10,12 +10,12 @@
 # --static-swift-stdlib build that the packages ship, with npu-worker and npu-cgroup-exec copied next to it).
 # Figures: BENCHMARKS.md, "Scale".
 set -eu
-BIN=${1:-.build/release}
+BIN=$(cd "${1:-.build/release}" && pwd)
 ROUNDS=${2:-2}
 IDLE=${3:-60}
 CYCLES=${4:-10000}
-OLD=${OLD:-}
-STATIC=${STATIC:-}
+OLD=${OLD:+$(cd "$OLD" && pwd)}
+STATIC=${STATIC:+$(cd "$STATIC" && pwd)}
 echo "# $(uname -r), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
 r=1
 while [ "$r" -le "$ROUNDS" ]; do

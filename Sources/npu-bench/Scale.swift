@@ -28,7 +28,13 @@ struct Scale: ParsableCommand {
             }
             usleep(useconds_t(pollMs * 1000))
         }
-        guard !ready.isNaN else { throw BenchError("not all \(workers) workers ready within 60 s") }
+        guard !ready.isNaN else {
+            let states = daemon.status().map { doc in
+                Dictionary(grouping: doc.workers, by: \.state).map { "\($0.key): \($0.value.count)" }.joined(separator: ", ")
+            } ?? "no status document"
+            let log = (try? String(contentsOfFile: daemon.directory + "/daemon.log", encoding: .utf8)) ?? ""
+            throw BenchError("not all \(workers) workers ready within 60 s (\(states)); log:\n\(log.suffix(3000))")
+        }
         usleep(useconds_t(settle * 1e6))
         let before = ProcessCPU(pid: daemon.pid)
         let m0 = Memory(pid: daemon.pid)
