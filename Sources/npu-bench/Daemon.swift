@@ -14,6 +14,8 @@ final class BenchDaemon {
 
     init(devices: Int, workerArgs: [String], defaults: String = "", requests: String = "", cgroups: String = "auto",
          binDirectory: String, environment: [String: String] = [:], logLevel: String = "warning") throws {
+        // Absolute: the config lives in a temporary folder, and relative paths in it are taken from there.
+        let binDirectory = URL(fileURLWithPath: binDirectory).standardizedFileURL.path
         self.binDirectory = binDirectory
         directory = NSTemporaryDirectory() + "npu-bench-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)

@@ -21,7 +21,7 @@ struct Scale: ParsableCommand {
                                      binDirectory: bin.bin)
         defer { daemon.stop() }
         var ready = Double.nan
-        while now() - t0 < 60 {
+        while now() - t0 < 60 && daemon.process.isRunning {
             if let doc = daemon.status(), doc.workers.count == workers, doc.workers.allSatisfy({ $0.state == "ready" }) {
                 ready = now() - t0
                 break
@@ -35,6 +35,7 @@ struct Scale: ParsableCommand {
             let log = (try? String(contentsOfFile: daemon.directory + "/daemon.log", encoding: .utf8)) ?? ""
             throw BenchError("not all \(workers) workers ready within 60 s (\(states)); log:\n\(log.suffix(3000))")
         }
+        let startCPU = ProcessCPU(pid: daemon.pid).ticks
         usleep(useconds_t(settle * 1e6))
         let before = ProcessCPU(pid: daemon.pid)
         let m0 = Memory(pid: daemon.pid)
@@ -44,9 +45,9 @@ struct Scale: ParsableCommand {
         let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
         let cpu = Double(after.ticks - before.ticks) / ticks / idle * 100
         let switches = Double(after.contextSwitches - before.contextSwitches) / idle
-        print(String(format: "workers %d, cgroups %@: cold start -> all ready %.0f ms; idle %.0f s: CPU %.3f%% of a core, "
+        print(String(format: "workers %d, cgroups %@: cold start -> all ready %.0f ms (supervisor CPU %.0f ms); idle %.0f s: CPU %.3f%% of a core, "
                      + "%.1f context switches/s (all threads); RSS %.1f MB -> %.1f MB (anon %.1f MB), %d threads, %d fds",
-                     workers, cgroups, ready * 1000, idle, cpu, switches, Double(m0.rssKB) / 1024,
+                     workers, cgroups, ready * 1000, Double(startCPU) / ticks * 1000, idle, cpu, switches, Double(m0.rssKB) / 1024,
                      Double(m1.rssKB) / 1024, Double(m1.anonKB) / 1024, m1.threads, m1.fds))
     }
 }
