@@ -19,6 +19,11 @@ char **npu_environ(void) { return environ; }
 
 int npu_spawn(const char *path, char *const argv[], char *const envp[], const char *working_directory,
               int channel_fd, int output_fd, int cgroup_procs_fd, pid_t *pid) {
+    return npu_spawn_standby(path, argv, envp, working_directory, channel_fd, output_fd, cgroup_procs_fd, -1, pid);
+}
+
+int npu_spawn_standby(const char *path, char *const argv[], char *const envp[], const char *working_directory,
+                      int channel_fd, int output_fd, int cgroup_procs_fd, int go_fd, pid_t *pid) {
     posix_spawn_file_actions_t fa;
     posix_spawnattr_t attr;
     int rc = posix_spawn_file_actions_init(&fa);
@@ -38,6 +43,10 @@ int npu_spawn(const char *path, char *const argv[], char *const envp[], const ch
         if ((rc = posix_spawn_file_actions_addclosefrom_np(&fa, 3)) != 0) goto out;
     } else if ((rc = posix_spawn_file_actions_adddup2(&fa, channel_fd, 3)) != 0) {
         goto out;
+    } else if (cgroup_procs_fd >= 0 && go_fd >= 0) {
+        if ((rc = posix_spawn_file_actions_adddup2(&fa, cgroup_procs_fd, 4)) != 0) goto out;
+        if ((rc = posix_spawn_file_actions_adddup2(&fa, go_fd, 5)) != 0) goto out;
+        if ((rc = posix_spawn_file_actions_addclosefrom_np(&fa, 6)) != 0) goto out;
     } else if (cgroup_procs_fd >= 0) {
         if ((rc = posix_spawn_file_actions_adddup2(&fa, cgroup_procs_fd, 4)) != 0) goto out;
         if ((rc = posix_spawn_file_actions_addclosefrom_np(&fa, 5)) != 0) goto out;

@@ -127,7 +127,18 @@ final class CgroupManager: Sendable {  // immutable: every method works on paths
 
     /// Creates (or reuses) the device's cgroup and sets its limit. - Throws: ``SystemError``.
     func create(device: String, limit: Int?) throws -> WorkerCgroup {
-        let path = base + "/worker-" + device
+        try create(path: base + "/worker-" + device, limit: limit)
+    }
+
+    /// The cgroup for the device's next process, made ahead of need (``StandbyWorker``): `worker-DEVICE` or
+    /// `worker-DEVICE.next`, whichever the current process (in `current`) does not use.
+    /// - Throws: ``SystemError``.
+    func createNext(device: String, limit: Int?, current: String?) throws -> WorkerCgroup {
+        let plain = base + "/worker-" + device
+        return try create(path: current == plain ? plain + ".next" : plain, limit: limit)
+    }
+
+    private func create(path: String, limit: Int?) throws -> WorkerCgroup {
         if mkdir(path, 0o755) != 0 && errno != EEXIST { throw SystemError(call: "mkdir \(path)", errno: errno) }
         if let limit {
             let file = version == .v2 ? "/memory.max" : "/memory.limit_in_bytes"
@@ -171,7 +182,10 @@ final class CgroupManager: Sendable {  // immutable: every method works on paths
     }
 
     func tearDown(devices: [String]) {
-        for device in devices { remove(base + "/worker-" + device) }
+        for device in devices {
+            remove(base + "/worker-" + device)
+            remove(base + "/worker-" + device + ".next")
+        }
         if ownsBase { _ = rmdir(base) }
     }
 

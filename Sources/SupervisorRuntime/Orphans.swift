@@ -52,7 +52,7 @@ extension Supervisor {
     /// This process's children that are neither a current worker nor a probe command.
     func adoptedChildren() -> [Adopted] {
         let me = getpid()
-        let workers = Set(slots.filter { $0.pid > 0 && !$0.isReaped }.map(\.pid))
+        let workers = Set(slots.filter { $0.pid > 0 && !$0.isReaped }.map(\.pid) + slots.compactMap { $0.standby?.pid })
         var found: [Adopted] = []
         for pid in childPids() {
             guard pid != me, !workers.contains(pid),

@@ -50,6 +50,17 @@ enum ProcessSpawner {
     /// - Parameter trampoline: with `cgroupProcsFD`, the program that joins the cgroup and execs the worker.
     static func spawn(_ spec: WorkerSpec, cgroupProcsFD: CInt = -1, trampoline: String? = nil,
                       extraEnvironment: [String: String] = [:]) throws -> SpawnedWorker {
+        try spawn(spec, cgroupProcsFD: cgroupProcsFD, trampoline: trampoline, goFD: -1, extraEnvironment: extraEnvironment)
+    }
+
+    /// Starts a standby (``StandbyWorker``): the trampoline with `--standby`, `goFD` as its fd 5.
+    /// - Throws: ``SystemError``.
+    static func spawnStandby(_ spec: WorkerSpec, cgroupProcsFD: CInt, trampoline: String, goFD: CInt) throws -> SpawnedWorker {
+        try spawn(spec, cgroupProcsFD: cgroupProcsFD, trampoline: trampoline, goFD: goFD, extraEnvironment: [:])
+    }
+
+    private static func spawn(_ spec: WorkerSpec, cgroupProcsFD: CInt, trampoline: String?, goFD: CInt,
+                              extraEnvironment: [String: String]) throws -> SpawnedWorker {
         var pair: [CInt] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
             throw SystemError(call: "socketpair", errno: errno)
@@ -60,15 +71,16 @@ enum ProcessSpawner {
             close(pair[0]); close(pair[1])
             throw SystemError(call: "pipe2", errno: e)
         }
-        let argv = cgroupProcsFD >= 0 && trampoline != nil ? [trampoline!] + spec.command : spec.command
+        let argv = cgroupProcsFD >= 0 && trampoline != nil
+            ? [trampoline!] + (goFD >= 0 ? ["--standby"] : []) + spec.command : spec.command
         let env = environment(for: spec, extra: extraEnvironment)
         var pid: pid_t = 0
         let rc = withCStrings(argv) { cArgv in
             withCStrings(env) { cEnv in
                 if let directory = spec.workingDirectory {
-                    return npu_spawn(argv[0], cArgv, cEnv, directory, pair[1], pipeFDs[1], cgroupProcsFD, &pid)
+                    return npu_spawn_standby(argv[0], cArgv, cEnv, directory, pair[1], pipeFDs[1], cgroupProcsFD, goFD, &pid)
                 }
-                return npu_spawn(argv[0], cArgv, cEnv, nil, pair[1], pipeFDs[1], cgroupProcsFD, &pid)
+                return npu_spawn_standby(argv[0], cArgv, cEnv, nil, pair[1], pipeFDs[1], cgroupProcsFD, goFD, &pid)
             }
         }
         // The child has its copies (or there is no child): close ours of the child's ends in both cases.

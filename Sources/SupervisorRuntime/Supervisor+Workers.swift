@@ -16,7 +16,10 @@ extension Supervisor {
         do {
             var procsFD: CInt = -1
             slot.cgroup = nil
-            if let cgroups {
+            // With cgroups, the process is usually started already, in its cgroup: no cgroup work and no spawn
+            // left on the critical path (StandbyWorker.swift). It sets slot.cgroup.
+            let standby = takeStandby(slot)
+            if standby == nil, let cgroups {
                 do {
                     let cgroup = try cgroups.create(device: slot.spec.device, limit: slot.spec.memoryLimit)
                     procsFD = try cgroups.openProcs(cgroup)
@@ -27,8 +30,8 @@ extension Supervisor {
                 }
             }
             defer { if procsFD >= 0 { Glibc.close(procsFD) } }
-            spawned = try ProcessSpawner.spawn(slot.spec, cgroupProcsFD: procsFD, trampoline: cgroups?.trampoline,
-                                               extraEnvironment: rankEnvironment(slot.index))
+            spawned = try standby ?? ProcessSpawner.spawn(slot.spec, cgroupProcsFD: procsFD, trampoline: cgroups?.trampoline,
+                                                          extraEnvironment: rankEnvironment(slot.index))
         } catch let error as SystemError {
             feed(.spawnFailed(slot: slot.index, errno: error.errno, message: "\(error)", jitter: Double.random(in: 0..<1)))
             return
@@ -56,6 +59,7 @@ extension Supervisor {
         watchExit(slot, pid: spawned.pid, pidFD: spawned.pidFD)
         attachChannel(slot, pid: spawned.pid, fd: spawned.channelFD)
         attachOutput(slot, pid: spawned.pid, fd: spawned.outputFD)
+        scheduleStandby(slot, after: spawned.pid)
     }
 
     func attachChannel(_ slot: WorkerIO, pid: pid_t, fd: CInt) {

@@ -140,6 +140,11 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
             if kill(-pid, signal) != 0 && errno == ESRCH { _ = kill(pid, signal) }
         case .closeChannel(let slot):
             slots[slot].closeChannel()
+            // A device removed by a reload will not start again: its standby goes now, not at shutdown.
+            if machine.workers[slot].isRetired, let cgroups, let standby = slots[slot].standby {
+                standby.discard(cgroups: cgroups)
+                slots[slot].standby = nil
+            }
         case .failInflight(let slot, let cause):
             failInflight(of: slot, code: ErrorCode.workerLost, cause: cause)
         case .runDeviceProbe(let slot):
@@ -349,6 +354,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
 
     /// Every worker is gone after a shutdown: close everything and complete.
     func closeSockets() {
+        discardStandbys()
         sweepOrphans(all: true)
         hasStopped = true
         timer?.cancel()

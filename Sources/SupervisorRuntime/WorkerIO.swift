@@ -31,6 +31,8 @@ final class WorkerIO {
     var isDirty = false
     /// The current process's memory cgroup, when cgroups are in use.
     var cgroup: CgroupManager.WorkerCgroup?
+    /// The next process, started ahead of need in its own cgroup (cgroups on only; ``StandbyWorker``).
+    var standby: StandbyWorker?
 
     init(index: Int, spec: WorkerSpec, outputLines: Int) {
         self.index = index

@@ -13,7 +13,9 @@ final class BenchDaemon {
     var pid: Int32 { process.processIdentifier }
 
     init(devices: Int, workerArgs: [String], defaults: String = "", requests: String = "", cgroups: String = "auto",
-         binDirectory: String) throws {
+         binDirectory: String, environment: [String: String] = [:], logLevel: String = "warning") throws {
+        // Absolute: the config lives in a temporary folder, and relative paths in it are taken from there.
+        let binDirectory = URL(fileURLWithPath: binDirectory).standardizedFileURL.path
         self.binDirectory = binDirectory
         directory = NSTemporaryDirectory() + "npu-bench-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -21,7 +23,7 @@ final class BenchDaemon {
         var toml = """
             [supervisor]
             run_dir = "run"
-            log_level = "warning"
+            log_level = "\(logLevel)"
             [http]
             listen = ""
             [cgroups]
@@ -40,6 +42,9 @@ final class BenchDaemon {
         try toml.write(toFile: config, atomically: true, encoding: .utf8)
         process.executableURL = URL(fileURLWithPath: binDirectory + "/npu-supervisord")
         process.arguments = ["--config", config]
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         _ = FileManager.default.createFile(atPath: directory + "/daemon.log", contents: nil)
         let log = FileHandle(forWritingAtPath: directory + "/daemon.log")!
         process.standardOutput = log

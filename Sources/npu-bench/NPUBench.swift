@@ -9,7 +9,7 @@ struct NPUBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "npu-bench",
         abstract: "Benchmarks and drills for npu-supervisor (figures for BENCHMARKS.md).",
-        subcommands: [Load.self, RestartLatency.self, IdleMemory.self, Soak.self, HTTPLoad.self])
+        subcommands: [Load.self, RestartLatency.self, RestartPeers.self, Scale.self, IdleMemory.self, Soak.self, HTTPLoad.self])
 }
 
 struct BinOption: ParsableArguments {
@@ -94,6 +94,8 @@ struct Soak: ParsableCommand {
     @OptionGroup var bin: BinOption
     @Option(help: "Kill/replace cycles.") var cycles = 1000
     @Option(help: "Report every this many cycles.") var every = 250
+    @Option(help: "Let each new worker run this long before it is killed, ms (with cgroups, restarts from 300 ms on take the slot's standby).")
+    var pauseMs = 0
 
     func run() throws {
         let daemon = try BenchDaemon(
@@ -112,6 +114,7 @@ struct Soak: ParsableCommand {
         }
         line(0)
         for n in 1...cycles {
+            if pauseMs > 0 { usleep(useconds_t(pauseMs * 1000 / 2)) }  // two workers alternate: each runs ~pauseMs
             guard let victim = daemon.status()?.workers[n % 2].pid else { throw BenchError("no worker pid") }
             kill(victim, SIGKILL)
             let t0 = now()

@@ -43,6 +43,38 @@ struct IsolationTests {
         #expect(daemon.terminate() == 0)
     }
 
+    /// A restart takes the standby prepared ahead of need (StandbyWorker.swift): the new worker runs in the other
+    /// cgroup of its slot, with the limit, and its OOM kill is still proven by that cgroup's counter.
+    @Test(.enabled(if: IsolationTests.canUseCgroups, "needs root to create memory cgroups"))
+    func aRestartUsesTheStandbyPreparedInTheSlotsOtherCgroup() throws {
+        let daemon = try TestDaemon(devices: ["0"], defaults: "memory_limit = \"64MiB\"", extra: "[requests]\nretries = 0")
+        let first = try #require(daemon.waitAllReady()?.workers[0].pid)
+        func cgroup(_ pid: pid_t) -> String {
+            let text = (try? String(contentsOfFile: "/proc/\(pid)/cgroup", encoding: .utf8)) ?? ""
+            return String(text.split(separator: "\n").first { $0.contains(":memory:") || $0.hasPrefix("0::") } ?? "")
+        }
+        #expect(cgroup(first).hasSuffix("/worker-0"))
+        // The standby is started a moment after the spawn: a child of the supervisor, in worker-0.next.
+        #expect(eventually {
+            childPids(of: daemon.pid).contains { $0 != first && cgroup($0).hasSuffix("/worker-0.next") }
+        })
+        kill(first, SIGKILL)
+        #expect(eventually { daemon.worker("0").map { $0.state == "ready" && $0.pid != first } ?? false })
+        let second = try #require(daemon.worker("0")?.pid)
+        let path = cgroup(second)
+        #expect(path.hasSuffix("/worker-0.next"), "the restart used the standby: \(path)")
+        if let dir = path.split(separator: ":").last, path.contains(":memory:") {
+            let limit = try? String(contentsOfFile: "/sys/fs/cgroup/memory\(dir)/memory.limit_in_bytes", encoding: .utf8)
+            #expect(limit == "\(64 << 20)\n")
+        }
+        // Its own cgroup's counter proves an OOM kill.
+        _ = try daemon.client().infer(payload("{\"prompt\": \"x\", \"fault\": \"host_oom\", \"memory_mb\": 1024}"),
+                                      options: RequestOptions(device: "0"))
+        #expect(eventually { daemon.worker("0")?.lastExit == "oom_killed" })
+        #expect(eventually { daemon.worker("0").map { $0.state == "ready" && $0.pid != second } ?? false })
+        #expect(daemon.terminate() == 0)
+    }
+
     @Test func deviceOOMIsReportedAsSuch() throws {
         let daemon = try TestDaemon(devices: ["0"])
         #expect(daemon.waitAllReady() != nil)
@@ -148,4 +180,13 @@ func parentPID(of pid: Int32) -> Int32? {
 struct SandboxFailure: Error, CustomStringConvertible {
     var description: String
     init(_ description: String) { self.description = description }
+}
+
+/// The children of a process (its threads' /proc children files).
+func childPids(of pid: pid_t) -> [pid_t] {
+    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+    return tasks.flatMap { tid in
+        ((try? String(contentsOfFile: "/proc/\(pid)/task/\(tid)/children", encoding: .utf8)) ?? "")
+            .split(separator: " ").compactMap { pid_t($0) }
+    }
 }

@@ -13,6 +13,12 @@
 int npu_spawn(const char *path, char *const argv[], char *const envp[], const char *working_directory,
               int channel_fd, int output_fd, int cgroup_procs_fd, pid_t *pid);
 
+/// `npu_spawn` for a standby worker (the trampoline started with `--standby`): `go_fd` is passed as fd 5; the
+/// trampoline joins its cgroup at once, then waits for one byte on fd 5 before it execs the worker (EOF: it
+/// exits without running the worker).
+int npu_spawn_standby(const char *path, char *const argv[], char *const envp[], const char *working_directory,
+                      int channel_fd, int output_fd, int cgroup_procs_fd, int go_fd, pid_t *pid);
+
 /// The process environment (`environ`), which Swift 6 does not import safely.
 char **npu_environ(void);
 
