@@ -41,8 +41,10 @@ extension Supervisor {
             return
         }
         let devices = machine.devices
+        // Devices a reload removed get a message of their own rather than "unknown".
+        func removed() -> [String] { machine.workers.filter(\.isRetired).map(\.spec.device) }
         func select(allowEmpty: Bool) throws -> [Int] {
-            try WorkerSelection.select(command.devices, among: devices, allowEmpty: allowEmpty)
+            try WorkerSelection.select(command.devices, among: devices, removed: removed(), allowEmpty: allowEmpty)
         }
         do {
             switch verb {
@@ -107,9 +109,10 @@ extension Supervisor {
                                            devices: names)
                 answer(Frame(type: .response, requestID: requestID, payload: try JSONCoding.encode(result)))
             case .tail:
-                guard let index = try select(allowEmpty: false).first,
-                      command.devices?.count == 1, command.devices != ["all"]
-                else { throw SupervisorError("tail takes exactly one device") }
+                let index = try WorkerSelection.selectOne(command.devices, verb: "tail", among: devices, removed: removed())
+                if let lines = command.lines, lines < 0 {
+                    throw SupervisorError("tail: lines must be 0 or more (got \(lines))")
+                }
                 let slot = slots[index]
                 let (lines, next) = slot.output.last(command.lines ?? 50)
                 if command.follow == true {
@@ -134,10 +137,25 @@ extension Supervisor {
 }
 
 /// control.sock: `request` frames carrying a JSON ``ControlCommand``; answers are `response` (JSON) or `error`.
-final class ControlHandler: ChannelInboundHandler {
+/// Also outbound, only to know when the last answer has been written: closing with writes pending would drop
+/// them (NIO fails pending writes on close).
+final class ControlHandler: ChannelDuplexHandler {
     typealias InboundIn = Frame
+    typealias OutboundIn = Frame
+    typealias OutboundOut = Frame
     let supervisor: Supervisor
     var peer: PeerCredentials?
+    /// The client's input ended (half-close or close): close once every command read has been answered.
+    private var isInputClosed = false
+    /// Bytes of a partial frame the input ended inside of, discarded (docs/PROTOCOL.md 1.1).
+    private var discardedBytes = 0
+    private var isClosing = false
+    /// The latest write (writes complete in order).
+    private var lastWrite: EventLoopFuture<Void>?
+
+    /// Fired down the pipeline after a deferred answer (`reload` with `wait`) has been written: a half-closed
+    /// connection that waited for it may close now.
+    struct Answered {}
 
     init(supervisor: Supervisor) { self.supervisor = supervisor }
 
@@ -169,24 +187,68 @@ final class ControlHandler: ChannelInboundHandler {
         }
     }
 
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let promise = promise ?? context.eventLoop.makePromise()
+        lastWrite = promise.futureResult
+        context.write(data, promise: promise)
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
         supervisor.removeFollower(ObjectIdentifier(context.channel))
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        // Half-close: every command read so far has been answered (answers are written at once).
         if case ChannelEvent.inputClosed = event {
-            context.close(promise: nil)
+            isInputClosed = true
+            closeIfInputDone(context: context)
+            return
+        }
+        if event is Answered {
+            closeIfInputDone(context: context)
             return
         }
         context.fireUserInboundEventTriggered(event)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if case .truncated(let bytes) = error as? FrameDecodingError {
+            // The decoder's leftovers at end of input: a partial frame (said as the last frame, like requests.sock).
+            isInputClosed = true
+            discardedBytes = bytes
+            closeIfInputDone(context: context)
+            return
+        }
         if let error = error as? FrameDecodingError {
             context.writeAndFlush(NIOAny(Frame.error(requestID: 0, code: ErrorCode.protocolError,
                                                      message: "\(error)")), promise: nil)
         }
-        context.close(promise: nil)
+        close(context: context)
+    }
+
+    /// After the input ended (docs/PROTOCOL.md 1.1): commands are answered as they are read, except `reload`
+    /// with `wait`, which is waited for; a `tail` follow ends. Then the partial frame, if any, is said to be
+    /// discarded (`protocol_error`, id 0) and the connection closes once everything is written.
+    private func closeIfInputDone(context: ChannelHandlerContext) {
+        guard isInputClosed, !isClosing else { return }
+        let channel = context.channel
+        supervisor.removeFollower(ObjectIdentifier(channel))
+        if supervisor.reloadWaiters.contains(where: { $0.channel === channel }) { return }
+        if discardedBytes > 0 {
+            context.writeAndFlush(NIOAny(Frame.error(requestID: 0, code: ErrorCode.protocolError,
+                                                     message: FrameDecodingError.partialFrameDiscarded(bytes: discardedBytes))),
+                                  promise: nil)
+        }
+        close(context: context)
+    }
+
+    private func close(context: ChannelHandlerContext) {
+        guard !isClosing else { return }
+        isClosing = true
+        let channel = context.channel
+        if let lastWrite {
+            lastWrite.whenComplete { _ in channel.close(promise: nil) }
+        } else {
+            channel.close(promise: nil)
+        }
     }
 }
