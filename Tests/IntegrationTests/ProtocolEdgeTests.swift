@@ -99,6 +99,24 @@ struct ProtocolEdgeTests {
         #expect(daemon.terminate() == 0)
     }
 
+    @Test func aHalfClosedControlConnectionGetsItsReloadWaitAnswerBeforeEOF() throws {
+        // A reload that rolls the device: its answer comes seconds after the command was read.
+        let daemon = try TestDaemon(devices: ["0"], extra: RolloutIntegrationTests.rollout)
+        #expect(daemon.waitAllReady() != nil)
+        try RolloutIntegrationTests.setWorkerArguments(daemon, ["--model", "sim-llm-7b-v2"])
+        let client = try SupervisorClient(socketPath: daemon.controlSocket, timeout: .seconds(30))
+        try client.io.write(Frame(type: .request, requestID: 1,
+                                  payload: try JSONCoding.encode(ControlCommand(command: "reload", wait: true))))
+        try client.io.writeRaw(Self.partialFrame(5))
+        shutdown(client.io.fd, Int32(SHUT_WR))
+        let frames = try Self.readToEOF(client)
+        #expect(frames.map(\.requestID) == [1, 0], "\(frames.map { ($0.type, $0.requestID, $0.payloadString) })")
+        #expect(frames.first?.type == .response && frames.first?.payloadString.contains("rollout complete") == true)
+        #expect(frames.last?.errorPayload.message == FrameDecodingError.partialFrameDiscarded(bytes: 5))
+        #expect(daemon.status()?.rollout?.state == "complete")
+        #expect(daemon.terminate() == 0)
+    }
+
     @Test func tailErrorsSayWhatIsWrong() throws {
         // Device "q" runs a process that writes nothing (and never says ready): a device with no output yet.
         let daemon = try TestDaemon(devices: ["0", "q"], perDevice: ["q": "command = [\"/bin/sleep\", \"60\"]"])
