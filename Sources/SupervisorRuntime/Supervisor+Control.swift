@@ -138,7 +138,8 @@ extension Supervisor {
 
 /// control.sock: `request` frames carrying a JSON ``ControlCommand``; answers are `response` (JSON) or `error`.
 /// Also outbound, only to know when the last answer has been written: closing with writes pending would drop
-/// them (NIO fails pending writes on close).
+/// them (NIO fails pending writes on close). So its own answers go through the channel (`context.channel`), not
+/// `context`, whose writes would start past this handler.
 final class ControlHandler: ChannelDuplexHandler {
     typealias InboundIn = Frame
     typealias OutboundIn = Frame
@@ -173,17 +174,17 @@ final class ControlHandler: ChannelDuplexHandler {
                 supervisor.removeFollower(ObjectIdentifier(context.channel))
                 return
             }
-            context.writeAndFlush(NIOAny(Frame.error(requestID: frame.requestID, code: ErrorCode.unsupported,
-                                                     message: "control.sock accepts request frames only")),
-                                  promise: nil)
+            context.channel.writeAndFlush(Frame.error(requestID: frame.requestID, code: ErrorCode.unsupported,
+                                                      message: "control.sock accepts request frames only"),
+                                          promise: nil)
             return
         }
         do {
             let command = try JSONCoding.decode(ControlCommand.self, from: frame.payload)
             supervisor.control(command, requestID: frame.requestID, peer: peer, channel: context.channel)
         } catch {
-            context.writeAndFlush(NIOAny(Frame.error(requestID: frame.requestID, code: ErrorCode.badRequest,
-                                                     message: "not a control command: \(error)")), promise: nil)
+            context.channel.writeAndFlush(Frame.error(requestID: frame.requestID, code: ErrorCode.badRequest,
+                                                      message: "not a control command: \(error)"), promise: nil)
         }
     }
 
@@ -219,8 +220,8 @@ final class ControlHandler: ChannelDuplexHandler {
             return
         }
         if let error = error as? FrameDecodingError {
-            context.writeAndFlush(NIOAny(Frame.error(requestID: 0, code: ErrorCode.protocolError,
-                                                     message: "\(error)")), promise: nil)
+            context.channel.writeAndFlush(Frame.error(requestID: 0, code: ErrorCode.protocolError, message: "\(error)"),
+                                          promise: nil)
         }
         close(context: context)
     }
@@ -234,9 +235,8 @@ final class ControlHandler: ChannelDuplexHandler {
         supervisor.removeFollower(ObjectIdentifier(channel))
         if supervisor.reloadWaiters.contains(where: { $0.channel === channel }) { return }
         if discardedBytes > 0 {
-            context.writeAndFlush(NIOAny(Frame.error(requestID: 0, code: ErrorCode.protocolError,
-                                                     message: FrameDecodingError.partialFrameDiscarded(bytes: discardedBytes))),
-                                  promise: nil)
+            let message = FrameDecodingError.partialFrameDiscarded(bytes: discardedBytes)
+            channel.writeAndFlush(Frame.error(requestID: 0, code: ErrorCode.protocolError, message: message), promise: nil)
         }
         close(context: context)
     }
