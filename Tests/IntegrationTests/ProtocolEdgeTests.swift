@@ -96,6 +96,21 @@ struct ProtocolEdgeTests {
         shutdown(clean.io.fd, Int32(SHUT_WR))
         let answers = try Self.readToEOF(clean)
         #expect(answers.map(\.requestID) == [3] && answers.first?.type == .response)
+        // Section 2.5 on control.sock: another type is `unsupported`, a payload that is no command `bad_request`,
+        // both keeping the connection; a length out of bounds is `protocol_error` (id 0), then EOF.
+        let rude = try SupervisorClient(socketPath: daemon.controlSocket, timeout: .seconds(20))
+        try rude.io.write(Frame(type: .ready, requestID: 4))
+        let unsupported = try #require(try rude.readFrame())
+        #expect(unsupported.requestID == 4 && unsupported.errorPayload.code == "unsupported")
+        try rude.io.write(Frame(type: .request, requestID: 5, payload: ByteBuffer(string: "{{")))
+        let bad = try #require(try rude.readFrame())
+        #expect(bad.requestID == 5 && bad.errorPayload.code == "bad_request"
+                && bad.errorPayload.message.hasPrefix("not a control command: "))
+        var tooShort = ByteBuffer()
+        tooShort.writeInteger(UInt32(3))
+        try rude.io.writeRaw(tooShort)
+        let rest = try Self.readToEOF(rude)
+        #expect(rest.count == 1 && rest.first?.requestID == 0 && rest.first?.errorPayload.code == "protocol_error")
         #expect(daemon.terminate() == 0)
     }
 
