@@ -5,12 +5,13 @@
 #   scripts/fuzz.sh [TARGET|all] [SECONDS]      TARGET: frame, options, control, config (default all, 60 s each)
 #   FUZZ_RUNS=N scripts/fuzz.sh TARGET           a fixed number of executions instead of a time limit
 #   FUZZ_BUILD_ONLY=1 scripts/fuzz.sh            build, do not run
+#   FUZZ_OUT=DIR scripts/fuzz.sh ...             binaries, logs and found inputs in DIR (default .build/fuzz)
 #   FUZZ_RELEASE=1 scripts/fuzz.sh ...           link the dependencies' release build (swift build -c release):
 #                                                the long runs; SwiftNIO at -Onone dominates the frame and control
 #                                                targets' time (perf: ByteBuffer's integer packing)
 #
-# New inputs libFuzzer finds go to .build/fuzz/corpus/TARGET (the seeds in Fuzz/corpus stay as they are); a
-# crash leaves its input in .build/fuzz/crash-TARGET-*. Each run's log is .build/fuzz/TARGET.log.
+# New inputs libFuzzer finds go to OUT/corpus/TARGET (the seeds in Fuzz/corpus stay as they are); a crash leaves
+# its input in OUT/crash-TARGET-*. Each run's log is OUT/TARGET.log. OUT is .build/fuzz unless FUZZ_OUT says.
 # Exit status: 0 when every target ran clean, 1 on a finding, 77 when this toolchain cannot build a fuzzer
 # (`scripts/fuzz.sh probe` checks only that).
 set -euo pipefail
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 target=${1:-all}
 seconds=${2:-60}
-out=$root/.build/fuzz
+out=${FUZZ_OUT:-$root/.build/fuzz}
 configuration=debug
 [ -n "${FUZZ_RELEASE:-}" ] && configuration=release
 deps=${FUZZ_DEPS:-$root/.build/$configuration}
