@@ -51,12 +51,11 @@ public struct FrameReader {
     }
 
     /// Keeps what is left of `buffer` for the next read. When that is part of a frame, the bytes already read go
-    /// first: the frames handed out are slices of the same storage, so while any is alive the storage is shared,
-    /// and the next append would copy it from its start, already-read bytes included, once per read: quadratic
-    /// in a stream of small frames whose reads end inside a frame (found by fuzzing, issue 14: the frame target
-    /// slowed from 10k to 2k executions per second as its inputs grew). Dropping them now copies only the partial
-    /// frame, once; a frame that keeps arriving reads nothing, so it is not copied again. Whole frames held back
-    /// (``read(_:while:_:)``) are not moved for each one taken: only past 64 KiB of read bytes, which amortizes.
+    /// first: the frames handed out are slices of the same storage, so while any is alive (a request in flight)
+    /// the storage is shared, and the next append would copy it from its start, already-read bytes included (up
+    /// to 64 KiB of them per read). Dropping them now copies only the partial frame, once; a frame that keeps
+    /// arriving reads nothing, so it is not copied again. Whole frames held back (``read(_:while:_:)``) are not
+    /// moved for each one taken: only past 64 KiB of read bytes, which amortizes.
     private mutating func keep(_ buffer: ByteBuffer) {
         guard buffer.readableBytes > 0 else {
             pending = nil
