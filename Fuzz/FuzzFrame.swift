@@ -36,6 +36,9 @@ public func fuzzFrame(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             cut = cut &* 31 &+ n
             try reader.read(ByteBuffer(bytes: bytes[offset..<offset + n])) { seen.append($0) }
             offset += n
+            // What a read leaves is never a whole frame: only more input can complete it (the half-close rule of
+            // requests.sock, docs/PROTOCOL.md 1.1, relies on this to tell a partial frame from held-back ones).
+            precondition(!reader.hasWholeFrame, "a whole frame left undecoded")
         }
         try reader.finish()
     } catch is FrameDecodingError {

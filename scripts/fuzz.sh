@@ -5,9 +5,13 @@
 #   scripts/fuzz.sh [TARGET|all] [SECONDS]      TARGET: frame, options, control, config (default all, 60 s each)
 #   FUZZ_RUNS=N scripts/fuzz.sh TARGET           a fixed number of executions instead of a time limit
 #   FUZZ_BUILD_ONLY=1 scripts/fuzz.sh            build, do not run
+#   FUZZ_OUT=DIR scripts/fuzz.sh ...             binaries, logs and found inputs in DIR (default .build/fuzz)
+#   FUZZ_RELEASE=1 scripts/fuzz.sh ...           link the dependencies' release build (swift build -c release):
+#                                                the long runs; SwiftNIO at -Onone dominates the frame and control
+#                                                targets' time (perf: ByteBuffer's integer packing)
 #
-# New inputs libFuzzer finds go to .build/fuzz/corpus/TARGET (the seeds in Fuzz/corpus stay as they are); a
-# crash leaves its input in .build/fuzz/crash-TARGET-*. Each run's log is .build/fuzz/TARGET.log.
+# New inputs libFuzzer finds go to OUT/corpus/TARGET (the seeds in Fuzz/corpus stay as they are); a crash leaves
+# its input in OUT/crash-TARGET-*. Each run's log is OUT/TARGET.log. OUT is .build/fuzz unless FUZZ_OUT says.
 # Exit status: 0 when every target ran clean, 1 on a finding, 77 when this toolchain cannot build a fuzzer
 # (`scripts/fuzz.sh probe` checks only that).
 set -euo pipefail
@@ -15,8 +19,10 @@ cd "$(dirname "$0")/.."
 root=$PWD
 target=${1:-all}
 seconds=${2:-60}
-out=$root/.build/fuzz
-deps=${FUZZ_DEPS:-$root/.build/debug}
+out=${FUZZ_OUT:-$root/.build/fuzz}
+configuration=debug
+[ -n "${FUZZ_RELEASE:-}" ] && configuration=release
+deps=${FUZZ_DEPS:-$root/.build/$configuration}
 checkouts=${deps%/*}/checkouts  # textual: .build/debug is a symlink
 mkdir -p "$out"
 
@@ -30,9 +36,9 @@ fi
 [ "$target" = probe ] && exit 0
 
 # The dependencies' objects (never instrumented: coverage is for this project's code).
-if [ ! -f "$deps/Modules/NIOCore.swiftmodule" ] || [ ! -f "$deps/Modules/SupervisorCore.swiftmodule" ] \
-        || [ ! -f "$deps/Modules/TOMLKit.swiftmodule" ]; then
-    swift build --target WireProtocol --target SupervisorRuntime >"$out/swift-build.log" 2>&1 \
+# (The harnesses compile this project's sources themselves; only NIO's and TOMLKit's objects come from here.)
+if [ ! -f "$deps/Modules/NIOCore.swiftmodule" ] || [ ! -f "$deps/Modules/TOMLKit.swiftmodule" ]; then
+    swift build -c "$configuration" --target WireProtocol --target TOMLKit >"$out/swift-build.log" 2>&1 \
         || { tail -20 "$out/swift-build.log" >&2; exit 1; }
 fi
 objects() {  # objects MODULE...: into the array objs (some file names have spaces)
@@ -53,13 +59,17 @@ done
 nio=(NIOCore NIOConcurrencyHelpers _NIODataStructures _NIOBase64 CNIOLinux CNIODarwin CNIOWindows CNIOWASI
      CNIOOpenBSD CNIOAtomics Atomics _AtomicsShims DequeModule InternalCollectionsUtilities ContainersPreview)
 
-build() {  # build TARGET: .build/fuzz/TARGET, rebuilt when a source is newer
+fresh() {  # fresh BIN SOURCE...: built from these sources against these dependencies
+    [ -x "$1" ] && [ "$(cat "$1.deps" 2>/dev/null)" = "$deps" ] && [ -z "$(find "${@:2}" -newer "$1")" ]
+}
+
+build() {  # build TARGET: .build/fuzz/TARGET, rebuilt when a source is newer or the dependencies changed
     local name=$1 bin=$out/$1 sources
     case $name in
         frame|options|control)
             local harness=Fuzz/Fuzz${name^}.swift
             sources=(Sources/WireProtocol/*.swift "$harness")
-            if [ -x "$bin" ] && [ -z "$(find "${sources[@]}" -newer "$bin")" ]; then return; fi
+            if fresh "$bin" "${sources[@]}"; then return; fi
             # -module-name WireProtocol: the harness is one more file of the library.
             objects "${nio[@]}"
             swiftc "${flags[@]}" -module-name WireProtocol "${sources[@]}" "${objs[@]}" -o "$bin" \
@@ -68,7 +78,7 @@ build() {  # build TARGET: .build/fuzz/TARGET, rebuilt when a source is newer
         config)
             sources=(Sources/SupervisorCore Sources/SupervisorPaths Sources/SupervisorRuntime/ConfigLoader.swift
                      Fuzz/FuzzConfig.swift)
-            if [ -x "$bin" ] && [ -z "$(find "${sources[@]}" -newer "$bin")" ]; then return; fi
+            if fresh "$bin" "${sources[@]}"; then return; fi
             # SupervisorPaths and SupervisorCore instrumented as their own modules, then ConfigLoader.swift and the
             # harness as the main module (ConfigLoader's helpers it needs come with it).
             local mod=$out/config-modules
@@ -86,6 +96,7 @@ build() {  # build TARGET: .build/fuzz/TARGET, rebuilt when a source is newer
             ;;
         *) echo "fuzz.sh: unknown target $name (frame, options, control, config)" >&2; return 2 ;;
     esac
+    echo "$deps" >"$bin.deps"
 }
 
 run() {  # run TARGET

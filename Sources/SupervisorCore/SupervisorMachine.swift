@@ -423,11 +423,11 @@ public struct SupervisorMachine: Sendable {
         if isBooting { return nil }
         if slot.map({ router.hopeful[$0] }) ?? router.anyHopeful { return nil }
         let candidates = slot.map { [$0] } ?? workers.indices.filter { !workers[$0].isFollower }
+        // A group's leader stands for its group: the group is what can come back.
         return Admission.noWorkersReason(candidates.map { slot in
-            // A group's leader stands for its group: the group is what can come back.
-            if let g = workers[slot].groupIndex { return ("\(groups[g].spec.id) (group)", groups[g].lifecycle) }
+            if let g = workers[slot].groupIndex { return (groups[g].spec.id, groups[g].lifecycle) }
             return (workers[slot].spec.device, workers[slot].lifecycle)
-        })
+        }, groups: Set(groups.map(\.spec.id)))
     }
 
     /// The slot a request pinned to this id goes to: a device's worker, or for a group's id or any of its

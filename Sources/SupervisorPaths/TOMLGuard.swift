@@ -3,17 +3,22 @@
 /// `[{`). toml++ `assert`s on it (SIGABRT: `--check-config`, start-up and a SIGHUP reload all abort instead of
 /// answering exit 78), and where asserts are compiled out it is an `assume` the compiler may build on. Found by
 /// fuzzing (issue 14, `scripts/fuzz.sh config`). Callers check the text with this before handing it to TOMLKit.
+/// The same for a value missing in an array: toml++ `assert`s when the first non-blank character after an
+/// array's `[` or one of its commas is `}` or a Unicode line separator (U+0085, U+2028, U+2029) (`a = [1, }`,
+/// found by fuzzing too).
 public struct TOMLHeaderDefect: Sendable, Equatable, CustomStringConvertible {
     /// 1-based, as TOML parse errors count.
     public var line: Int
     public var column: Int
-    public init(line: Int, column: Int) {
+    /// What is wrong there.
+    public var problem: String
+    public init(line: Int, column: Int,
+                problem: String = "a table header's key must start with a letter, digit, '_', '-' or a quote") {
         self.line = line
         self.column = column
+        self.problem = problem
     }
-    public var description: String {
-        "a table header's key must start with a letter, digit, '_', '-' or a quote (line \(line), column \(column))"
-    }
+    public var description: String { "\(problem) (line \(line), column \(column))" }
 }
 
 /// The first table header in `text` that toml++ would abort on, or nil. It follows strings, comments and
@@ -24,13 +29,33 @@ public func tomlHeaderDefect(in text: String) -> TOMLHeaderDefect? {
     var i = 0
     var line = 1
     var lineStart = 0
-    var depth = 0  // open arrays and inline tables of values
+    var open: [UInt8] = []  // the arrays ([) and inline tables ({) of values open here, innermost last
     var atLineStart = true  // only spaces or tabs so far on this line
     if bytes.starts(with: [0xEF, 0xBB, 0xBF]) { i = 3; lineStart = 3 }  // a BOM, which toml++ skips
     func isBare(_ b: UInt8) -> Bool {
         (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || (b >= 0x30 && b <= 0x39) || b == 0x5F || b == 0x2D
     }
     func newline() { line += 1; lineStart = i + 1; atLineStart = true }
+    // Where an array expects a value (after its `[` or a comma, at `from`): what toml++ would take for the start
+    // of a value and abort on, past blanks, line breaks and comments.
+    func missingArrayValue(from start: Int) -> TOMLHeaderDefect? {
+        var j = start, atLine = line, atLineStart = lineStart
+        while j < bytes.count {
+            switch bytes[j] {
+            case 0x20, 0x09: j += 1
+            case 0x0D where j + 1 < bytes.count && bytes[j + 1] == 0x0A: j += 1
+            case 0x0A: j += 1; atLine += 1; atLineStart = j
+            case 0x23: while j < bytes.count && bytes[j] != 0x0A { j += 1 }
+            default:
+                let rest = bytes[j...]
+                guard rest.starts(with: [0x7D]) || rest.starts(with: [0xC2, 0x85]) || rest.starts(with: [0xE2, 0x80, 0xA8])
+                    || rest.starts(with: [0xE2, 0x80, 0xA9]) else { return nil }
+                let column = String(decoding: bytes[atLineStart..<j], as: UTF8.self).count + 1
+                return TOMLHeaderDefect(line: atLine, column: column, problem: "an array value is missing")
+            }
+        }
+        return nil
+    }
     // Skips a string that starts at i; multi-line ones may span lines.
     func skipString() {
         let quote = bytes[i]
@@ -77,7 +102,7 @@ public func tomlHeaderDefect(in text: String) -> TOMLHeaderDefect? {
         case 0x22, 0x27:
             skipString()
             atLineStart = false
-        case 0x5B where atLineStart && depth == 0:  // a table header
+        case 0x5B where atLineStart && open.isEmpty:  // a table header
             atLineStart = false
             var j = i + 1
             if j < bytes.count && bytes[j] == 0x5B { j += 1 }
@@ -96,11 +121,16 @@ public func tomlHeaderDefect(in text: String) -> TOMLHeaderDefect? {
             }
         case 0x5B, 0x7B:
             atLineStart = false
-            depth += 1
+            open.append(b)
             i += 1
+            if b == 0x5B, let defect = missingArrayValue(from: i) { return defect }
+        case 0x2C where open.last == 0x5B:  // a comma between an array's values
+            atLineStart = false
+            i += 1
+            if let defect = missingArrayValue(from: i) { return defect }
         case 0x5D, 0x7D:
             atLineStart = false
-            depth = max(depth - 1, 0)
+            if !open.isEmpty { open.removeLast() }
             i += 1
         default:
             atLineStart = false

@@ -17,6 +17,8 @@ final class ClientConnection {
     var isInputClosed = false
     /// Bytes handed to NIO and not yet written to the socket: what a client that does not read costs us.
     var unwrittenBytes = 0
+    /// The latest write handed to NIO (writes complete in order): a close waits for it.
+    var lastWrite: EventLoopFuture<Void>?
     /// Decodes frames this connection has buffered but not yet admitted (see ``ClientHandler/decode(_:)``).
     weak var handler: ClientHandler?
 
@@ -55,15 +57,42 @@ final class ClientConnection {
         let promise = channel.eventLoop.makePromise(of: Void.self)
         let connection = NIOLoopBound(self, eventLoop: channel.eventLoop)
         promise.futureResult.whenComplete { _ in connection.value.unwrittenBytes -= size }
+        lastWrite = promise.futureResult
         channel.writeAndFlush(outbound, promise: promise)
         outbound = channel.allocator.buffer(capacity: 4096)
     }
 
+    /// Closes once what was handed to NIO is written: closing with writes pending would drop them (NIO fails
+    /// pending writes on close), and a half-closed client reading a large answer would get it cut short.
     func closeAfterFlush() {
         guard isOpen else { return }
         flush()
         isOpen = false
-        channel.close(mode: .all, promise: nil)
+        let channel = channel
+        if let lastWrite {
+            lastWrite.whenComplete { _ in channel.close(mode: .all, promise: nil) }
+        } else {
+            channel.close(mode: .all, promise: nil)
+        }
+    }
+
+    /// After a half-close (docs/PROTOCOL.md 1.1): closes once every request read has been answered and no whole
+    /// frame waits to be admitted. Bytes still buffered then belong to a frame that no input can complete: they
+    /// are discarded, and the last frame before EOF says so (`protocol_error`, id 0, the same text as on
+    /// control.sock), so that the client knows its last frame was not taken for a request.
+    func closeIfInputDone() {
+        guard isInputClosed, isOpen, requests.isEmpty else { return }
+        var partial = 0
+        if let handler {
+            // A decoding loop decides at its end; whole frames held back by the limit are admitted first.
+            if handler.isDecoding || handler.reader.hasWholeFrame { return }
+            partial = handler.reader.bufferedBytes
+        }
+        if partial > 0 {
+            send(.error(requestID: 0, code: ErrorCode.protocolError,
+                        message: FrameDecodingError.partialFrameDiscarded(bytes: partial)))
+        }
+        closeAfterFlush()
     }
 
     func updateReading() {
@@ -113,10 +142,9 @@ final class ClientHandler: ChannelInboundHandler {
         decode(unwrapInboundIn(data))
     }
 
-    /// Whether frames wait in the buffer, not yet admitted (or a decoding loop is running: it decides at its
-    /// end; reading `reader` from inside it would overlap its access).
-    var hasBufferedInput: Bool { isDecoding || reader.hasBufferedBytes }
-    private var isDecoding = false
+    /// A decoding loop is running: it decides about closing at its end (reading `reader` from inside it would
+    /// overlap its access).
+    private(set) var isDecoding = false
 
     /// Decodes `incoming` (after what is buffered; nil: only what is buffered) while the connection may have
     /// more requests in flight (`max_inflight_per_connection` holds within one read too); the rest stays
@@ -125,7 +153,6 @@ final class ClientHandler: ChannelInboundHandler {
     func decode(_ incoming: ByteBuffer?) {
         guard let connection, !isDecoding else { return }
         isDecoding = true
-        defer { isDecoding = false }
         let limit = supervisor.config.requests.maxInflightPerConnection
         do {
             try reader.read(incoming ?? ByteBuffer(), while: { connection.isOpen && connection.requests.count < limit }) { frame in
@@ -139,15 +166,14 @@ final class ClientHandler: ChannelInboundHandler {
                 }
             }
         } catch {
+            isDecoding = false
             // The stream cannot be resynchronised: say why, then close. Requests in flight are cancelled.
             connection.send(.error(requestID: 0, code: ErrorCode.protocolError, message: "\(error)"))
-            connection.flush()
-            connection.channel.close(promise: nil)
+            connection.closeAfterFlush()
             return
         }
-        if connection.isInputClosed && connection.requests.isEmpty && !reader.hasBufferedBytes {
-            connection.closeAfterFlush()
-        }
+        isDecoding = false
+        if connection.isInputClosed { connection.closeIfInputDone() }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -158,7 +184,7 @@ final class ClientHandler: ChannelInboundHandler {
         // Half-close (shutdown(SHUT_WR)): `printf ... | socat` style clients still get their answers.
         if case ChannelEvent.inputClosed = event, let connection {
             connection.isInputClosed = true
-            if connection.requests.isEmpty && !hasBufferedInput { connection.closeAfterFlush() }
+            connection.closeIfInputDone()
             return
         }
         context.fireUserInboundEventTriggered(event)

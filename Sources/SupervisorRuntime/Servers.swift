@@ -76,16 +76,25 @@ final class StatusHandler: ChannelInboundHandler {
         // Half-close after the document: the client sees EOF. Closing outright while it has sent bytes we did
         // not read would make the kernel answer with a reset instead; whatever it sends is read and dropped,
         // and the connection is closed when it closes its side (or after a second).
-        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in
+        let written = context.writeAndFlush(wrapOutboundOut(buffer))
+        self.written = written
+        written.whenComplete { _ in
             channel.close(mode: .output, promise: nil)
             channel.eventLoop.scheduleTask(in: .seconds(1)) { channel.close(promise: nil) }
         }
     }
 
+    /// The document's write: a client that half-closes at once (`printf x | socat ...`) still gets all of it
+    /// (closing with the write pending would drop what the socket buffer did not take).
+    private var written: EventLoopFuture<Void>?
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case ChannelEvent.inputClosed = event { context.close(promise: nil) }
+        if case ChannelEvent.inputClosed = event {
+            let channel = context.channel
+            if let written { written.whenComplete { _ in channel.close(promise: nil) } } else { channel.close(promise: nil) }
+        }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }

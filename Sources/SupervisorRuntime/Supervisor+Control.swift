@@ -41,8 +41,10 @@ extension Supervisor {
             return
         }
         let devices = machine.devices
+        // Devices a reload removed get a message of their own rather than "unknown".
+        func removed() -> [String] { machine.workers.filter(\.isRetired).map(\.spec.device) }
         func select(allowEmpty: Bool) throws -> [Int] {
-            try WorkerSelection.select(command.devices, among: devices,
+            try WorkerSelection.select(command.devices, among: devices, removed: removed(),
                                        groups: machine.groups.map { ($0.spec.id, $0.slots) }, allowEmpty: allowEmpty)
         }
         do {
@@ -108,9 +110,11 @@ extension Supervisor {
                                            devices: names)
                 answer(Frame(type: .response, requestID: requestID, payload: try JSONCoding.encode(result)))
             case .tail:
-                guard let index = try select(allowEmpty: false).first,
-                      command.devices?.count == 1, command.devices != ["all"]
-                else { throw SupervisorError("tail takes exactly one device") }
+                let index = try WorkerSelection.selectOne(command.devices, verb: "tail", among: devices, removed: removed(),
+                                                          groups: machine.groups.map { ($0.spec.id, $0.slots) })
+                if let lines = command.lines, lines < 0 {
+                    throw SupervisorError("tail: lines must be 0 or more (got \(lines))")
+                }
                 let slot = slots[index]
                 let (lines, next) = slot.output.last(command.lines ?? 50)
                 if command.follow == true {
@@ -135,10 +139,26 @@ extension Supervisor {
 }
 
 /// control.sock: `request` frames carrying a JSON ``ControlCommand``; answers are `response` (JSON) or `error`.
-final class ControlHandler: ChannelInboundHandler {
+/// Also outbound, only to know when the last answer has been written: closing with writes pending would drop
+/// them (NIO fails pending writes on close). So its own answers go through the channel (`context.channel`), not
+/// `context`, whose writes would start past this handler.
+final class ControlHandler: ChannelDuplexHandler {
     typealias InboundIn = Frame
+    typealias OutboundIn = Frame
+    typealias OutboundOut = Frame
     let supervisor: Supervisor
     var peer: PeerCredentials?
+    /// The client's input ended (half-close or close): close once every command read has been answered.
+    private var isInputClosed = false
+    /// Bytes of a partial frame the input ended inside of, discarded (docs/PROTOCOL.md 1.1).
+    private var discardedBytes = 0
+    private var isClosing = false
+    /// The latest write (writes complete in order).
+    private var lastWrite: EventLoopFuture<Void>?
+
+    /// Fired down the pipeline after a deferred answer (`reload` with `wait`) has been written: a half-closed
+    /// connection that waited for it may close now.
+    struct Answered {}
 
     init(supervisor: Supervisor) { self.supervisor = supervisor }
 
@@ -156,18 +176,24 @@ final class ControlHandler: ChannelInboundHandler {
                 supervisor.removeFollower(ObjectIdentifier(context.channel))
                 return
             }
-            context.writeAndFlush(NIOAny(Frame.error(requestID: frame.requestID, code: ErrorCode.unsupported,
-                                                     message: "control.sock accepts request frames only")),
-                                  promise: nil)
+            context.channel.writeAndFlush(Frame.error(requestID: frame.requestID, code: ErrorCode.unsupported,
+                                                      message: "control.sock accepts request frames only"),
+                                          promise: nil)
             return
         }
         do {
             let command = try JSONCoding.decode(ControlCommand.self, from: frame.payload)
             supervisor.control(command, requestID: frame.requestID, peer: peer, channel: context.channel)
         } catch {
-            context.writeAndFlush(NIOAny(Frame.error(requestID: frame.requestID, code: ErrorCode.badRequest,
-                                                     message: "not a control command: \(error)")), promise: nil)
+            context.channel.writeAndFlush(Frame.error(requestID: frame.requestID, code: ErrorCode.badRequest,
+                                                      message: "not a control command: \(error)"), promise: nil)
         }
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let promise = promise ?? context.eventLoop.makePromise()
+        lastWrite = promise.futureResult
+        context.write(data, promise: promise)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -175,19 +201,56 @@ final class ControlHandler: ChannelInboundHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        // Half-close: every command read so far has been answered (answers are written at once).
         if case ChannelEvent.inputClosed = event {
-            context.close(promise: nil)
+            isInputClosed = true
+            closeIfInputDone(context: context)
+            return
+        }
+        if event is Answered {
+            closeIfInputDone(context: context)
             return
         }
         context.fireUserInboundEventTriggered(event)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if let error = error as? FrameDecodingError {
-            context.writeAndFlush(NIOAny(Frame.error(requestID: 0, code: ErrorCode.protocolError,
-                                                     message: "\(error)")), promise: nil)
+        if case .truncated(let bytes) = error as? FrameDecodingError {
+            // The decoder's leftovers at end of input: a partial frame (said as the last frame, like requests.sock).
+            isInputClosed = true
+            discardedBytes = bytes
+            closeIfInputDone(context: context)
+            return
         }
-        context.close(promise: nil)
+        if let error = error as? FrameDecodingError {
+            context.channel.writeAndFlush(Frame.error(requestID: 0, code: ErrorCode.protocolError, message: "\(error)"),
+                                          promise: nil)
+        }
+        close(context: context)
+    }
+
+    /// After the input ended (docs/PROTOCOL.md 1.1): commands are answered as they are read, except `reload`
+    /// with `wait`, which is waited for; a `tail` follow ends. Then the partial frame, if any, is said to be
+    /// discarded (`protocol_error`, id 0) and the connection closes once everything is written.
+    private func closeIfInputDone(context: ChannelHandlerContext) {
+        guard isInputClosed, !isClosing else { return }
+        let channel = context.channel
+        supervisor.removeFollower(ObjectIdentifier(channel))
+        if supervisor.reloadWaiters.contains(where: { $0.channel === channel }) { return }
+        if discardedBytes > 0 {
+            let message = FrameDecodingError.partialFrameDiscarded(bytes: discardedBytes)
+            channel.writeAndFlush(Frame.error(requestID: 0, code: ErrorCode.protocolError, message: message), promise: nil)
+        }
+        close(context: context)
+    }
+
+    private func close(context: ChannelHandlerContext) {
+        guard !isClosing else { return }
+        isClosing = true
+        let channel = context.channel
+        if let lastWrite {
+            lastWrite.whenComplete { _ in channel.close(promise: nil) }
+        } else {
+            channel.close(promise: nil)
+        }
     }
 }

@@ -70,6 +70,8 @@ extension Supervisor {
             frame = .error(requestID: waiter.requestID, code: ErrorCode.commandFailed, message: message)
         }
         waiter.channel.writeAndFlush(frame, promise: nil)
+        // A client that half-closed while waiting for this answer is closed now that it has it.
+        waiter.channel.pipeline.fireUserInboundEventTriggered(ControlHandler.Answered())
     }
 
     /// The rollout as the status document shows it.

@@ -333,9 +333,7 @@ extension Supervisor {
             client.requests.removeValue(forKey: request.clientID)
             if let frame { client.send(frame) }
             if client.isReadingPaused { client.updateReading() }
-            if client.isInputClosed && client.requests.isEmpty && client.handler?.hasBufferedInput != true {
-                client.closeAfterFlush()
-            }
+            if client.isInputClosed { client.closeIfInputDone() }
         }
         // Draining for a shutdown: the last answer lets the machine stop the workers.
         if requests.isEmpty, case .draining = machine.shutdown.state { feed(.requestsInFlight(0)) }

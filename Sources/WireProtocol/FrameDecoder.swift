@@ -20,6 +20,13 @@ public enum FrameDecodingError: Error, Equatable, Sendable, CustomStringConverti
             "stream ended inside a frame (\(bytes) bytes buffered)"
         }
     }
+
+    /// The `protocol_error` message requests.sock and control.sock send, as their last frame, when a client's
+    /// input ends (half-close or close) inside a frame (docs/PROTOCOL.md 1.1). One text for both sockets, so a
+    /// client sees the same thing wherever it cut a frame short.
+    public static func partialFrameDiscarded(bytes: Int) -> String {
+        "input ended inside a frame: the \(bytes) bytes received of an incomplete frame were discarded"
+    }
 }
 
 /// Splits a byte stream into ``Frame``s. The length is checked against `maximumFrameLength` as soon as its four

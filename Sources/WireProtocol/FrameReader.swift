@@ -24,14 +24,11 @@ public struct FrameReader {
             var incoming = incoming
             buffer.writeBuffer(&incoming)
             while let frame = try decoder.decode(buffer: &buffer) { try body(frame) }
-            if buffer.readableBytes > 0 {
-                if buffer.readerIndex > 1 << 16 { buffer.discardReadBytes() }
-                pending = buffer
-            }
+            keep(buffer)
         } else {
             var buffer = incoming
             while let frame = try decoder.decode(buffer: &buffer) { try body(frame) }
-            pending = buffer.readableBytes > 0 ? buffer : nil
+            keep(buffer)
         }
     }
 
@@ -49,13 +46,34 @@ public struct FrameReader {
             buffer = held
         }
         pending = nil
-        defer {
-            if buffer.readableBytes > 0 {
-                if buffer.readerIndex > 1 << 16 { buffer.discardReadBytes() }
-                pending = buffer
-            }
-        }
+        defer { keep(buffer) }
         while more(), let frame = try decoder.decode(buffer: &buffer) { try body(frame) }
+    }
+
+    /// Keeps what is left of `buffer` for the next read. When that is part of a frame, the bytes already read go
+    /// first: the frames handed out are slices of the same storage, so while any is alive (a request in flight)
+    /// the storage is shared, and the next append would copy it from its start, already-read bytes included (up
+    /// to 64 KiB of them per read). Dropping them now copies only the partial frame, once; a frame that keeps
+    /// arriving reads nothing, so it is not copied again. Whole frames held back (``read(_:while:_:)``) are not
+    /// moved for each one taken: only past 64 KiB of read bytes, which amortizes.
+    private mutating func keep(_ buffer: ByteBuffer) {
+        guard buffer.readableBytes > 0 else {
+            pending = nil
+            return
+        }
+        var buffer = buffer
+        if buffer.readerIndex > 1 << 16 || (buffer.readerIndex > 0 && !Self.holdsWholeFrame(buffer, decoder)) {
+            buffer.discardReadBytes()
+        }
+        pending = buffer
+    }
+
+    /// Whether `buffer` starts with a whole frame, or with a length the decoder rejects (it throws on the next
+    /// read: nothing more is awaited).
+    private static func holdsWholeFrame(_ buffer: ByteBuffer, _ decoder: FrameDecoder) -> Bool {
+        guard let length = buffer.getInteger(at: buffer.readerIndex, as: UInt32.self) else { return false }
+        if length < Frame.headerLength || length > decoder.maximumFrameLength { return true }
+        return buffer.readableBytes >= 4 + Int(length)
     }
 
     /// Decodes buffered frames while `more()` says so (see ``read(_:while:_:)``).
@@ -66,6 +84,11 @@ public struct FrameReader {
 
     /// Whether a whole frame (or part of one) waits in the buffer.
     public var hasBufferedBytes: Bool { (pending?.readableBytes ?? 0) > 0 }
+
+    /// Whether what is buffered holds at least one whole frame (or a length field that the next read rejects):
+    /// when not, the buffered bytes are part of a frame that only more input can complete, so at end of input
+    /// they are a partial frame to discard.
+    public var hasWholeFrame: Bool { pending.map { Self.holdsWholeFrame($0, decoder) } ?? false }
 
     /// Call at end of stream: a partial frame left over is an error.
     public func finish() throws {

@@ -341,6 +341,10 @@ struct Tail: ParsableCommand {
         guard follow else {
             let result = try JSONCoding.decode(TailResult.self, from: sockets.run(command))
             for line in result.lines { out(line) }
+            // Not an error (exit 0), but an empty stdout alone would not say whether the device is silent.
+            if result.lines.isEmpty && lines > 0 {
+                _ = "npu-supervisorctl: device \(result.device) has no output kept yet\n".withCString { write(2, $0, strlen($0)) }
+            }
             return
         }
         let client = sockets.connect(try sockets.paths().control, timeout: nil)
@@ -348,7 +352,10 @@ struct Tail: ParsableCommand {
         while true {
             switch frame.type {
             case .chunk: out(frame.payloadString)
-            case .error: fail(CtlExit.refused, "npu-supervisorctl: tail refused: \(frame.errorPayload.message)")
+            case .error:
+                // The same line as without --follow (SocketOptions.run).
+                let e = frame.errorPayload
+                fail(CtlExit.refused, "npu-supervisorctl: tail refused: \(e.message) (\(e.code))")
             default: break
             }
             guard let next = try client.readFrame() else { return }

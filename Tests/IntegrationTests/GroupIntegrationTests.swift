@@ -169,7 +169,7 @@ struct GroupIntegrationTests {
             Issue.record("answered \(outcome)")
             return
         }
-        #expect(error.code == "no_workers" && error.message.contains("tp0 (group) failed"), "\(error)")
+        #expect(error.code == "no_workers" && error.message.contains("group tp0 failed"), "\(error)")
         #expect(daemon.terminate() == 0)
     }
 

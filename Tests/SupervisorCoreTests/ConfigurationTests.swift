@@ -57,9 +57,40 @@ struct ConfigurationTests {
         #expect(parseDuration(text) == expected)
     }
 
-    @Test(arguments: ["", "15", "s", "-1s", "fast"])
+    @Test(arguments: ["", "15", "s", "-1s", "fast",
+                      // Too long to convert (found by fuzzing: the conversion trapped), or beyond 100 years.
+                      "1000000000000000000000000005s", "1e300ms", "infs", "nans", "3153600001s", "876001h"])
     func badDurations(text: String) {
         #expect(parseDuration(text) == nil)
+    }
+
+    @Test func theLongestDurationIsAHundredYears() {
+        #expect(parseDuration("3153600000s") == .seconds(3_153_600_000))
+        #expect(parseDuration("876000h") == .seconds(3_153_600_000))
+    }
+
+    /// A duration or size too large for the machine is a ConfigError (exit 78), never a trap: as a string, a TOML
+    /// integer or a TOML float (found by fuzzing, issue 14: `stop_timeout = "1000000000000000000000000005s"`
+    /// crashed `--check-config`, start-up and a reload).
+    @Test(arguments: [
+        ("stop_timeout = \"1000000000000000000000000005s\"", "defaults.stop_timeout"),
+        ("stop_timeout = 1e300", "defaults.stop_timeout"),
+        ("stop_timeout = inf", "defaults.stop_timeout"),
+        ("stop_timeout = nan", "defaults.stop_timeout"),
+        ("stop_timeout = 9223372036854775807", "defaults.stop_timeout"),
+        ("memory_limit = \"1e30G\"", "defaults.memory_limit"),
+        ("memory_limit = \"infK\"", "defaults.memory_limit"),
+    ])
+    func hugeValuesAreConfigErrors(line: String, key: String) {
+        let text = "[defaults]\ncommand = [\"/bin/true\"]\n\(line)\n[[device]]\nid = \"0\""
+        do {
+            _ = try ConfigLoader.parse(text, path: "/etc/c.toml")
+            Issue.record("accepted: \(line)")
+        } catch let error as ConfigError {
+            #expect(error.key == key, "\(error)")
+        } catch {
+            Issue.record("\(error)")
+        }
     }
 
     @Test(arguments: [("16MiB", 16 << 20), ("64KiB", 64 << 10), ("1024", 1024), ("2G", 2 << 30)])

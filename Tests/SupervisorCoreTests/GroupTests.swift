@@ -304,7 +304,7 @@ struct GroupTests {
         let gone = m.exit(1, pid: 1001, .exited(code: 0), now: Self.t0)
         #expect(m.groups[0].lifecycle.isHeldFailed)
         #expect(Self.spawns(gone).isEmpty)
-        #expect(m.noWorkersReason(pinned: 1)?.contains("tp0 (group) failed") == true)
+        #expect(m.noWorkersReason(pinned: 1)?.contains("group tp0 failed") == true)
         // The operator's start brings the whole group back.
         let start = m.handle(.control(.start, slots: [2], requestedBy: 0), now: Self.t0 + .seconds(1))
         #expect(Self.spawns(start).sorted() == [1, 2])

@@ -99,5 +99,35 @@ struct ReadinessTests {
         #expect(throws: WorkerSelection.Failure(description: "unknown device '7'; configured: 0, 1")) {
             try WorkerSelection.select(["7"], among: ["0", "1"], allowEmpty: false)
         }
+        // A slot a reload removed is "" among the configured ids: never selected, never listed, and its old id
+        // gets a message of its own.
+        #expect(try WorkerSelection.select(["all"], among: ["0", "", "1"], allowEmpty: false) == [0, 2])
+        #expect(try WorkerSelection.select(nil, among: ["0", ""], allowEmpty: true) == [0])
+        #expect(throws: WorkerSelection.Failure(description: "unknown device ''; configured: 0, 1")) {
+            try WorkerSelection.select([""], among: ["0", "", "1"], allowEmpty: false)
+        }
+        #expect(throws: WorkerSelection.Failure(
+            description: "device 'x' was removed from the configuration by a reload; configured: 0, 1")) {
+            try WorkerSelection.select(["x"], among: ["0", "", "1"], removed: ["x"], allowEmpty: false)
+        }
+    }
+
+    @Test(arguments: [
+        (nil, "tail takes exactly one device; none named"),
+        ([], "tail takes exactly one device; none named"),
+        (["all"], "tail takes exactly one device, not all"),
+        (["0", "1"], "tail takes exactly one device; 2 named (0, 1)"),
+        (["0", "9"], "tail takes exactly one device; 2 named (0, 9)"),
+        (["9"], "unknown device '9'; configured: 0, 1"),
+        (["x"], "device 'x' was removed from the configuration by a reload; configured: 0, 1"),
+        (["1"], nil),
+    ] as [([String]?, String?)])
+    func oneDeviceForTail(devices: [String]?, expected: String?) {
+        do {
+            let slot = try WorkerSelection.selectOne(devices, verb: "tail", among: ["0", "", "1"], removed: ["x"])
+            #expect(expected == nil && slot == 2)
+        } catch {
+            #expect(error.description == expected)
+        }
     }
 }

@@ -143,8 +143,43 @@ struct RoutingTests {
         backoff.spawned(pid: 2, now: .seconds(0))
         _ = backoff.exited(.exited(code: 1), now: .seconds(1), jitter: 0)
         #expect(Admission.noWorkersReason([("0", failed), ("1", stopped)])
-            == "no worker can serve: device 0 failed, device 1 stopped")
+            == "no worker can serve: device 0 failed (worker exited with code 78 (EX_CONFIG: the worker says its "
+            + "configuration is wrong); not restarted: fix its configuration, then `npu-supervisorctl start 0`), device 1 stopped")
         #expect(Admission.noWorkersReason([("0", failed), ("1", backoff)]) == nil, "a restart is coming")
+    }
+
+    /// Why a failed worker stays down, as its log line and a `no_workers` answer say it (docs/PROTOCOL.md 1.2).
+    @Test func failedNoteSaysWhyAndWhatBringsItBack() {
+        let policy = WorkerStateMachine.Policy(
+            restart: .always, backoff: Backoff(initial: .seconds(1), maximum: .seconds(8), multiplier: 2, jitter: 0),
+            backoffResetAfter: .seconds(60), maxRestarts: 0, restartWindow: .seconds(60),
+            failedRetryInterval: .seconds(300), startTimeout: .seconds(30), stopTimeout: .seconds(15),
+            killRepeat: .seconds(5))
+        func exitedOnce(_ reason: ExitReason) -> WorkerStateMachine {
+            var m = WorkerStateMachine(policy: policy)
+            _ = m.start(now: .seconds(0))
+            m.spawned(pid: 1, now: .seconds(0))
+            _ = m.exited(reason, now: .seconds(1), jitter: 0)
+            return m
+        }
+        let configError = exitedOnce(.exited(code: 78))
+        #expect(configError.state == .failed(retryAt: nil) && configError.desired == .up)
+        #expect(Admission.failedNote(configError, device: "7")
+            == "not restarted: fix its configuration, then `npu-supervisorctl start 7`")
+        let crashLoop = exitedOnce(.exited(code: 1))  // restart_limit 0: failed at the first exit, retried later
+        #expect(Admission.failedNote(crashLoop, device: "7")
+            == "too many restarts (0 in 1m), retried every failed_retry_interval or on `npu-supervisorctl start 7`")
+        var held = WorkerStateMachine(policy: policy)
+        _ = held.start(now: .seconds(0))
+        held.spawned(pid: 1, now: .seconds(0))
+        _ = held.holdFailed(.deviceUnhealthy("no /dev/davinci7"), now: .seconds(1))
+        _ = held.exited(.signaled(signal: 15, coreDumped: false), now: .seconds(2), jitter: 0)
+        #expect(Admission.failedNote(held, device: "7")
+            == "held failed while the device probe fails (its worker was already restarted once)")
+        #expect(Admission.failedNote(WorkerStateMachine(policy: policy), device: "7") == nil, "not failed")
+        #expect(Admission.noWorkersReason([("7", crashLoop)])
+            == "no worker can serve: device 7 failed (worker exited with code 1; too many restarts (0 in 1m), "
+            + "retried every failed_retry_interval or on `npu-supervisorctl start 7`)")
     }
 }
 

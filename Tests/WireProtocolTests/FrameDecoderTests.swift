@@ -74,4 +74,33 @@ struct FrameDecoderTests {
         let good = Frame.error(requestID: 2, code: "overloaded", message: "full", retryable: true)
         #expect(good.errorPayload == ErrorPayload(code: "overloaded", message: "full", retryable: true))
     }
+
+    /// What a read leaves is never a whole frame, except frames held back on purpose (`read(_:while:_:)`):
+    /// requests.sock tells a partial frame at end of input from held-back ones by this (docs/PROTOCOL.md 1.1).
+    @Test func hasWholeFrameTellsHeldBackFramesFromAPartialOne() throws {
+        var stream = ByteBuffer()
+        for id in UInt64(1)...3 { Frame(type: .request, requestID: id, payload: ByteBuffer(string: "abc")).write(to: &stream) }
+        let whole = stream.readableBytes
+        Frame(type: .request, requestID: 4, payload: ByteBuffer(string: "cut")).write(to: &stream)
+        let partial = stream.getSlice(at: 0, length: whole + 7)!
+        var reader = FrameReader(maximumFrameLength: 1024)
+        var seen: [UInt64] = []
+        var budget = 1
+        try reader.read(partial, while: { budget > 0 }) { seen.append($0.requestID); budget -= 1 }
+        #expect(seen == [1] && reader.hasWholeFrame, "two whole frames held back")
+        budget = 2
+        try reader.resume(while: { budget > 0 }) { seen.append($0.requestID); budget -= 1 }
+        #expect(seen == [1, 2, 3] && !reader.hasWholeFrame && reader.bufferedBytes == 7, "only the cut frame is left")
+        #expect(throws: FrameDecodingError.truncated(bufferedBytes: 7)) { try reader.finish() }
+        // Its rest completes it, also after the read bytes were dropped from the buffer.
+        try reader.read(stream.getSlice(at: whole + 7, length: stream.readableBytes - whole - 7)!) { seen.append($0.requestID) }
+        #expect(seen == [1, 2, 3, 4] && reader.bufferedBytes == 0)
+        // A length the decoder rejects counts as whole: the next read throws, nothing more is awaited.
+        var bad = FrameReader(maximumFrameLength: 1024)
+        var header = ByteBuffer()
+        header.writeInteger(UInt32(3))
+        budget = 0
+        try bad.read(header, while: { budget > 0 }) { _ in }
+        #expect(bad.hasWholeFrame)
+    }
 }

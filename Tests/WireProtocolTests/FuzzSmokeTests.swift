@@ -13,6 +13,9 @@ import Testing
         process.arguments = arguments
         var environment = ProcessInfo.processInfo.environment
         if let runs { environment["FUZZ_RUNS"] = String(runs) }
+        // Its own folder: a long run of the same target (in .build/fuzz) may be going on; sharing the binary, the
+        // log and the found inputs would break both.
+        environment["FUZZ_OUT"] = root.appendingPathComponent(".build/fuzz-smoke").path
         process.environment = environment
         let log = FileManager.default.temporaryDirectory.appendingPathComponent("fuzz-smoke-\(UUID()).log")
         FileManager.default.createFile(atPath: log.path, contents: nil)

@@ -110,8 +110,9 @@ struct TableReader {
         let expected = "a duration such as \"500ms\", \"15s\", \"2m\" or a number of seconds"
         let parsed: Duration?
         switch value {
-        case .integer(let i): parsed = .seconds(i)
-        case .double(let d): parsed = .nanoseconds(Int64(d * 1e9))
+        // Negative ones pass here, for the `min` message below; too long ones do not (see maximumDurationSeconds).
+        case .integer(let i): parsed = Double(i) <= maximumDurationSeconds ? .seconds(i) : nil
+        case .double(let d): parsed = d.isFinite && abs(d) <= maximumDurationSeconds ? .nanoseconds(Int64(d * 1e9)) : nil
         case .string(let s): parsed = parseDuration(s)
         default: parsed = nil
         }
@@ -186,12 +187,20 @@ struct TableReader {
     }
 }
 
-/// Parses `500ms`, `15s`, `1.5s`, `2m`, `1h`, `250us`.
+/// The longest duration a configuration may give, in seconds (100 years): beyond any timeout's use, and small
+/// enough that the instants computed from it (now + it, Int64 nanoseconds) cannot overflow. A longer one is a
+/// `ConfigError` like any other bad value; converting it crashed the parser (`stop_timeout =
+/// "1000000000000000000000000005s"`, found by fuzzing, issue 14), so `--check-config`, start-up and a reload.
+public let maximumDurationSeconds: Double = 100 * 365 * 24 * 3600
+
+/// Parses `500ms`, `15s`, `1.5s`, `2m`, `1h`, `250us`; nil beyond ``maximumDurationSeconds``.
 public func parseDuration(_ text: String) -> Duration? {
     let s = text.trimmingWhitespace()
     let units: [(String, Double)] = [("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9), ("s", 1), ("m", 60), ("h", 3600)]
     for (suffix, scale) in units where s.hasSuffix(suffix) {
-        guard let number = Double(s.dropLast(suffix.count)), number >= 0, number.isFinite else { return nil }
+        guard let number = Double(s.dropLast(suffix.count)), number >= 0, number.isFinite,
+              number * scale <= maximumDurationSeconds
+        else { return nil }
         return .nanoseconds(Int64(number * scale * 1e9))
     }
     return nil
@@ -205,7 +214,9 @@ public func parseByteSize(_ text: String) -> Int? {
         ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40), ("B", 1),
     ]
     for (suffix, scale) in units where s.hasSuffix(suffix) {
-        guard let number = Double(s.dropLast(suffix.count)), number >= 0 else { return nil }
+        // Below 2^62: Int(Double) traps on what does not fit (the duration crash's twin), and sizes get added up.
+        guard let number = Double(s.dropLast(suffix.count)), number >= 0, number * Double(scale) < 0x1p62
+        else { return nil }
         return Int(number * Double(scale))
     }
     return Int(s)

@@ -30,10 +30,37 @@ public enum Admission {
     /// Why no worker can serve (every candidate stopped or failed with no restart coming soon), or nil when one
     /// may: a request then waits (queued) rather than being refused `no_workers`.
     /// - Parameter candidates: the device and state of each worker the request may go to.
-    public static func noWorkersReason(_ candidates: [(device: String, state: WorkerStateMachine)]) -> String? {
+    /// - Parameter groups: candidates that are tensor-parallel groups (by id): named "group ID".
+    public static func noWorkersReason(_ candidates: [(device: String, state: WorkerStateMachine)],
+                                       groups: Set<String> = []) -> String? {
         if candidates.contains(where: { isHopeful($0.state) }) { return nil }
-        let states = candidates.map { "device \($0.device) \($0.state.stateName)" }.joined(separator: ", ")
-        return "no worker can serve: " + states
+        let states = candidates.map { candidate in
+            var text = "\(groups.contains(candidate.device) ? "group" : "device") \(candidate.device) \(candidate.state.stateName)"
+            // A failed device says why and what brings it back: the client's answer is often the first place an
+            // operator looks (docs/PROTOCOL.md 1.2, exit code 78).
+            if let note = failedNote(candidate.state, device: candidate.device), let exit = candidate.state.lastExit {
+                text += " (worker \(exit.detail); \(note))"
+            }
+            return text
+        }
+        return "no worker can serve: " + states.joined(separator: ", ")
+    }
+
+    /// Why a `failed` worker stays down and what brings it back; nil when it is not failed. The same words in its
+    /// log line (``SupervisorMachine/logTransition(_:pid:note:now:)``) and in a `no_workers` answer.
+    public static func failedNote(_ worker: WorkerStateMachine, device: String) -> String? {
+        guard case .failed(let retry) = worker.state else { return nil }
+        if retry != nil {
+            return "too many restarts (\(worker.policy.maxRestarts) in \(worker.policy.restartWindow.configString)), "
+                + "retried every failed_retry_interval or on `npu-supervisorctl start \(device)`"
+        }
+        if case .deviceUnhealthy = worker.lastExit {
+            return "held failed while the device probe fails (its worker was already restarted once)"
+        }
+        if case .exited(78) = worker.lastExit {
+            return "not restarted: fix its configuration, then `npu-supervisorctl start \(device)`"
+        }
+        return "held failed until `npu-supervisorctl start \(device)`"
     }
 }
 

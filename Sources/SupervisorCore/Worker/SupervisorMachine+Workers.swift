@@ -213,11 +213,8 @@ extension SupervisorMachine {
             message += "; too many restarts (\(machine.policy.maxRestarts) in \(machine.policy.restartWindow.configString)), "
                 + "device marked failed, next try in \((retry - now).nanoseconds / 1_000_000_000)s or on `npu-supervisorctl start`"
         case .failed(nil):
-            if case .deviceUnhealthy = reason {
-                message += "; held failed while the device probe fails (its worker was already restarted once)"
-            } else {
-                message += "; not restarted (exit code 78: fix the worker's configuration, then `npu-supervisorctl start`)"
-            }
+            // The words a pinned request's `no_workers` answer uses too.
+            message += "; " + (Admission.failedNote(machine, device: workers[slot].spec.device) ?? "")
         default:
             break
         }
