@@ -111,6 +111,7 @@ extension Supervisor {
         let index = slot.index
         let sink = slot.output
         let logger = self.logger
+        let outputLogging = self.outputLogging
         let eventLoop = self.eventLoop
         let rate = slot.spec.outputRateLimit
         NIOPipeBootstrap(group: outputLoop)
@@ -118,8 +119,12 @@ extension Supervisor {
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(OutputLineHandler(
                         limiter: OutputRateLimiter(bytesPerSecond: rate)) { batch in
-                        let metadata: Logger.Metadata = ["device": "\(device)", "worker_pid": "\(pid)", "stream": "output"]
-                        for line in batch { logger.info("\(line)", metadata: metadata) }
+                        if case .stderrBatched(let label) = outputLogging {
+                            if logger.logLevel <= .info { OutputLog.write(batch, label: label, device: device, pid: pid) }
+                        } else {
+                            let metadata: Logger.Metadata = ["device": "\(device)", "worker_pid": "\(pid)", "stream": "output"]
+                            for line in batch { logger.info("\(line)", metadata: metadata) }
+                        }
                         if let first = sink.append(batch) {
                             eventLoop.execute { self.workerOutput(device: device, batch, first: first) }
                         }

@@ -73,8 +73,12 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     /// - Parameters:
     ///   - config: a validated configuration.
     ///   - configPath: shown in status; used by `reload` later.
+    /// How workers' output lines are logged (``WorkerOutputLogging``).
+    let outputLogging: WorkerOutputLogging
+
     public init(config: SupervisorConfiguration, configPath: String?, logger: Logger,
-                notifier: SystemdNotifier = SystemdNotifier()) {
+                notifier: SystemdNotifier = SystemdNotifier(), outputLogging: WorkerOutputLogging = .perLine) {
+        self.outputLogging = outputLogging
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         self.eventLoop = group.next()
         self.outputLoop = group.next()

@@ -60,7 +60,10 @@ struct NPUSupervisord: AsyncParsableCommand {
             }
         }
         let logger = Logger(label: "npu-supervisord")
-        let supervisor = Supervisor(config: configuration, configPath: config, logger: logger)
+        // On plain stderr, workers' output lines are written in the stream handler's own format, a batch at a
+        // time (one record per line bounded what a flooding worker could keep).
+        let supervisor = Supervisor(config: configuration, configPath: config, logger: logger,
+                                    outputLogging: destination == .stderr ? .stderrBatched(label: "npu-supervisord") : .perLine)
         let group = ServiceGroup(configuration: ServiceGroupConfiguration(
             services: [.init(service: SupervisorService(supervisor: supervisor),
                              successTerminationBehavior: .gracefullyShutdownGroup,

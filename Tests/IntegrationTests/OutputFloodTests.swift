@@ -31,8 +31,11 @@ import WireProtocol
 
     @Test func aFlooderDoesNotSlowAnotherDeviceAndIsRateLimitedWithAMarker() throws {
         let flooder = "command = [\"\(Binaries.worker)\", \"--token-ms\", \"5\", \"--flood-output\"]"
+        // The limiter keeps bursts of about half a second's worth (~5,000 lines here) after each drop, so the
+        // ring must hold more than a burst for `tail` to show the marker that precedes one.
         let daemon = try TestDaemon(devices: ["0", "1"], workerArgs: ["--token-ms", "5"],
-                                    defaults: "output_rate_limit = \"1MiB\"", perDevice: ["0": flooder])
+                                    defaults: "output_rate_limit = \"1MiB\"", perDevice: ["0": flooder],
+                                    supervisor: "output_lines = 20000")
         #expect(daemon.waitAllReady() != nil)
         #expect(try daemon.ctl(["stop", "0"]).status == 0)
         #expect(eventually(timeout: .seconds(20)) { daemon.worker("0")?.state == "stopped" })
@@ -50,11 +53,11 @@ import WireProtocol
         #expect(flooded < quiet * 1.5, "p50 \(quiet) ms quiet, \(flooded) ms next to a flooder")
 
         // Over the limit: a marker says what was dropped, and `tail` keeps showing new lines.
-        let first = try daemon.ctl(["tail", "0", "-n", "1000"])
+        let first = try daemon.ctl(["tail", "0", "-n", "20000"])
         #expect(first.status == 0)
         let before = try #require(Self.lastFloodLine(first.stdout))
         #expect(eventually(timeout: .seconds(10)) {
-            let text = (try? daemon.ctl(["tail", "0", "-n", "1000"]).stdout) ?? ""
+            let text = (try? daemon.ctl(["tail", "0", "-n", "20000"]).stdout) ?? ""
             return text.contains("of output dropped: over output_rate_limit]")
                 && (Self.lastFloodLine(text) ?? 0) > before
         })
