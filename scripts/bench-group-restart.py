@@ -23,21 +23,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-from npu_supervisor.client import Client  # noqa: E402
+from npu_supervisor.client import Client, status as read_status  # noqa: E402
 
 
 def status(run_dir):
-    import socket
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(os.path.join(run_dir, "status.sock"))
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    s.close()
-    return json.loads(data)
+    return read_status(os.path.join(run_dir, "status.sock"))
 
 
 def wait(predicate, timeout=30.0):

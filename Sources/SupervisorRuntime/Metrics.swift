@@ -106,8 +106,7 @@ final class SupervisorMetrics {  // loop-confined, like the rest of the driver
         .deviceUnhealthy(""), .protocolError(""), .startTimeout, .spawnFailed(errno: 0),
     ].map(\.kind)
 
-    /// Tensor-parallel groups: how many, and the causes of their restarts (by group index, reason kind).
-    var groupCount = 0
+    /// Tensor-parallel groups: the causes of their restarts (by group index, reason kind).
     var groupExits: [Int: [String: Int]] = [:]
 
     func groupExited(group: Int, reason: String) {

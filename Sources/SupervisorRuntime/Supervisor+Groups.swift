@@ -5,7 +5,6 @@ import SupervisorCore
 /// address and, where asked for, an HCCL rank table file. The decisions (when a group starts, which ranks, what
 /// broke it) are the machine's (SupervisorMachine+Groups.swift).
 struct GroupRuntime {
-    var incarnation: Int32 = 0
     var masterPort: Int?
     var rankTableFile: String?
     /// Ports of recent starts: a restarted group never gets the port its predecessor's sockets may still hold.
@@ -30,9 +29,8 @@ extension Supervisor {
     }
 
     /// A group starts: pick its `MASTER_PORT` and write its rank table before its ranks are spawned.
-    func prepareGroup(_ g: Int, incarnation: Int32) {
+    func prepareGroup(_ g: Int) {
         let spec = machine.groups[g].spec
-        groupRuntime[g].incarnation = incarnation
         let port = Self.freeLoopbackPort(avoiding: Set(groupRuntime[g].recentPorts))
         groupRuntime[g].masterPort = port
         if let port { groupRuntime[g].recentPorts = Array((groupRuntime[g].recentPorts + [port]).suffix(8)) }

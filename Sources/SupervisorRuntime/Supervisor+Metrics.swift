@@ -128,7 +128,7 @@ extension Supervisor {
         if !machine.groups.isEmpty {
             e.family("npu_supervisor_group_up", "gauge",
                      "1 when the tensor-parallel group is in rotation (every rank ready, its leader taking requests).")
-            for (g, group) in machine.groups.enumerated() {
+            for group in machine.groups {
                 e.sample("npu_supervisor_group_up", [("group", group.spec.id)], machine.workers[group.leader].isServing ? 1 : 0)
             }
             e.family("npu_supervisor_group_ranks", "gauge", "The group's number of ranks (WORLD_SIZE).")

@@ -97,7 +97,6 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         }
         metrics = SupervisorMetrics(slotCount: slots.count)
         groupRuntime = machine.groups.map { _ in GroupRuntime() }
-        metrics.groupCount = machine.groups.count
         rebuildPinTargets()
     }
 
@@ -199,8 +198,8 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
             }
         case .persistRollout:
             persistRollout()
-        case .prepareGroup(let group, let incarnation):
-            prepareGroup(group, incarnation: incarnation)
+        case .prepareGroup(let group, _):
+            prepareGroup(group)
         case .groupExitRecorded(let group, let reason):
             metrics.groupExited(group: group, reason: reason.kind)
         }

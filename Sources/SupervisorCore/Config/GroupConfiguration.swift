@@ -34,14 +34,11 @@ public struct GroupSpec: Sendable, Hashable {
     public var worldSize: Int { devices.count }
 
     /// The HCCL rank table (JSON) for one host: every device with its rank. `host` is the server id
-    /// (the loopback address: a group never spans hosts). `deviceIPs` maps a device id to its NIC address where
-    /// known (from `hccn_tool` on an Ascend host); absent ones are omitted, as single-host HCCL does not need them.
-    public func rankTableJSON(host: String, deviceIPs: [String: String] = [:]) -> String {
+    /// (the loopback address: a group never spans hosts). Device NIC addresses (`device_ip`) are left out: HCCL
+    /// within one host does not need them.
+    public func rankTableJSON(host: String) -> String {
         let entries = devices.enumerated().map { rank, device in
-            var fields = ["\"device_id\": \(HTTPFrontPolicy.jsonString(device))"]
-            if let ip = deviceIPs[device] { fields.append("\"device_ip\": \(HTTPFrontPolicy.jsonString(ip))") }
-            fields.append("\"rank_id\": \"\(rank)\"")
-            return "        {" + fields.joined(separator: ", ") + "}"
+            "        {\"device_id\": \(HTTPFrontPolicy.jsonString(device)), \"rank_id\": \"\(rank)\"}"
         }
         return """
             {

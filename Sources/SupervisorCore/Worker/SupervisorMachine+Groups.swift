@@ -49,9 +49,6 @@ extension SupervisorMachine {
         }
     }
 
-    /// The group of a slot and the slot's rank in it.
-    func groupIndex(of slot: Int) -> Int? { workers[slot].groupIndex }
-
     /// Builds the groups from the configuration (their ranks' slots are already in ``workers``).
     static func makeGroups(_ config: SupervisorConfiguration, workers: inout [Worker]) -> [Group] {
         config.groups.enumerated().map { index, spec in
@@ -274,7 +271,4 @@ extension SupervisorMachine {
     public func routingSlot(_ slot: Int) -> Int {
         workers[slot].groupIndex.map { groups[$0].leader } ?? slot
     }
-
-    /// The group ids, by index.
-    public var groupIds: [String] { groups.map(\.spec.id) }
 }
