@@ -51,6 +51,10 @@ struct GroupTests {
         actions.compactMap { if case .failInflight(let slot, let cause) = $0 { (slot, cause) } else { nil } }
     }
 
+    static func logs(_ actions: [SupervisorMachine.Action]) -> [String] {
+        actions.compactMap { if case .log(let record) = $0 { record.message } else { nil } }
+    }
+
     static func prepared(_ actions: [SupervisorMachine.Action]) -> [Int] {
         actions.compactMap { if case .prepareGroup(let group, _) = $0 { group } else { nil } }
     }
@@ -229,6 +233,25 @@ struct GroupTests {
         #expect(m.groups[0].lifecycle.isHeldFailed, "\(m.groups[0].lifecycle.stateName)")
         #expect(m.groups[0].lifecycle.restarts == 1)
         #expect(m.groups[0].cause?.rank == 1 && m.groups[0].lifecycle.lastExit?.kind == "device_unhealthy")
+    }
+
+    /// A cause belongs to its episode: a later stop (here, shutdown) is a plain stop, not that rank's fault again.
+    @Test func aLaterStopDoesNotRepeatAnEarlierCause() throws {
+        var m = try Self.serving()
+        _ = m.exit(2, pid: 1002, .signaled(signal: 9, coreDumped: false), now: Self.t0)
+        _ = m.exit(1, pid: 1001, .exited(code: 0), now: Self.t0)
+        let now = Self.t0 + .seconds(2)
+        _ = m.handle(.timer, now: now)
+        m.bringUp(1, now: now)
+        m.bringUp(2, now: now)
+        #expect(m.groups[0].lifecycle.isReady && m.groups[0].cause?.rank == 1, "the last cause is kept for status")
+        _ = m.handle(.shutdown(reason: "test", requestsInFlight: 0), now: now)
+        var actions = m.exit(1, pid: 1001, .exited(code: 0), now: now)
+        actions += m.exit(2, pid: 1002, .signaled(signal: 9, coreDumped: false), now: now)
+        #expect(m.groups[0].lifecycle.lastExit == .stopped || m.groups[0].lifecycle.lastExit == .signaled(signal: 9, coreDumped: false))
+        #expect(!actions.contains { if case .groupExitRecorded = $0 { true } else { false } }, "a stop is no restart")
+        #expect(m.workers[2].lastExitDetail?.contains("stopped with its group") != true, "\(m.workers[2].lastExitDetail ?? "-")")
+        #expect(!Self.logs(actions).contains { $0.contains("down: rank 1") }, "\(Self.logs(actions))")
     }
 
     @Test func theRankWithClearerEvidenceIsTheCause() throws {

@@ -26,8 +26,11 @@ extension SupervisorMachine {
         public internal(set) var lifecycle: WorkerStateMachine
         /// Rises with every start of the group; the runtime gives each a fresh `MASTER_PORT` and rank table.
         public internal(set) var incarnation: Int32 = 0
-        /// What broke the group most recently: the rank, its device and why.
+        /// What broke the group most recently: the rank, its device and why (kept for status after the restart).
         public internal(set) var cause: Cause?
+        /// ``cause`` was found in this episode (since the group's last start): only then does it explain the
+        /// group's exit and its ranks' consequences.
+        var isBroken = false
         /// Ranks the group itself stopped in this episode (their exits are consequences, not causes).
         var stoppedByGroup: Set<Int> = []
         /// The spec sets a rolling upgrade moves between (leader's spec first), by the leader's spec.
@@ -98,6 +101,7 @@ extension SupervisorMachine {
     mutating func startRanks(_ g: Int, now: MonotonicInstant) {
         groups[g].incarnation += 1
         groups[g].stoppedByGroup = []
+        groups[g].isBroken = false
         guard groups[g].lifecycle.spawned(pid: groups[g].incarnation, now: now) else { return }
         emit(.prepareGroup(group: g, incarnation: groups[g].incarnation))
         log(.info, groups[g].leader, "group \(groups[g].spec.id): starting \(groups[g].slots.count) ranks "
@@ -122,6 +126,7 @@ extension SupervisorMachine {
             switch groups[g].lifecycle.state {
             case .starting, .ready:
                 groups[g].cause = cause
+                groups[g].isBroken = true
                 log(.error, slot, "group \(groups[g].spec.id): rank \(rank) (device \(cause.device)) \(cause.detail); "
                     + "stopping the other ranks (their collective is broken) to restart the group",
                     reason: reason.description)
@@ -130,7 +135,8 @@ extension SupervisorMachine {
                 // Another rank went down on its own in the same episode: the one with the clearer evidence is the
                 // cause (a rank killed by a signal or judged by the supervisor, not the one that exited after it
                 // lost its peer).
-                if let previous = groups[g].cause, Self.evidence(reason) > Self.evidence(previous.reason) {
+                if groups[g].isBroken, let previous = groups[g].cause,
+                   Self.evidence(reason) > Self.evidence(previous.reason) {
                     groups[g].cause = cause
                     groups[g].lifecycle.reattribute(reason)
                     log(.notice, slot, "group \(groups[g].spec.id): rank \(rank) (device \(cause.device)) \(cause.detail); "
@@ -145,7 +151,7 @@ extension SupervisorMachine {
             default:
                 break
             }
-        } else if let cause = groups[g].cause, workers[slot].lifecycle.lastExit != nil {
+        } else if groups[g].isBroken, let cause = groups[g].cause, workers[slot].lifecycle.lastExit != nil {
             workers[slot].exitNote = (workers[slot].lifecycle.lastExit!,
                                       "stopped with its group: rank \(cause.rank) (device \(cause.device)) \(cause.reason)")
         }
@@ -169,7 +175,7 @@ extension SupervisorMachine {
     /// Every rank is gone: the group's lifecycle decides (restart at once, back off, fail), and the leader's
     /// requests are retried or answered by what broke the group.
     mutating func groupGone(_ g: Int, now: MonotonicInstant) {
-        let cause = groups[g].cause
+        let cause = groups[g].isBroken ? groups[g].cause : nil
         if groups[g].lifecycle.desired == .up,
            let held = groups[g].slots.first(where: { workers[$0].isHeldFailedForDevice }) {
             // A rank's device failed its probe after the group was already restarted for it: hold the group
@@ -195,7 +201,7 @@ extension SupervisorMachine {
         let machine = groups[g].lifecycle
         guard let reason = machine.lastExit else { return }
         var message = "group \(groups[g].spec.id) "
-            + (groups[g].cause.map { reason == .stopped ? "stopped" : "down: rank \($0.rank) (device \($0.device)) \($0.reason)" }
+            + ((groups[g].isBroken ? groups[g].cause : nil).map { reason == .stopped ? "stopped" : "down: rank \($0.rank) (device \($0.device)) \($0.reason)" }
                 ?? "stopped")
             + " → \(machine.stateName)"
         switch machine.state {
@@ -239,6 +245,7 @@ extension SupervisorMachine {
         let action = groups[g].lifecycle.timerFired(now: now)
         if before == "failed", action == .spawn { log(.notice, groups[g].leader, "group \(groups[g].spec.id): retrying the failed group") }
         if before == "starting", action != nil {
+            groups[g].cause = nil  // the group itself was late, not one rank
             log(.error, groups[g].leader, "group \(groups[g].spec.id) not ready within start_timeout; killing its ranks",
                 reason: "start_timeout")
         }
