@@ -8,17 +8,49 @@ final class ClientConnection {
     let channel: any Channel
     unowned let supervisor: Supervisor
     /// Client request id → the request.
+    #if DEBUG
     var requests: [UInt64: PendingRequest] = [:]
+    #else
+    @exclusivity(unchecked) var requests: [UInt64: PendingRequest] = [:]
+    #endif
+    #if DEBUG
     var outbound: ByteBuffer
+    #else
+    @exclusivity(unchecked) var outbound: ByteBuffer
+    #endif
+    #if DEBUG
     var isDirty = false
+    #else
+    @exclusivity(unchecked) var isDirty = false
+    #endif
+    #if DEBUG
     var isReadingPaused = false
+    #else
+    @exclusivity(unchecked) var isReadingPaused = false
+    #endif
+    #if DEBUG
     var isOpen = true
+    #else
+    @exclusivity(unchecked) var isOpen = true
+    #endif
     /// The client shut down its sending side (half-close): answer what is in flight, then close.
+    #if DEBUG
     var isInputClosed = false
+    #else
+    @exclusivity(unchecked) var isInputClosed = false
+    #endif
     /// Bytes handed to NIO and not yet written to the socket: what a client that does not read costs us.
+    #if DEBUG
     var unwrittenBytes = 0
+    #else
+    @exclusivity(unchecked) var unwrittenBytes = 0
+    #endif
     /// The latest write handed to NIO (writes complete in order): a close waits for it.
+    #if DEBUG
     var lastWrite: EventLoopFuture<Void>?
+    #else
+    @exclusivity(unchecked) var lastWrite: EventLoopFuture<Void>?
+    #endif
     /// Decodes frames this connection has buffered but not yet admitted (see ``ClientHandler/decode(_:)``).
     weak var handler: ClientHandler?
 
@@ -114,8 +146,16 @@ final class ClientHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
     let supervisor: Supervisor
+    #if DEBUG
     var connection: ClientConnection?
+    #else
+    @exclusivity(unchecked) var connection: ClientConnection?
+    #endif
+    #if DEBUG
     var reader: FrameReader
+    #else
+    @exclusivity(unchecked) var reader: FrameReader
+    #endif
 
     init(supervisor: Supervisor) {
         self.supervisor = supervisor
@@ -144,7 +184,11 @@ final class ClientHandler: ChannelInboundHandler {
 
     /// A decoding loop is running: it decides about closing at its end (reading `reader` from inside it would
     /// overlap its access).
+    #if DEBUG
     private(set) var isDecoding = false
+    #else
+    @exclusivity(unchecked) private(set) var isDecoding = false
+    #endif
 
     /// Decodes `incoming` (after what is buffered; nil: only what is buffered) while the connection may have
     /// more requests in flight (`max_inflight_per_connection` holds within one read too); the rest stays
@@ -154,10 +198,12 @@ final class ClientHandler: ChannelInboundHandler {
         guard let connection, !isDecoding else { return }
         isDecoding = true
         let limit = supervisor.config.requests.maxInflightPerConnection
+        // One clock read for the burst: every request in it was received at the same read.
+        let now = NIODeadline.now()
         do {
             try reader.read(incoming ?? ByteBuffer(), while: { connection.isOpen && connection.requests.count < limit }) { frame in
                 switch frame.type {
-                case .request: supervisor.clientRequest(connection, frame)
+                case .request: supervisor.clientRequest(connection, frame, receivedAt: now)
                 case .cancel: supervisor.clientCancel(connection, clientID: frame.requestID)
                 case .heartbeat: connection.send(Frame(type: .heartbeat, requestID: frame.requestID))
                 default:

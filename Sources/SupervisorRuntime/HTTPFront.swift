@@ -38,14 +38,13 @@ extension Supervisor {
         exchange.request = request
         if !dispatchNow(request) {
             if case .refuse(let code, let message, let retryable) =
-                Admission.queueOrRefuse(queued: queue.count, maxQueue: config.requests.maxQueue) {
+                Admission.queueOrRefuse(queued: queuedCount, maxQueue: config.requests.maxQueue) {
                 request.http = nil
                 exchange.request = nil
                 exchange.finish(.error(requestID: 0, code: code, message: message, retryable: retryable))
                 return
             }
-            request.isQueued = true
-            queue.append(request)
+            enqueue(request)
         }
         requests[request.id] = request
         trackDeadline(request)

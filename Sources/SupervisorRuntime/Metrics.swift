@@ -27,12 +27,32 @@ final class SupervisorMetrics {  // loop-confined, like the rest of the driver
 
     /// Worker slots `0..<slotCount` are at index `slot + 1`; index 0 is "none" (refused, or expired before
     /// reaching a worker). Slots added later (a reload) grow the arrays on their first count.
+    #if DEBUG
     private(set) var slotCount: Int
+    #else
+    @exclusivity(unchecked) private(set) var slotCount: Int
+    #endif
     /// `requests[(slot + 1) * outcomes.count + outcome]`.
+    #if DEBUG
     private(set) var requests: [Int]
+    #else
+    @exclusivity(unchecked) private(set) var requests: [Int]
+    #endif
+    #if DEBUG
     var latency: [Histogram]
+    #else
+    @exclusivity(unchecked) var latency: [Histogram]
+    #endif
+    #if DEBUG
     var queueTime: [Histogram]
+    #else
+    @exclusivity(unchecked) var queueTime: [Histogram]
+    #endif
+    #if DEBUG
     var firstChunk: [Histogram]
+    #else
+    @exclusivity(unchecked) var firstChunk: [Histogram]
+    #endif
     /// Exits per slot and reason kind (rare: a dictionary is fine).
     var exits: [[String: Int]]
     /// Per slot: its last device probe could not run or timed out (the gauge says -1, not 0, then).

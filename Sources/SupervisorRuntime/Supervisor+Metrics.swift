@@ -54,9 +54,9 @@ extension Supervisor {
             e.sample("npu_supervisor_requests_running", [("device", devices[slot])], Double(machine.router.inflight[slot]))
         }
         e.family("npu_supervisor_requests_waiting", "gauge", "Requests queued for a worker with room.")
-        e.sample("npu_supervisor_requests_waiting", [], Double(queue.count))
+        e.sample("npu_supervisor_requests_waiting", [], Double(queuedCount))
         e.family("npu_supervisor_queue_depth", "gauge", "Requests waiting for a worker with room (same as requests_waiting).")
-        e.sample("npu_supervisor_queue_depth", [], Double(queue.count))
+        e.sample("npu_supervisor_queue_depth", [], Double(queuedCount))
 
         let stateNames = ["stopped", "starting", "ready", "stopping", "backoff", "failed"]
         // A rank of a tensor-parallel group is up, wanted and held failed with its group (its followers never

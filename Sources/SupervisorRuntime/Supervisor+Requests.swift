@@ -10,33 +10,89 @@ final class PendingRequest {
     /// The id the client chose; what the client sees.
     let clientID: UInt64
     /// Cleared when the client hangs up.
+    #if DEBUG
     var client: ClientConnection?
+    #else
+    @exclusivity(unchecked) var client: ClientConnection?
+    #endif
     let payload: ByteBuffer
     /// The slot the client pinned it to (`device` option), -1 for any.
     let pinned: Int
     let deadline: NIODeadline
     let timeout: TimeAmount
     /// Dispatches so far (1 = first try), not counting those lost to deaths that were not its doing.
+    #if DEBUG
     var attempts = 0
+    #else
+    @exclusivity(unchecked) var attempts = 0
+    #endif
     /// Crashes of workers it was in flight on (two make it a poison suspect).
+    #if DEBUG
     var crashes = 0
+    #else
+    @exclusivity(unchecked) var crashes = 0
+    #endif
     /// Whether any chunk reached the client: then the request must never run again.
+    #if DEBUG
     var streamed = false
+    #else
+    @exclusivity(unchecked) var streamed = false
+    #endif
     /// The slot holding it now, -1 for none.
+    #if DEBUG
     var worker = -1
+    #else
+    @exclusivity(unchecked) var worker = -1
+    #endif
     /// The last slot it was sent to (for metrics; `worker` is cleared when it dies), -1 for none.
+    #if DEBUG
     var lastWorker = -1
+    #else
+    @exclusivity(unchecked) var lastWorker = -1
+    #endif
+    #if DEBUG
     var isQueued = false
+    #else
+    @exclusivity(unchecked) var isQueued = false
+    #endif
+    #if DEBUG
     var isFinished = false
+    #else
+    @exclusivity(unchecked) var isFinished = false
+    #endif
     /// An inference probe of the supervisor's own: never retried elsewhere; `onFinish` gets the answer.
+    #if DEBUG
     var isProbe = false
+    #else
+    @exclusivity(unchecked) var isProbe = false
+    #endif
+    #if DEBUG
     var onFinish: ((Frame?) -> Void)?
+    #else
+    @exclusivity(unchecked) var onFinish: ((Frame?) -> Void)?
+    #endif
     /// The HTTP exchange waiting for it (the request front), nil for requests.sock clients.
+    #if DEBUG
     var http: HTTPExchange?
+    #else
+    @exclusivity(unchecked) var http: HTTPExchange?
+    #endif
     /// Links in the deadline list of requests with the same timeout (in deadline order).
+    #if DEBUG
     var newer: PendingRequest?
+    #else
+    @exclusivity(unchecked) var newer: PendingRequest?
+    #endif
+    #if DEBUG
     unowned(unsafe) var older: PendingRequest?
+    #else
+    @exclusivity(unchecked) unowned(unsafe) var older: PendingRequest?
+    #endif
+    #if DEBUG
     var deadlineList: DeadlineList?
+    #else
+    @exclusivity(unchecked) var deadlineList: DeadlineList?
+    #endif
 
     init(id: UInt64, clientID: UInt64, client: ClientConnection?, payload: ByteBuffer, pinned: Int,
          timeout: TimeAmount, now: NIODeadline) {
@@ -53,8 +109,20 @@ final class PendingRequest {
 /// Requests that share one timeout, oldest first: their deadlines are in the same order, so only the oldest
 /// needs a timer. Removal is O(1). This replaces a timer per request (an allocation and a heap operation each).
 final class DeadlineList {
+    /// The timeout its requests share, in nanoseconds.
+    let timeout: Int64
+    #if DEBUG
     var oldest: PendingRequest?
+    #else
+    @exclusivity(unchecked) var oldest: PendingRequest?
+    #endif
+    #if DEBUG
     unowned(unsafe) var newest: PendingRequest?
+    #else
+    @exclusivity(unchecked) unowned(unsafe) var newest: PendingRequest?
+    #endif
+
+    init(timeout: Int64) { self.timeout = timeout }
 
     var isEmpty: Bool { oldest == nil }
 
@@ -81,7 +149,7 @@ final class DeadlineList {
 
 extension Supervisor {
     /// A `request` frame from a client.
-    func clientRequest(_ client: ClientConnection, _ frame: Frame) {
+    func clientRequest(_ client: ClientConnection, _ frame: Frame, receivedAt acceptedAt: NIODeadline) {
         eventLoop.assertInEventLoop()
         let clientID = frame.requestID
         guard clientID != 0 else {
@@ -127,19 +195,17 @@ extension Supervisor {
             return
         }
         let timeout: TimeAmount = options.deadlineMS.map { .milliseconds(Int64(max(1, $0))) } ?? defaultTimeout
-        let acceptedAt = NIODeadline.now()
         let request = PendingRequest(id: nextRequestID, clientID: clientID, client: client, payload: payload,
                                      pinned: pinned, timeout: timeout, now: acceptedAt)
         nextRequestID &+= 1
         if !dispatchNow(request) {
             if case .refuse(let code, let message, let retryable) =
-                Admission.queueOrRefuse(queued: queue.count, maxQueue: config.requests.maxQueue) {
+                Admission.queueOrRefuse(queued: queuedCount, maxQueue: config.requests.maxQueue) {
                 refused(AvailabilityAccount.Outcome(code: code))
                 client.send(.error(requestID: clientID, code: code, message: message, retryable: retryable))
                 return
             }
-            request.isQueued = true
-            queue.append(request)
+            enqueue(request)
         }
         machine.availability.accepted(now: MonotonicInstant(nanoseconds: Int64(acceptedAt.uptimeNanoseconds)))
         requests[request.id] = request
@@ -158,11 +224,15 @@ extension Supervisor {
 
     func trackDeadline(_ request: PendingRequest) {
         let list: DeadlineList
-        if let existing = deadlineLists[request.timeout.nanoseconds] {
+        if let last = lastDeadlineList, last.timeout == request.timeout.nanoseconds {
+            list = last  // nearly every request has the default deadline: no hashing for those
+        } else if let existing = deadlineLists[request.timeout.nanoseconds] {
             list = existing
+            lastDeadlineList = existing
         } else {
-            list = DeadlineList()
+            list = DeadlineList(timeout: request.timeout.nanoseconds)
             deadlineLists[request.timeout.nanoseconds] = list
+            lastDeadlineList = list
         }
         let wasEmpty = list.isEmpty
         list.append(request)
@@ -181,6 +251,7 @@ extension Supervisor {
             }
             if list.oldest == nil && deadlineLists.count > 16 {
                 deadlineLists.removeValue(forKey: key)  // many distinct client deadlines: drop idle lists
+                if lastDeadlineList === list { lastDeadlineList = nil }
             }
         }
         flushAll()
@@ -200,7 +271,7 @@ extension Supervisor {
         request.worker = index
         request.lastWorker = index
         let slot = slots[index]
-        slot.send(Frame(type: .request, requestID: request.id, payload: request.payload))
+        slot.sendRequest(id: request.id, payload: request.payload)
         if !slot.isDirty {
             slot.isDirty = true
             dirtyWorkers.append(slot)
@@ -208,15 +279,45 @@ extension Supervisor {
         return true
     }
 
-    /// Moves queued requests to workers that have room, oldest first.
+    /// Queues a request that no worker can take now (`first`: ahead of the others, for retries).
+    func enqueue(_ request: PendingRequest, first: Bool = false) {
+        request.isQueued = true
+        queuedCount += 1
+        if request.pinned >= 0 { queuedPinned += 1 }
+        if first { queue.prepend(request) } else { queue.append(request) }
+    }
+
+    /// The request is no longer waiting (placed, answered, expired); the caller takes it out of `queue`.
+    @inline(__always) func leftQueue(_ request: PendingRequest) {
+        request.isQueued = false
+        queuedCount -= 1
+        if request.pinned >= 0 { queuedPinned -= 1 }
+    }
+
+    /// Moves queued requests to workers that have room, oldest first (the head-of-line rule of ``QueueScan``).
+    /// Called after every answer while anything is queued.
     func dispatchQueued() {
         guard !queue.isEmpty else { return }
+        if queuedPinned == 0 {
+            // Only requests for any worker: the first one that cannot be placed ends the pass, and the rest stay
+            // where they are. The cost is what is placed, not the queue's length: rebuilding a queue of hundreds
+            // after each answer (a backed-up worker channel under 64 x 16 clients of 4 KiB) was most of the
+            // supervisor's CPU (BENCHMARKS.md).
+            while let request = queue.first {
+                if request.isQueued {
+                    guard dispatchNow(request) else { return }
+                    leftQueue(request)
+                }
+                queue.removeFirst()
+            }
+            return
+        }
         var kept = CircularBuffer<PendingRequest>()
         var scan = QueueScan()
         while let request = queue.popFirst() {
             if !request.isQueued { continue }
             if scan.shouldTry && dispatchNow(request) {
-                request.isQueued = false
+                leftQueue(request)
                 continue
             }
             scan.notPlaced(isPinned: request.pinned >= 0)
@@ -282,20 +383,23 @@ extension Supervisor {
         }
         // Retries go to the front of the queue: they are the oldest requests.
         for request in retried.reversed() {
-            request.isQueued = true
-            queue.prepend(request)
+            enqueue(request, first: true)
         }
     }
 
     /// Delivers the one final answer and forgets the request.
-    func finish(_ request: PendingRequest, with frame: Frame?) {
+    /// - Parameter at: the time of the answer when the caller has it (a burst of answers read at once shares one
+    ///   clock read); nil reads the clock.
+    func finish(_ request: PendingRequest, with frame: Frame?, at answeredAt: NIODeadline? = nil) {
         guard !request.isFinished else { return }
         request.isFinished = true
         requests.removeValue(forKey: request.id)
         request.deadlineList?.remove(request)
         if request.isQueued {
-            request.isQueued = false
-            if let index = queue.firstIndex(where: { $0 === request }) { queue.remove(at: index) }
+            // Left in `queue` as a tombstone that every pass skips: searching for it was O(queue) per request,
+            // quadratic when a full queue expires at once. Compacted when tombstones outnumber the waiting.
+            leftQueue(request)
+            if queue.count > 2 * queuedCount + 64 { queue = CircularBuffer(queue.filter(\.isQueued)) }
         }
         if request.worker >= 0 {
             let slot = request.worker
@@ -304,7 +408,7 @@ extension Supervisor {
             if machine.router.draining[slot] && machine.router.inflight[slot] == 0 { feed(.drainSettled(slot: slot)) }
         }
         if !request.isProbe {
-            let now = NIODeadline.now()
+            let now = answeredAt ?? NIODeadline.now()
             let mono = MonotonicInstant(nanoseconds: Int64(now.uptimeNanoseconds))
             if let frame {
                 let latency = (now - (request.deadline - request.timeout)).nanoseconds

@@ -79,7 +79,7 @@ extension Supervisor {
                                        uptimeSeconds: Double((now - startedAt).nanoseconds) / 1e9,
                                        config: configPath.map { resolve($0, against: currentDirectory()) },
                                        http: httpAddress),
-            queueDepth: queue.count, fallbackActive: machine.isFallbackActive, workers: workers,
+            queueDepth: queuedCount, fallbackActive: machine.isFallbackActive, workers: workers,
             rollout: rolloutStatus(), availability: availabilityStatus(now: mono), groups: groups)
     }
 }

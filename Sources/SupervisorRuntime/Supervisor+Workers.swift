@@ -250,7 +250,8 @@ extension Supervisor {
             machine.workerAnswered(slot: index)
             if frame.type == .response && !request.isProbe { machine.requestSucceeded(slot: index, now: now) }
             finish(request, with: Frame(type: frame.type, flags: frame.flags, requestID: request.clientID,
-                                        payload: frame.payload))
+                                        payload: frame.payload),
+                   at: .uptimeNanoseconds(UInt64(now.nanoseconds)))
             if !queue.isEmpty { dispatchQueued() }
         case .chunk:
             guard let request = requests[frame.requestID], request.worker == index else { return }
@@ -312,7 +313,11 @@ final class WorkerChannelHandler: ChannelInboundHandler {
     let supervisor: Supervisor
     let slot: WorkerIO
     let pid: pid_t
+    #if DEBUG
     var reader: FrameReader
+    #else
+    @exclusivity(unchecked) var reader: FrameReader
+    #endif
 
     init(supervisor: Supervisor, slot: WorkerIO, pid: pid_t, maxFrame: Int) {
         self.supervisor = supervisor

@@ -15,6 +15,12 @@ import WireProtocol
 /// `assertInEventLoop` where entered from outside). Channels of clients and workers are bound to the same loop,
 /// so a request travels client → worker → client without a thread hop. One timer is armed at the earliest of
 /// the machine's ``SupervisorMachine/nextDeadline`` and the request deadlines.
+///
+/// The properties the request path touches (here and in ClientConnection, WorkerIO, PendingRequest, Metrics) are
+/// `@exclusivity(unchecked)` in release builds: being loop-confined, no two accesses to them can overlap across
+/// threads, and Swift's dynamic exclusivity check on every access to a class's stored property was 7.5% of the
+/// request path's CPU (BENCHMARKS.md). Debug builds, which run the test suites, keep the check, so an
+/// overlapping access within the loop still traps there.
 public final class Supervisor: @unchecked Sendable {  // loop-confined: checked by assertInEventLoop at every entry
     public static let version = npuSupervisorRelease
 
@@ -23,34 +29,85 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     /// worker flooding its output does not compete with the request path (only `tail -f` batches hop here).
     let outputLoop: any EventLoop
     let group: MultiThreadedEventLoopGroup
+    #if DEBUG
     var config: SupervisorConfiguration
+    #else
+    @exclusivity(unchecked) var config: SupervisorConfiguration
+    #endif
     let configPath: String?
     var logger: Logger
     let notifier: SystemdNotifier
     let startedAt = NIODeadline.now()
 
     /// Every decision.
+    #if DEBUG
     var machine: SupervisorMachine
+    #else
+    @exclusivity(unchecked) var machine: SupervisorMachine
+    #endif
     /// The I/O of each worker slot (same indices as `machine.workers`).
+    #if DEBUG
     var slots: [WorkerIO] = []
+    #else
+    @exclusivity(unchecked) var slots: [WorkerIO] = []
+    #endif
+    #if DEBUG
     var requests: [UInt64: PendingRequest] = [:]
+    #else
+    @exclusivity(unchecked) var requests: [UInt64: PendingRequest] = [:]
+    #endif
+    #if DEBUG
     var queue = CircularBuffer<PendingRequest>()
+    #else
+    @exclusivity(unchecked) var queue = CircularBuffer<PendingRequest>()
+    #endif
     var clients: [ObjectIdentifier: ClientConnection] = [:]
+    #if DEBUG
     var nextRequestID: UInt64 = 1
+    #else
+    @exclusivity(unchecked) var nextRequestID: UInt64 = 1
+    #endif
     var servers: [any Channel] = []
     var lockFD: CInt = -1
     var shutdownPromise: EventLoopPromise<Void>
     var outputFollowers: [ObjectIdentifier: OutputFollower] = [:]
+    #if DEBUG
     var dirtyClients: [ClientConnection] = []
+    #else
+    @exclusivity(unchecked) var dirtyClients: [ClientConnection] = []
+    #endif
+    #if DEBUG
     var dirtyWorkers: [WorkerIO] = []
+    #else
+    @exclusivity(unchecked) var dirtyWorkers: [WorkerIO] = []
+    #endif
     /// Requests by timeout value, each list in deadline order (see ``DeadlineList``).
+    #if DEBUG
     var deadlineLists: [Int64: DeadlineList] = [:]
+    #else
+    @exclusivity(unchecked) var deadlineLists: [Int64: DeadlineList] = [:]
+    #endif
+    /// Requests waiting in `queue` (which also holds tombstones of requests answered while queued: ``finish``).
+    var queuedCount = 0
+    /// Pinned requests in `queue` (while there are none, a pass over the queue stops at the first request it
+    /// cannot place: ``dispatchQueued()``).
+    var queuedPinned = 0
+    /// The list the latest request went to (``trackDeadline(_:)``).
+    var lastDeadlineList: DeadlineList?
     /// The one timer, and when it fires.
     var timer: Scheduled<Void>?
+    #if DEBUG
     var timerAt: NIODeadline?
+    #else
+    @exclusivity(unchecked) var timerAt: NIODeadline?
+    #endif
     var healthPublishPending = false
     /// A flush of every dirty channel is scheduled for the end of this event-loop turn (``flushAtEndOfTick()``).
+    #if DEBUG
     var flushScheduled = false
+    #else
+    @exclusivity(unchecked) var flushScheduled = false
+    #endif
     /// The text of the configuration in effect (kept so that an upgrade can be resumed or undone after a
     /// restart of the supervisor: see Supervisor+Reload.swift).
     var appliedConfigText: String?
@@ -68,7 +125,11 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     /// Per tensor-parallel group: the `MASTER_PORT` and rank table of its current start (Supervisor+Groups.swift).
     var groupRuntime: [GroupRuntime] = []
     /// A request's `device` option → the slot it is pinned to (``rebuildPinTargets()``).
+    #if DEBUG
     var pinTargets: [String: Int] = [:]
+    #else
+    @exclusivity(unchecked) var pinTargets: [String: Int] = [:]
+    #endif
 
     /// - Parameters:
     ///   - config: a validated configuration.

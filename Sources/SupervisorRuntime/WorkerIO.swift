@@ -12,11 +12,23 @@ import WireProtocol
 final class WorkerIO {
     let index: Int
     /// The spec of the current process (copied from the machine at each spawn).
+    #if DEBUG
     var spec: WorkerSpec
+    #else
+    @exclusivity(unchecked) var spec: WorkerSpec
+    #endif
     /// The current process, 0 between processes. Frames and exits of an older process are ignored.
+    #if DEBUG
     var pid: pid_t = 0
+    #else
+    @exclusivity(unchecked) var pid: pid_t = 0
+    #endif
     /// The frame channel to the current process (its fd 3), nil between processes.
+    #if DEBUG
     var channel: (any Channel)?
+    #else
+    @exclusivity(unchecked) var channel: (any Channel)?
+    #endif
     var outputChannel: (any Channel)?
     var exitWatch: (any DispatchSourceRead)?
     /// When the current process was started (wall-clock for uptime).
@@ -27,8 +39,16 @@ final class WorkerIO {
     /// The worker's output, kept by the output thread (``OutputSink``); read here for `tail`.
     let output: OutputSink
     /// Frames for the worker, written once per burst (``flush()``).
+    #if DEBUG
     var outbound = ByteBuffer()
+    #else
+    @exclusivity(unchecked) var outbound = ByteBuffer()
+    #endif
+    #if DEBUG
     var isDirty = false
+    #else
+    @exclusivity(unchecked) var isDirty = false
+    #endif
     /// The current process's memory cgroup, when cgroups are in use.
     var cgroup: CgroupManager.WorkerCgroup?
     /// The next process, started ahead of need in its own cgroup (cgroups on only; ``StandbyWorker``).
@@ -46,6 +66,12 @@ final class WorkerIO {
     @inline(__always) func send(_ frame: Frame) {
         guard channel != nil else { return }
         frame.write(to: &outbound)
+    }
+
+    /// Queues a request for the worker (the hot path: no ``Frame`` built).
+    @inline(__always) func sendRequest(id: UInt64, payload: ByteBuffer) {
+        guard channel != nil else { return }
+        Frame.write(type: .request, requestID: id, payload: payload, to: &outbound)
     }
 
     func flush() {

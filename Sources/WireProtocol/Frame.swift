@@ -43,14 +43,18 @@ public struct Frame: Sendable, Equatable {
     public var payloadString: String { String(buffer: payload) }
 
     /// Appends the encoded frame to `buffer`.
-    public func write(to buffer: inout ByteBuffer) {
-        buffer.reserveCapacity(minimumWritableBytes: 4 + Self.headerLength + payload.readableBytes)
-        buffer.writeInteger(UInt32(Self.headerLength + payload.readableBytes))
-        buffer.writeInteger(type.rawValue)
-        buffer.writeInteger(flags.rawValue)
-        buffer.writeInteger(requestID)
-        var payload = payload
-        buffer.writeBuffer(&payload)
+    @inlinable public func write(to buffer: inout ByteBuffer) {
+        Self.write(type: type, flags: flags, requestID: requestID, payload: payload, to: &buffer)
+    }
+
+    /// Appends a frame to `buffer` without building a ``Frame`` first (the request path's re-encoding: one
+    /// capacity check for the header, and the payload copied without retaining its storage).
+    @inlinable public static func write(type: MessageType, flags: FrameFlags = [], requestID: UInt64,
+                                        payload: ByteBuffer, to buffer: inout ByteBuffer) {
+        buffer.reserveCapacity(minimumWritableBytes: 4 + headerLength + payload.readableBytes)
+        buffer.writeMultipleIntegers(UInt32(headerLength + payload.readableBytes), type.rawValue, flags.rawValue,
+                                     requestID)
+        buffer.writeImmutableBuffer(payload)
     }
 
     /// The encoded frame in a new buffer.
