@@ -31,6 +31,46 @@ struct RequestPathTests {
         #expect(daemon.terminate() == 0)
     }
 
+    @Test func requestsCancelledWhileQueuedLeaveTheQueueAndTheOthersKeepTheirOrder() throws {
+        // Queued requests that are answered (here: cancelled) stay behind as tombstones that dispatch skips, and
+        // the queue is compacted once they outnumber the waiting: the depth must count only the waiting, and the
+        // waiting must still be served oldest first.
+        let daemon = try TestDaemon(devices: ["0"], workerArgs: ["--term-grace-ms", "0"], defaults: "max_inflight = 1",
+                                    extra: "[requests]\nmax_queue = 1000")
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        try client.sendRequest(id: 1, payload: payload(Self.stuck))  // holds the only place until cancelled
+        #expect(eventually { daemon.worker("0")?.inflight == 1 })
+        for id in 2...201 { try client.sendRequest(id: UInt64(id), payload: ByteBuffer(string: "echo \(id)")) }
+        #expect(eventually { daemon.status()?.queueDepth == 200 })
+        for id in 2...201 where id % 20 != 0 { try client.cancel(id: UInt64(id)) }
+        var cancelled: [UInt64] = []
+        while cancelled.count < 190, let frame = try client.readFrame() {
+            let code = frame.errorPayload.code
+            #expect(frame.type == .error && code == "cancelled")
+            cancelled.append(frame.requestID)
+        }
+        let cancelledIDs: [UInt64] = (2...201).filter { $0 % 20 != 0 }.map { UInt64($0) }
+        #expect(cancelled == cancelledIDs)
+        #expect(daemon.status()?.queueDepth == 10)
+        try client.cancel(id: 1)  // frees the worker: the ten left are served one by one
+        var served: [UInt64] = []
+        while served.count < 11, let frame = try client.readFrame() {
+            if frame.requestID == 1 {
+                #expect(frame.errorPayload.code == "cancelled")
+                continue
+            }
+            let text = frame.payloadString
+            #expect(frame.type == .response && text == "echo \(frame.requestID)")
+            served.append(frame.requestID)
+            if served.count == 10 { break }
+        }
+        let keptIDs: [UInt64] = (2...201).filter { $0 % 20 == 0 }.map { UInt64($0) }
+        #expect(served == keptIDs, "the waiting are served in the order they came")
+        #expect(daemon.status()?.queueDepth == 0)
+        #expect(daemon.terminate() == 0)
+    }
+
     @Test func cancelFreesTheWorkerAtOnce() throws {
         // The worker exits at once on SIGTERM (no grace for the cancelled request it is still sleeping through).
         let daemon = try TestDaemon(devices: ["0"], workerArgs: ["--term-grace-ms", "0"], defaults: "max_inflight = 1")
