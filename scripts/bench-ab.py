@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""A/B benchmark of two npu-supervisord builds on the request path, with HAProxy beside them (BENCHMARKS.md).
+
+Starts supervisor A (OLD_BIN/npu-supervisord) and supervisor B (NEW_BIN/npu-supervisord), each with two echoing
+`npu-worker`s of OLD_BIN, and HAProxy 2.6 (mode tcp, 2 threads, balance leastconn) in front of two
+`npu-worker --listen` of OLD_BIN; then runs the same `npu-bench load` (of OLD_BIN) against each in turn, case by
+case, round by round, reversing the order every other round so that machine noise hits all alike. For each
+target it also reads the CPU time (user and system, from /proc/PID/stat) and the context switches the proxy
+process spent during the load, and reports them per request: the cost of a request to the proxy, which is what
+decides throughput when the machine is saturated.
+
+Usage: scripts/bench-ab.py OLD_BIN NEW_BIN [--rounds 3] [--seconds 1] [--cases SIZE:CLIENTS:DEPTH,...]
+OLD_BIN and NEW_BIN are folders holding npu-supervisord, npu-worker and npu-bench (e.g. copies of .build/release);
+the same folder twice is an A/A run (the noise floor).
+"""
+import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time, statistics
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def wait_socket(path, timeout=20):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise SystemExit(f"bench-ab: {path} did not come up")
+
+
+def wait_ready(status_path, n, timeout=30):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(status_path)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            doc = json.loads(data)
+            if sum(w["state"] == "ready" for w in doc["workers"]) == n:
+                return doc["supervisor"]["pid"]
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    raise SystemExit("bench-ab: supervisor workers not ready")
+
+
+def cost(pids):
+    """CPU seconds (user, system) and context switches of these processes, threads included."""
+    user = system = switches = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        user += int(fields[11]) / CLK
+        system += int(fields[12]) / CLK
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                            switches += int(line.split()[1])
+            except FileNotFoundError:
+                pass
+    return user, system, switches
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("old")
+    ap.add_argument("new")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=1)
+    ap.add_argument("--cases", default="64:1:1,64:1:16,64:8:1,64:8:16,64:64:1,64:64:16,"
+                                        "4096:1:1,4096:1:16,4096:8:1,4096:8:16,4096:64:1,4096:64:16")
+    ap.add_argument("--no-haproxy", action="store_true")
+    a = ap.parse_args()
+    old, new = os.path.abspath(a.old), os.path.abspath(a.new)
+    if not a.no_haproxy and not shutil.which("haproxy"):
+        raise SystemExit("bench-ab: haproxy not installed (apt-get install haproxy), or pass --no-haproxy")
+    tmp = tempfile.mkdtemp(prefix="npu-bench-ab-")
+    procs = []
+    try:
+        targets, pids = {}, {}
+        for name, bindir in (("A", old), ("B", new)):
+            d = os.path.join(tmp, name)
+            os.makedirs(d)
+            conf = os.path.join(d, "supervisor.toml")
+            with open(conf, "w") as f:
+                f.write(f'[supervisor]\nrun_dir = "{d}/run"\nlog_level = "warning"\n[requests]\nmax_queue = 65536\n'
+                        'max_inflight_per_connection = 1024\n[http]\nlisten = ""\n'
+                        f'[defaults]\ncommand = ["{old}/npu-worker"]\nmax_inflight = 1024\n'
+                        'inference_probe = { enabled = false }\n[[device]]\nid = "0"\n[[device]]\nid = "1"\n')
+            procs.append(subprocess.Popen([f"{bindir}/npu-supervisord", "--config", conf], stderr=subprocess.DEVNULL))
+            pids[name] = [wait_ready(f"{d}/run/status.sock", 2)]
+            targets[name] = f"{d}/run/requests.sock"
+        if not a.no_haproxy:
+            backends = []
+            for i in range(2):
+                path = os.path.join(tmp, f"w{i}.sock")
+                backends.append(path)
+                procs.append(subprocess.Popen([f"{old}/npu-worker", "--listen", path], stderr=subprocess.DEVNULL))
+                wait_socket(path)
+            front, cfg = os.path.join(tmp, "haproxy.sock"), os.path.join(tmp, "haproxy.cfg")
+            with open(cfg, "w") as f:
+                f.write("global\n  maxconn 4000\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n"
+                        "  timeout client 120s\n  timeout server 120s\n"
+                        f"frontend fe\n  bind unix@{front}\n  default_backend be\nbackend be\n  balance leastconn\n")
+                for i, path in enumerate(backends):
+                    f.write(f"  server w{i} unix@{path}\n")
+            haproxy = subprocess.Popen(["haproxy", "-f", cfg, "-db"], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+            procs.append(haproxy)
+            wait_socket(front)
+            targets["H"] = front
+            pids["H"] = [haproxy.pid]
+        cases = [tuple(int(x) for x in c.split(":")) for c in a.cases.split(",")]
+        results = {}
+        for r in range(a.rounds):
+            for case in cases:
+                names = list(targets) if r % 2 == 0 else list(reversed(targets))
+                for name in names:
+                    before = cost(pids[name])
+                    out = subprocess.run([f"{old}/npu-bench", "load", "--clients", str(case[1]), "--depth",
+                                          str(case[2]), "--size", str(case[0]), "--duration", str(a.seconds),
+                                          "--machine", "--socket", targets[name]], capture_output=True, text=True)
+                    after = cost(pids[name])
+                    d = json.loads(out.stdout)
+                    assert d["never_answered"] == 0 and not d["errors"], d
+                    n = max(1, d["ok"])
+                    d["user_us"] = (after[0] - before[0]) * 1e6 / n
+                    d["sys_us"] = (after[1] - before[1]) * 1e6 / n
+                    d["switches"] = (after[2] - before[2]) / n
+                    results.setdefault((name,) + case, []).append(d)
+            print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
+        med = lambda n, c, k: statistics.median(x[k] for x in results[(n,) + c]) if (n,) + c in results else float("nan")
+        print(f"A = {old}, B = {new}; median of {a.rounds} rounds of {a.seconds} s; {os.cpu_count()} CPUs")
+        print("| payload | clients × depth | A req/s | B req/s | B/A | HAProxy req/s | B/HAProxy | p50 ms A / B / HAProxy "
+              "| proxy CPU µs per request, user+sys: A / B / HAProxy | context switches per request: B / HAProxy |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for c in cases:
+            A, B, H = med("A", c, "rps"), med("B", c, "rps"), med("H", c, "rps")
+            cpu = lambda n: f"{med(n, c, 'user_us'):.2f}+{med(n, c, 'sys_us'):.2f}"
+            print(f"| {c[0]} B | {c[1]} × {c[2]} | {A:.0f} | {B:.0f} | {B / A:.2f} | {H:.0f} | {B / H:.2f} | "
+                  f"{med('A', c, 'p50_ms'):.3f} / {med('B', c, 'p50_ms'):.3f} / {med('H', c, 'p50_ms'):.3f} | "
+                  f"{cpu('A')} / {cpu('B')} / {cpu('H')} | {med('B', c, 'switches'):.3f} / {med('H', c, 'switches'):.3f} |")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
