@@ -139,6 +139,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOTestUtils", package: "swift-nio"),
             ]),
+        .testTarget(name: "TOMLReaderTests", dependencies: ["TOMLReader"]),
         .testTarget(
             name: "SupervisorCoreTests",
             dependencies: ["SupervisorCore", "SupervisorRuntime"]),

@@ -41,6 +41,11 @@ public struct TOMLTable: Sendable, Equatable, Sequence {
     public struct Entry: Sendable, Equatable {
         public var key: String
         public var value: TOMLValue
+
+        public init(key: String, value: TOMLValue) {
+            self.key = key
+            self.value = value
+        }
     }
 
     public var entries: [Entry]
