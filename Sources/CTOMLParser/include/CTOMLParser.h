@@ -51,8 +51,9 @@ typedef struct {
     uint32_t column;
 } ctoml_result;
 
-/// Parses `length` bytes of TOML (UTF-8; a NUL byte is a syntax error, not the end). Every pointer in `*result` stays valid until `ctoml_free` of the returned
-/// document, which must be called exactly once (it may be NULL, with `result->error` set, when memory ran out).
+/// Parses `length` bytes of TOML (UTF-8; a NUL byte is a syntax error, not the end). Every pointer in `*result`
+/// stays valid until `ctoml_free` of the returned document, which must be called exactly once (it may be NULL,
+/// with `result->error` set, when memory ran out).
 ctoml_document *ctoml_parse(const void *text, size_t length, ctoml_result *result);
 
 void ctoml_free(ctoml_document *document);
