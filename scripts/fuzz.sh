@@ -38,13 +38,11 @@ fi
 # The dependencies' objects (never instrumented: coverage is for this project's code).
 # (The harnesses compile this project's sources themselves; only NIO's objects and the TOML parser's (toml++ and
 # its Swift wrapper, TOMLReader) come from here.)
-# Only when missing or older than TOMLReader's sources (this project's, unlike NIO): under `swift test`, which holds
-# the build folder's lock, a `swift build` here would wait for ever.
-tomlObject=$deps/CTOMLParser.build/CTOMLParser.cpp.o
+# Only when missing: under `swift test`, which holds the build folder's lock, a `swift build` here would wait for
+# ever (and a source's mtime cannot tell staleness: SwiftPM leaves an unchanged module's files untouched). After a
+# change to TOMLReader or CTOMLParser, `swift build` first (the suite does).
 if [ ! -f "$deps/Modules/NIOCore.swiftmodule" ] || [ ! -f "$deps/Modules/TOMLReader.swiftmodule" ] \
-    || [ ! -f "$tomlObject" ] || [ -n "$(find Sources/TOMLReader -newer "$deps/Modules/TOMLReader.swiftmodule")" ] \
-    || [ -n "$(find Sources/CTOMLParser \( -name '*.cpp' -o -name '*.h' -o -name '*.hpp' \) -newer "$tomlObject")" ]
-then
+    || [ ! -f "$deps/CTOMLParser.build/CTOMLParser.cpp.o" ]; then
     swift build -c "$configuration" --target WireProtocol --target TOMLReader >"$out/swift-build.log" 2>&1 \
         || { tail -20 "$out/swift-build.log" >&2; exit 1; }
 fi
