@@ -26,7 +26,6 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
-        .package(url: "https://github.com/LebJe/TOMLKit.git", from: "0.6.0"),
     ],
     targets: [
         // Tiny C shim: what Glibc's Swift module does not expose (posix_spawn extras, environ, pidfd).
@@ -48,11 +47,18 @@ let package = Package(
         .target(name: "SupervisorPaths", swiftSettings: strict),
         // Pure logic: config model, state machine, restart policy, health aggregation. No syscalls, no clock.
         .target(name: "SupervisorCore", dependencies: ["SupervisorPaths"], swiftSettings: strict),
-        // The daemon's sockets from its config file, for clients (TOMLKit, so it links Foundation; kept out of
-        // NPUClient for that reason).
+        // toml++ 3.4 (its single header, MIT, LICENSE beside it) behind a C API that catches its exceptions.
+        // TOML_EXCEPTIONS=1: its parse errors are exceptions, caught in the shim.
+        .target(
+            name: "CTOMLParser",
+            cxxSettings: [.define("TOML_EXCEPTIONS", to: "1")]),
+        // TOML text into Swift values (no Foundation), for the config loader and SocketDiscovery.
+        .target(name: "TOMLReader", dependencies: ["CTOMLParser"], swiftSettings: strict),
+        // The daemon's sockets from its config file, for clients (a TOML parser; kept out of NPUClient, which is
+        // given socket paths and needs none).
         .target(
             name: "SocketDiscovery",
-            dependencies: ["SupervisorPaths", .product(name: "TOMLKit", package: "TOMLKit")],
+            dependencies: ["SupervisorPaths", "TOMLReader"],
             swiftSettings: strict),
         .target(
             name: "SystemdSupport",
@@ -69,7 +75,7 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-                .product(name: "TOMLKit", package: "TOMLKit"),
+                "TOMLReader",
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
             swiftSettings: strict),
@@ -106,7 +112,7 @@ let package = Package(
                 "NPUClient", "WireProtocol", "SocketDiscovery",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
-            // Only what it imports itself: a Foundation reached through TOMLKit must not slip into its code.
+            // Only what it imports itself: a Foundation reached through a dependency must not slip into its code.
             swiftSettings: strict + [.enableUpcomingFeature("MemberImportVisibility")]),
         .executableTarget(
             name: "npu-worker",
@@ -133,6 +139,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOTestUtils", package: "swift-nio"),
             ]),
+        .testTarget(name: "TOMLReaderTests", dependencies: ["TOMLReader"]),
         .testTarget(
             name: "SupervisorCoreTests",
             dependencies: ["SupervisorCore", "SupervisorRuntime"]),
@@ -164,5 +171,6 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
             ]),
-    ]
+    ],
+    cxxLanguageStandard: .cxx17
 )

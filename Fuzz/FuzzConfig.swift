@@ -1,4 +1,4 @@
-// libFuzzer target: the TOML config loader (ConfigLoader.parse: TOMLKit, then
+// libFuzzer target: the TOML config loader (ConfigLoader.parse: toml++ through TOMLReader, then
 // SupervisorConfiguration(parsing:baseDirectory:)). Its one documented error is ConfigError.
 import SupervisorCore
 

@@ -36,9 +36,14 @@ fi
 [ "$target" = probe ] && exit 0
 
 # The dependencies' objects (never instrumented: coverage is for this project's code).
-# (The harnesses compile this project's sources themselves; only NIO's and TOMLKit's objects come from here.)
-if [ ! -f "$deps/Modules/NIOCore.swiftmodule" ] || [ ! -f "$deps/Modules/TOMLKit.swiftmodule" ]; then
-    swift build -c "$configuration" --target WireProtocol --target TOMLKit >"$out/swift-build.log" 2>&1 \
+# (The harnesses compile this project's sources themselves; only NIO's objects and the TOML parser's (toml++ and
+# its Swift wrapper, TOMLReader) come from here.)
+# Only when missing: under `swift test`, which holds the build folder's lock, a `swift build` here would wait for
+# ever (and a source's mtime cannot tell staleness: SwiftPM leaves an unchanged module's files untouched). After a
+# change to TOMLReader or CTOMLParser, `swift build` first (the suite does).
+if [ ! -f "$deps/Modules/NIOCore.swiftmodule" ] || [ ! -f "$deps/Modules/TOMLReader.swiftmodule" ] \
+    || [ ! -f "$deps/CTOMLParser.build/CTOMLParser.cpp.o" ]; then
+    swift build -c "$configuration" --target WireProtocol --target TOMLReader >"$out/swift-build.log" 2>&1 \
         || { tail -20 "$out/swift-build.log" >&2; exit 1; }
 fi
 objects() {  # objects MODULE...: into the array objs (some file names have spaces)
@@ -76,8 +81,8 @@ build() {  # build TARGET: .build/fuzz/TARGET, rebuilt when a source is newer or
                 >"$out/build-$name.log" 2>&1 || { cat "$out/build-$name.log" >&2; return 1; }
             ;;
         config)
-            sources=(Sources/SupervisorCore Sources/SupervisorPaths Sources/SupervisorRuntime/ConfigLoader.swift
-                     Fuzz/FuzzConfig.swift)
+            sources=(Sources/SupervisorCore Sources/SupervisorPaths Sources/TOMLReader Sources/CTOMLParser
+                     Sources/SupervisorRuntime/ConfigLoader.swift Fuzz/FuzzConfig.swift)
             if fresh "$bin" "${sources[@]}"; then return; fi
             # SupervisorPaths and SupervisorCore instrumented as their own modules, then ConfigLoader.swift and the
             # harness as the main module (ConfigLoader's helpers it needs come with it).
@@ -89,7 +94,7 @@ build() {  # build TARGET: .build/fuzz/TARGET, rebuilt when a source is newer or
             swiftc -I "$mod" "${flags[@]}" -module-name SupervisorCore -emit-module -emit-module-path "$mod/SupervisorCore.swiftmodule" \
                 -c -wmo $(find Sources/SupervisorCore -name '*.swift') -o "$mod/SupervisorCore.o" >>"$out/build-$name.log" 2>&1 \
                 || { cat "$out/build-$name.log" >&2; return 1; }
-            objects TOMLKit CTOML
+            objects TOMLReader CTOMLParser
             swiftc -I "$mod" "${flags[@]}" -module-name FuzzConfig Sources/SupervisorRuntime/ConfigLoader.swift \
                 Fuzz/FuzzConfig.swift "$mod/SupervisorPaths.o" "$mod/SupervisorCore.o" "${objs[@]}" \
                 -lstdc++ -o "$bin" >>"$out/build-$name.log" 2>&1 || { cat "$out/build-$name.log" >&2; return 1; }

@@ -1,9 +1,8 @@
 import Glibc
 @_exported import SupervisorPaths
-internal import TOMLKit
+internal import TOMLReader
 
-// Apart from NPUClient on purpose: TOMLKit links full Foundation (ICU included), which a client that is
-// given socket paths does not need.
+// Apart from NPUClient on purpose: a client that is given socket paths needs no TOML parser (toml++, C++).
 
 extension SocketPaths {
     /// The sockets of the daemon that runs with this config file: the `[supervisor]` table's `run_dir` and
@@ -30,27 +29,27 @@ extension SocketPaths {
                                   + "\(defect.line):\(defect.column)")
         }
         let table: TOMLTable
-        do {
-            table = try TOMLTable(string: text)
-        } catch let error as TOMLParseError {
+        do throws(TOMLSyntaxError) {
+            table = try TOMLTable(parsing: text)
+        } catch {
             throw ConfigFileError(description: "valid TOML expected: \(error.description) at \(path):"
-                                  + "\(error.source.begin.line):\(error.source.begin.column)")
+                                  + "\(error.line):\(error.column)")
         }
         let base = configBaseDirectory(ofFile: path, currentDirectory: currentDirectory)
         guard let value = table["supervisor"] else {
             self.init(baseDirectory: base)
             return
         }
-        guard value.type == .table, let supervisor = value.table else {
-            throw ConfigFileError(description: "supervisor: a table expected, found \(value.type)")
+        guard case .table(let supervisor) = value else {
+            throw ConfigFileError(description: "supervisor: a table expected, found \(value.typeName)")
         }
         // As the daemon's config reader: a string, or an integer taken as its digits.
         func string(_ key: String) throws -> String? {
             guard let value = supervisor[key] else { return nil }
-            switch value.type {
-            case .string: return value.string
-            case .int: return value.int.map { String($0) }
-            default: throw ConfigFileError(description: "supervisor.\(key): a string expected, found \(value.type)")
+            switch value {
+            case .string(let s): return s
+            case .integer(let i): return String(i)
+            default: throw ConfigFileError(description: "supervisor.\(key): a string expected, found \(value.typeName)")
             }
         }
         self.init(runDirectory: try string("run_dir"), requestsSocket: try string("requests_socket"),

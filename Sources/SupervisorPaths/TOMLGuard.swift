@@ -1,8 +1,8 @@
-/// A defect in config text that the TOML parser (toml++ 3.4, inside TOMLKit) does not report but dies of: a table
-/// header whose key starts with a character that is neither a bare-key character nor a quote (`[$`, `[[ =`,
-/// `[{`). toml++ `assert`s on it (SIGABRT: `--check-config`, start-up and a SIGHUP reload all abort instead of
+/// A defect in config text that the TOML parser (toml++ 3.4, the CTOMLParser target) does not report but dies
+/// of: a table header whose key starts with a character that is neither a bare-key character nor a quote (`[$`,
+/// `[[ =`, `[{`). toml++ `assert`s on it (SIGABRT: `--check-config`, start-up and a SIGHUP reload all abort instead of
 /// answering exit 78), and where asserts are compiled out it is an `assume` the compiler may build on. Found by
-/// fuzzing (issue 14, `scripts/fuzz.sh config`). Callers check the text with this before handing it to TOMLKit.
+/// fuzzing (issue 14, `scripts/fuzz.sh config`). Callers check the text with this before handing it to toml++.
 /// The same for a value missing in an array: toml++ `assert`s when the first non-blank character after an
 /// array's `[` or one of its commas is `}` or a Unicode line separator (U+0085, U+2028, U+2029) (`a = [1, }`,
 /// found by fuzzing too).

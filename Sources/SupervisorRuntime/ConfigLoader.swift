@@ -1,6 +1,6 @@
 import Glibc
 import SupervisorCore
-import TOMLKit
+import TOMLReader
 
 /// Reads a TOML config file into a validated ``SupervisorConfiguration``.
 public enum ConfigLoader {
@@ -23,12 +23,11 @@ public enum ConfigLoader {
                               expected: "valid TOML: \(defect.description) at \(path):\(defect.line):\(defect.column)")
         }
         let table: TOMLTable
-        do {
-            table = try TOMLTable(string: text)
-        } catch let error as TOMLParseError {
+        do throws(TOMLSyntaxError) {
+            table = try TOMLTable(parsing: text)
+        } catch {
             throw ConfigError(key: "(syntax)", value: nil,
-                              expected: "valid TOML: \(error.description) at \(path):\(error.source.begin.line):"
-                                  + "\(error.source.begin.column)")
+                              expected: "valid TOML: \(error.description) at \(path):\(error.line):\(error.column)")
         }
         let base = configBaseDirectory(ofFile: path, currentDirectory: currentDirectory())
         var config = try SupervisorConfiguration(parsing: convert(table), baseDirectory: base)
@@ -67,19 +66,21 @@ public enum ConfigLoader {
 
     static func convert(_ table: TOMLTable) -> [String: ConfigValue] {
         var out: [String: ConfigValue] = [:]
-        for (key, value) in table { out[key] = convert(value) }
+        out.reserveCapacity(table.count)
+        for entry in table { out[entry.key] = convert(entry.value) }
         return out
     }
 
-    static func convert(_ value: any TOMLValueConvertible) -> ConfigValue {
-        switch value.type {
-        case .table: return .table(convert(value.table!))
-        case .array: return .array(value.array!.map { convert($0) })
-        case .int: return .integer(value.int!)
-        case .double: return .double(value.double!)
-        case .bool: return .bool(value.bool!)
-        case .string: return .string(value.string!)
-        default: return .string(String(describing: value))
+    static func convert(_ value: TOMLValue) -> ConfigValue {
+        switch value {
+        case .table(let table): .table(convert(table))
+        case .array(let items): .array(items.map { convert($0) })
+        case .integer(let i): .integer(i)
+        case .double(let d): .double(d)
+        case .bool(let b): .bool(b)
+        case .string(let s): .string(s)
+        // The configuration has no date keys: a date is its TOML text, which a string key takes as it is.
+        case .date(let text), .time(let text), .dateTime(let text): .string(text)
         }
     }
 

@@ -5,7 +5,7 @@
 #   npu-supervisor-VERSION-linux-ARCH.tar.gz  the same tree: `tar -C / -xzf ...`
 # Each carries the stripped binaries in /usr/bin, the systemd units in /usr/lib/systemd/system, the example
 # configuration as /etc/npu-supervisor/config.toml (a conffile: an edited one is kept on upgrade) and
-# config.toml.example, and README.md + PROTOCOL.md in /usr/share/doc/npu-supervisor.
+# config.toml.example, and README.md + PROTOCOL.md (with toml++'s license) in /usr/share/doc/npu-supervisor.
 #
 # The binaries are built with --static-swift-stdlib (in .build-static, apart from the usual .build), so a host
 # needs no Swift toolchain: only glibc, libstdc++/libgcc and libsystemd (checked with ldd below; the packages
@@ -49,6 +49,8 @@ done
 root=$work/root
 PREFIX=/usr SYSCONFDIR=/etc UNITDIR=/usr/lib/systemd/system DESTDIR=$root BUILD_DIR=$bin scripts/install.sh >/dev/null
 install -m 0644 deploy/packaging/README.packaged.md "$root/usr/share/doc/npu-supervisor/README.packaged.md"
+# The binaries contain toml++ (MIT): its notice goes with them.
+install -m 0644 Sources/CTOMLParser/LICENSE "$root/usr/share/doc/npu-supervisor/LICENSE-tomlplusplus"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 

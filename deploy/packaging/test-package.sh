@@ -29,6 +29,7 @@ expected=(
     usr/lib/systemd/system/npu-supervisord-http.socket
     etc/npu-supervisor/config.toml etc/npu-supervisor/config.toml.example
     usr/share/doc/npu-supervisor/README.md usr/share/doc/npu-supervisor/PROTOCOL.md
+    usr/share/doc/npu-supervisor/LICENSE-tomlplusplus
 )
 contains() {  # listing, label
     for f in "${expected[@]}"; do grep -qE "(^|[ /.])$f\$" <<<"$1" || fail "$2 lacks $f"; done
