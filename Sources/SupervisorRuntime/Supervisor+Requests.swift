@@ -15,7 +15,12 @@ final class PendingRequest {
     #else
     @exclusivity(unchecked) var client: ClientConnection?
     #endif
-    let payload: ByteBuffer
+    /// Released when it is answered while queued (its tombstone in the queue must not hold the bytes).
+    #if DEBUG
+    var payload: ByteBuffer
+    #else
+    @exclusivity(unchecked) var payload: ByteBuffer
+    #endif
     /// The slot the client pinned it to (`device` option), -1 for any.
     let pinned: Int
     let deadline: NIODeadline
@@ -399,6 +404,7 @@ extension Supervisor {
             // Left in `queue` as a tombstone that every pass skips: searching for it was O(queue) per request,
             // quadratic when a full queue expires at once. Compacted when tombstones outnumber the waiting.
             leftQueue(request)
+            request.payload = ByteBuffer()
             if queue.count > 2 * queuedCount + 64 { queue = CircularBuffer(queue.filter(\.isQueued)) }
         }
         if request.worker >= 0 {
