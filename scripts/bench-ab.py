@@ -18,35 +18,7 @@ import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, ti
 CLK = os.sysconf("SC_CLK_TCK")
 
 
-def wait_socket(path, timeout=20):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(path)
-            s.close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"bench-ab: {path} did not come up")
-
-
-def wait_ready(status_path, n, timeout=30):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(status_path)
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-            doc = json.loads(data)
-            if sum(w["state"] == "ready" for w in doc["workers"]) == n:
-                return doc["supervisor"]["pid"]
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    raise SystemExit("bench-ab: supervisor workers not ready")
+from benchlib import wait_ready, wait_socket
 
 
 def cost(pids):
@@ -95,7 +67,7 @@ def main():
                         f'[defaults]\ncommand = ["{old}/npu-worker"]\nmax_inflight = 1024\n'
                         'inference_probe = { enabled = false }\n[[device]]\nid = "0"\n[[device]]\nid = "1"\n')
             procs.append(subprocess.Popen([f"{bindir}/npu-supervisord", "--config", conf], stderr=subprocess.DEVNULL))
-            pids[name] = [wait_ready(f"{d}/run/status.sock", 2)]
+            pids[name] = [wait_ready(f"{d}/run/status.sock", 2)["supervisor"]["pid"]]
             targets[name] = f"{d}/run/requests.sock"
         if not a.no_haproxy:
             backends = []
