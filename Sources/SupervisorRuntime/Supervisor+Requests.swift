@@ -299,10 +299,25 @@ extension Supervisor {
         if request.pinned >= 0 { queuedPinned -= 1 }
     }
 
+    /// Debug builds (the test suites) check after each queue operation that the counters match the queue.
+    @inline(__always) func checkQueueCounts() {
+        #if DEBUG
+        var waiting = 0
+        var pinned = 0
+        for request in queue where request.isQueued {
+            waiting += 1
+            if request.pinned >= 0 { pinned += 1 }
+        }
+        assert(waiting == queuedCount && pinned == queuedPinned,
+               "queue counters drifted: \(queuedCount) / \(queuedPinned) counted, \(waiting) / \(pinned) waiting")
+        #endif
+    }
+
     /// Moves queued requests to workers that have room, oldest first (the head-of-line rule of ``QueueScan``).
     /// Called after every answer while anything is queued.
     func dispatchQueued() {
         guard !queue.isEmpty else { return }
+        defer { checkQueueCounts() }
         if queuedPinned == 0 {
             // Only requests for any worker: the first one that cannot be placed ends the pass, and the rest stay
             // where they are. The cost is what is placed, not the queue's length: rebuilding a queue of hundreds
@@ -387,7 +402,8 @@ extension Supervisor {
             logger.warning("re-dispatching \(retried.count) request(s) of a lost worker", metadata: slots[index].metadata())
         }
         // Retries go to the front of the queue: they are the oldest requests.
-        for request in retried.reversed() {
+        // Not one that was answered meanwhile (a probe's verdict can re-enter and close its client's requests).
+        for request in retried.reversed() where !request.isFinished {
             enqueue(request, first: true)
         }
     }
@@ -406,6 +422,7 @@ extension Supervisor {
             leftQueue(request)
             request.payload = ByteBuffer()
             if queue.count > 2 * queuedCount + 64 { queue = CircularBuffer(queue.filter(\.isQueued)) }
+            checkQueueCounts()
         }
         if request.worker >= 0 {
             let slot = request.worker

@@ -84,6 +84,22 @@ struct AvailabilityTests {
         #expect(window.tally.succeeded == 1 && since.tally.succeeded == 3)
     }
 
+    @Test func aLateEventCountsInTheCurrentBucketAndTheWindowKeepsItsData() {
+        // The runtime's events carry the time of their read burst, so one may come after a later one.
+        var a = AvailabilityAccount(objective: 0.99, window: .seconds(60), devices: ["0"])
+        a.finished(.ok, accepted: false, now: Self.t0)
+        a.finished(.workerLost, accepted: false, now: Self.t0 + .seconds(30))
+        for step in 1...40 {
+            a.finished(.ok, accepted: false, now: Self.t0 + .seconds(30) + .milliseconds(Int64(step) * 1000))
+            // Late: its time was read before the one above (1 ms earlier, in the bucket before).
+            a.finished(.ok, accepted: false, now: Self.t0 + .seconds(30) + .milliseconds(Int64(step) * 1000 - 1))
+        }
+        let (since, window) = a.figures(now: Self.t0 + .seconds(70))
+        #expect(since.tally.succeeded == 81)
+        #expect(window.tally.count(.workerLost) == 1, "the failure 40 s ago is still inside the 60 s window")
+        #expect(window.tally.succeeded == 80, "only the answer at t0 left the window")
+    }
+
     @Test func capacityLostIsChargedToTheStateSeenAtTheLastSample() {
         var a = AvailabilityAccount(objective: 0.999, window: .seconds(600), devices: ["0", "1"])
         a.sample([.serving, .serving], now: Self.t0)

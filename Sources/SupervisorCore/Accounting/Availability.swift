@@ -157,10 +157,14 @@ public struct AvailabilityAccount: Sendable {
     }
 
     mutating func rotateSlow(_ bucket: Int64) {
-        if startedAt == nil || bucket < currentBucket {  // the first event, or a clock that went back (never)
+        if startedAt == nil {
             currentBucket = bucket
             return
         }
+        // A late event: the runtime reads the clock once per read burst, so an event can carry a time from
+        // before one already counted in this loop turn. It is counted in the current bucket; moving the ring back
+        // would put it out of step with `current`, and the next event would clear a bucket still in the window.
+        if bucket < currentBucket { return }
         let steps = Int(min(Int64(Self.bucketCount), bucket - currentBucket))
         for _ in 0..<steps {
             current = (current + 1) % Self.bucketCount
