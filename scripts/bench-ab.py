@@ -18,7 +18,7 @@ import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, ti
 CLK = os.sysconf("SC_CLK_TCK")
 
 
-from benchlib import wait_ready, wait_socket
+from benchlib import start_echo_workers, start_haproxy, stop_all, wait_ready
 
 
 def cost(pids):
@@ -70,23 +70,8 @@ def main():
             pids[name] = [wait_ready(f"{d}/run/status.sock", 2)["supervisor"]["pid"]]
             targets[name] = f"{d}/run/requests.sock"
         if not a.no_haproxy:
-            backends = []
-            for i in range(2):
-                path = os.path.join(tmp, f"w{i}.sock")
-                backends.append(path)
-                procs.append(subprocess.Popen([f"{old}/npu-worker", "--listen", path], stderr=subprocess.DEVNULL))
-                wait_socket(path)
-            front, cfg = os.path.join(tmp, "haproxy.sock"), os.path.join(tmp, "haproxy.cfg")
-            with open(cfg, "w") as f:
-                f.write("global\n  maxconn 4000\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n"
-                        "  timeout client 120s\n  timeout server 120s\n"
-                        f"frontend fe\n  bind unix@{front}\n  default_backend be\nbackend be\n  balance leastconn\n")
-                for i, path in enumerate(backends):
-                    f.write(f"  server w{i} unix@{path}\n")
-            haproxy = subprocess.Popen(["haproxy", "-f", cfg, "-db"], stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
-            procs.append(haproxy)
-            wait_socket(front)
+            backends = start_echo_workers(f"{old}/npu-worker", tmp, 2, procs)
+            front, haproxy = start_haproxy(tmp, backends, 2, procs)
             targets["H"] = front
             pids["H"] = [haproxy.pid]
         cases = [tuple(int(x) for x in c.split(":")) for c in a.cases.split(",")]
@@ -120,13 +105,7 @@ def main():
                   f"{med('A', c, 'p50_ms'):.3f} / {med('B', c, 'p50_ms'):.3f} / {med('H', c, 'p50_ms'):.3f} | "
                   f"{cpu('A')} / {cpu('B')} / {cpu('H')} | {med('B', c, 'switches'):.3f} / {med('H', c, 'switches'):.3f} |")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, ".build", "release")
 
 
-from benchlib import wait_ready, wait_socket
+from benchlib import start_echo_workers, start_haproxy, stop_all, wait_ready
 
 
 def load(sockets, clients, depth, size, seconds, status=None):
@@ -44,35 +44,9 @@ def main():
     tmp = tempfile.mkdtemp(prefix="npu-proxy-bench-")
     procs = []
     try:
-        worker_socks = []
-        for i in range(args.workers):
-            path = os.path.join(tmp, f"w{i}.sock")
-            procs.append(subprocess.Popen([os.path.join(BIN, "npu-worker"), "--listen", path],
-                                          stderr=subprocess.DEVNULL))
-            worker_socks.append(path)
-        for p in worker_socks:
-            wait_socket(p)
-        front = os.path.join(tmp, "haproxy.sock")
-        cfg = os.path.join(tmp, "haproxy.cfg")
-        with open(cfg, "w") as f:
-            f.write("global\n  maxconn 4000\n  nbthread 2\n"
-                    "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n"
-                    f"frontend fe\n  bind unix@{front}\n  default_backend be\n"
-                    "backend be\n  balance leastconn\n")
-            for i, p in enumerate(worker_socks):
-                f.write(f"  server w{i} unix@{p}\n")
-        procs.append(subprocess.Popen(["haproxy", "-f", cfg, "-db"], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        wait_socket(front)
-        front1 = os.path.join(tmp, "haproxy1.sock")
-        cfg1 = os.path.join(tmp, "haproxy1.cfg")
-        with open(cfg) as f:
-            text = f.read().replace("nbthread 2", "nbthread 1").replace(front, front1)
-        with open(cfg1, "w") as f:
-            f.write(text)
-        procs.append(subprocess.Popen(["haproxy", "-f", cfg1, "-db"], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        wait_socket(front1)
+        worker_socks = start_echo_workers(os.path.join(BIN, "npu-worker"), tmp, args.workers, procs)
+        front, _ = start_haproxy(tmp, worker_socks, 2, procs)
+        front1, _ = start_haproxy(tmp, worker_socks, 1, procs, name="haproxy1")
         conf = os.path.join(tmp, "supervisor.toml")
         with open(conf, "w") as f:
             f.write('[supervisor]\nrun_dir = "run"\nlog_level = "warning"\n[requests]\nmax_queue = 65536\n'
@@ -115,13 +89,7 @@ def main():
                   f"{row['haproxy'][0]:.0f} | {row['haproxy-1t'][0]:.0f} | {ratio:.2f} | {ratio1:.2f} | {pl('direct')} | "
                   f"{pl('supervisor')} | {pl('haproxy')} | {pl('haproxy-1t')} | {row['supervisor'][3] / 1024:.1f} MB |")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
