@@ -7,7 +7,8 @@ Starts supervisor A (OLD_BIN/npu-supervisord) and supervisor B (NEW_BIN/npu-supe
 case, round by round, reversing the order every other round so that machine noise hits all alike. For each
 target it also reads the CPU time (user and system, from /proc/PID/stat) and the context switches the proxy
 process spent during the load, and reports them per request: the cost of a request to the proxy, which is what
-decides throughput when the machine is saturated.
+decides throughput when the machine is saturated; and the idle CPU of the whole machine during the load
+(/proc/stat), which says whether it was.
 
 Usage: scripts/bench-ab.py OLD_BIN NEW_BIN [--rounds 3] [--seconds 1] [--cases SIZE:CLIENTS:DEPTH,...]
 OLD_BIN and NEW_BIN are folders holding npu-supervisord, npu-worker and npu-bench (e.g. copies of .build/release);
@@ -19,6 +20,13 @@ CLK = os.sysconf("SC_CLK_TCK")
 
 
 from benchlib import start_echo_workers, start_haproxy, stop_all, wait_ready
+
+
+def machine_idle():
+    """(idle, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    return fields[3] + fields[4], sum(fields)
 
 
 def cost(pids):
@@ -80,30 +88,33 @@ def main():
             for case in cases:
                 names = list(targets) if r % 2 == 0 else list(reversed(targets))
                 for name in names:
-                    before = cost(pids[name])
+                    before, idle_before = cost(pids[name]), machine_idle()
                     out = subprocess.run([f"{old}/npu-bench", "load", "--clients", str(case[1]), "--depth",
                                           str(case[2]), "--size", str(case[0]), "--duration", str(a.seconds),
                                           "--machine", "--socket", targets[name]], capture_output=True, text=True)
-                    after = cost(pids[name])
+                    after, idle_after = cost(pids[name]), machine_idle()
                     d = json.loads(out.stdout)
                     assert d["never_answered"] == 0 and not d["errors"], d
                     n = max(1, d["ok"])
                     d["user_us"] = (after[0] - before[0]) * 1e6 / n
                     d["sys_us"] = (after[1] - before[1]) * 1e6 / n
                     d["switches"] = (after[2] - before[2]) / n
+                    d["idle_pct"] = 100 * (idle_after[0] - idle_before[0]) / max(1, idle_after[1] - idle_before[1])
                     results.setdefault((name,) + case, []).append(d)
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
         med = lambda n, c, k: statistics.median(x[k] for x in results[(n,) + c]) if (n,) + c in results else float("nan")
         print(f"A = {old}, B = {new}; median of {a.rounds} rounds of {a.seconds} s; {os.cpu_count()} CPUs")
         print("| payload | clients × depth | A req/s | B req/s | B/A | HAProxy req/s | B/HAProxy | p50 ms A / B / HAProxy "
-              "| proxy CPU µs per request, user+sys: A / B / HAProxy | context switches per request: B / HAProxy |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "| proxy CPU µs per request, user+sys: A / B / HAProxy | context switches per request: B / HAProxy "
+              "| machine idle %: B / HAProxy |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for c in cases:
             A, B, H = med("A", c, "rps"), med("B", c, "rps"), med("H", c, "rps")
             cpu = lambda n: f"{med(n, c, 'user_us'):.2f}+{med(n, c, 'sys_us'):.2f}"
             print(f"| {c[0]} B | {c[1]} × {c[2]} | {A:.0f} | {B:.0f} | {B / A:.2f} | {H:.0f} | {B / H:.2f} | "
                   f"{med('A', c, 'p50_ms'):.3f} / {med('B', c, 'p50_ms'):.3f} / {med('H', c, 'p50_ms'):.3f} | "
-                  f"{cpu('A')} / {cpu('B')} / {cpu('H')} | {med('B', c, 'switches'):.3f} / {med('H', c, 'switches'):.3f} |")
+                  f"{cpu('A')} / {cpu('B')} / {cpu('H')} | {med('B', c, 'switches'):.3f} / {med('H', c, 'switches'):.3f} | "
+                  f"{med('B', c, 'idle_pct'):.0f} / {med('H', c, 'idle_pct'):.0f} |")
     finally:
         stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
