@@ -100,7 +100,7 @@ let package = Package(
             name: "npu-supervisord",
             dependencies: [
                 "SupervisorRuntime", "SupervisorCore", "SystemdSupport",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                // No swift-argument-parser: it links FoundationEssentials (3 MB of idle RSS); see its main.
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),

@@ -1,31 +1,33 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import NIOCore
 
 /// JSON helpers for the control, health and error payloads. Inference payloads never pass through here: the
-/// supervisor forwards them as opaque bytes.
+/// supervisor forwards them as opaque bytes. The coder is this module's own (JSON.swift), not Foundation's.
 public enum JSONCoding {
+    /// Keys sorted, `/` not escaped; `pretty`: indented as Foundation's `.prettyPrinted`.
     /// - Throws: `EncodingError` (for example a Double that is NaN or infinite: JSON has no such number).
     public static func encode<T: Encodable>(_ value: T, pretty: Bool = false) throws -> ByteBuffer {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = pretty ? [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes] : [.sortedKeys, .withoutEscapingSlashes]
-        return ByteBuffer(bytes: try encoder.encode(value))
+        var writer = JSONWriter(pretty: pretty)
+        writer.write(try JSONTreeEncoder.encode(value))
+        return ByteBuffer(bytes: writer.output)
     }
 
     /// - Throws: `EncodingError`, as ``encode(_:pretty:)``.
     public static func encodeString<T: Encodable>(_ value: T, pretty: Bool = false) throws -> String {
-        String(buffer: try encode(value, pretty: pretty))
+        var writer = JSONWriter(pretty: pretty)
+        writer.write(try JSONTreeEncoder.encode(value))
+        return String(decoding: writer.output, as: UTF8.self)
     }
 
+    /// - Throws: `DecodingError`: `dataCorrupted` for text that is not JSON (saying what and at which byte),
+    ///   `keyNotFound`, `valueNotFound`, `typeMismatch` with the coding path otherwise.
     public static func decode<T: Decodable>(_ type: T.Type, from buffer: ByteBuffer) throws -> T {
-        try JSONDecoder().decode(type, from: Data(buffer.readableBytesView))
+        try buffer.withUnsafeReadableBytes { try JSONTreeDecoder.decode(type, from: $0) }
     }
 
+    /// - Throws: `DecodingError`, as ``decode(_:from:)-(_,ByteBuffer)``.
     public static func decode<T: Decodable>(_ type: T.Type, from string: String) throws -> T {
-        try JSONDecoder().decode(type, from: Data(string.utf8))
+        var string = string
+        return try string.withUTF8 { try JSONTreeDecoder.decode(type, from: UnsafeRawBufferPointer($0)) }
     }
 }
 

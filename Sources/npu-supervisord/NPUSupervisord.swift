@@ -1,4 +1,3 @@
-import ArgumentParser
 import Glibc
 import Logging
 import ServiceLifecycle
@@ -7,41 +6,129 @@ import SupervisorCore
 import SupervisorRuntime
 import SystemdSupport
 
-@main
-struct NPUSupervisord: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "npu-supervisord",
-        abstract: "Keeps one inference worker per accelerator device serving.",
-        discussion: """
-            Exit codes: 0 stopped cleanly (or --check-config passed); 78 configuration error (nothing was
-            started); 1 could not start (another instance holds the sockets, a socket could not be bound).
-            Signals: SIGTERM/SIGINT drain requests and stop every worker, SIGHUP is reserved for reload.
-            """,
-        version: Supervisor.version)
+/// The daemon's command line. Parsed here rather than with swift-argument-parser (which the CLI uses): that
+/// library links FoundationEssentials, 3 MB of the daemon's idle RSS for three options (BENCHMARKS.md).
+/// Errors and exit codes are the ones it gave: a usage error prints why and the usage, and exits 64.
+struct Arguments {
+    static let usage = """
+        USAGE: npu-supervisord [--config <config>] [--check-config] [--log-level <log-level>]
 
-    @Option(name: .shortAndLong, help: "Configuration file (TOML).")
-    var config: String = "/etc/npu-supervisor/config.toml"
+        Keeps one inference worker per accelerator device serving.
 
-    @Flag(help: "Validate the configuration, print the effective configuration and exit (0 valid, 78 invalid).")
+        OPTIONS:
+          -c, --config <config>   Configuration file (TOML). (default: /etc/npu-supervisor/config.toml)
+          --check-config          Validate the configuration, print the effective configuration and exit (0 valid,
+                                  78 invalid).
+          --log-level <log-level> Override the configured log level (trace, debug, info, notice, warning, error,
+                                  critical).
+          --version               Show the version.
+          -h, --help              Show help information.
+
+        Exit codes: 0 stopped cleanly (or --check-config passed); 78 configuration error (nothing was started);
+        1 could not start (another instance holds the sockets, a socket could not be bound); 64 usage error.
+        Signals: SIGTERM/SIGINT drain requests and stop every worker, SIGHUP reloads the configuration.
+
+        """
+
+    enum Outcome: Equatable {
+        case run(Arguments)
+        case help
+        case version
+    }
+
+    struct UsageError: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    var config = "/etc/npu-supervisor/config.toml"
     var checkConfig = false
+    var logLevel: Logger.Level?
 
-    @Option(help: "Override the configured log level (trace, debug, info, notice, warning, error).")
-    var logLevel: String?
+    static func parse(_ argv: [String]) throws(UsageError) -> Outcome {
+        var parsed = Arguments()
+        var rest = argv[...]
+        while let argument = rest.popFirst() {
+            // `--name=value` and `--name value` alike.
+            var name = argument
+            var inline: String?
+            if argument.hasPrefix("--"), let equals = argument.firstIndex(of: "=") {
+                name = String(argument[..<equals])
+                inline = String(argument[argument.index(after: equals)...])
+            }
+            func value() throws(UsageError) -> String {
+                if let inline { return inline }
+                guard let next = rest.popFirst() else { throw UsageError(description: "Missing value for '\(name)'") }
+                return next
+            }
+            switch name {
+            case "-c", "--config": parsed.config = try value()
+            case "--check-config":
+                guard inline == nil else { throw UsageError(description: "'--check-config' takes no value") }
+                parsed.checkConfig = true
+            case "--log-level":
+                let text = try value()
+                guard let level = Logger.Level(rawValue: text) else {
+                    throw UsageError(description: "The value '\(text)' is invalid for '--log-level': expected one of "
+                                     + Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))
+                }
+                parsed.logLevel = level
+            case "-h", "--help", "help": return .help
+            case "--version": return .version
+            default:
+                if argument.hasPrefix("-") { throw UsageError(description: "Unknown option '\(argument)'") }
+                throw UsageError(description: "Unexpected argument '\(argument)'")
+            }
+        }
+        return .run(parsed)
+    }
+}
 
-    func run() async throws {
+extension Arguments: Equatable {
+    static func == (a: Arguments, b: Arguments) -> Bool {
+        a.config == b.config && a.checkConfig == b.checkConfig && a.logLevel == b.logLevel
+    }
+}
+
+@main
+struct NPUSupervisord {
+    static func main() async {
+        let arguments: Arguments
+        do {
+            switch try Arguments.parse(Array(CommandLine.arguments.dropFirst())) {
+            case .run(let parsed): arguments = parsed
+            case .help:
+                writeOut(Arguments.usage)
+                exit(0)
+            case .version:
+                writeOut(Supervisor.version + "\n")
+                exit(0)
+            }
+        } catch {
+            writeErr("Error: \(error)\n" + Arguments.usage)
+            exit(64)
+        }
+        exit(await run(arguments))
+    }
+
+    /// Runs the daemon; its exit status.
+    static func run(_ arguments: Arguments) async -> Int32 {
+        let config = arguments.config
         let configuration: SupervisorConfiguration
         do {
             configuration = try ConfigLoader.load(path: config)
         } catch let error as ConfigError {
             writeErr("npu-supervisord: invalid configuration \(config): \(error)\n")
-            throw ExitCode(78)
+            return 78
+        } catch {
+            writeErr("npu-supervisord: \(config): \(error)\n")
+            return 78
         }
-        if checkConfig {
+        if arguments.checkConfig {
             writeOut(ConfigRenderer.render(configuration))
             writeErr("npu-supervisord: \(config) is valid (\(configuration.workers.count) device(s))\n")
-            return
+            return 0
         }
-        let level = Logger.Level(rawValue: logLevel ?? configuration.logLevel) ?? .info
+        let level = arguments.logLevel ?? Logger.Level(rawValue: configuration.logLevel) ?? .info
         // Socket activation: read (and unset) LISTEN_* now, before NIO's threads exist.
         _ = ListenFDs.shared
         // Under journald (JOURNAL_STREAM names our stderr) records go there with structured fields (DEVICE=,
@@ -82,8 +169,9 @@ struct NPUSupervisord: AsyncParsableCommand {
         } catch {
             logger.critical("npu-supervisord failed: \(error)")
             writeErr("npu-supervisord: \(error)\n")
-            throw ExitCode(1)
+            return 1
         }
+        return 0
     }
 }
 

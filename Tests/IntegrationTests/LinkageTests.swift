@@ -3,8 +3,8 @@ import Testing
 
 /// What a host must have to run the programs (`ldd`), checked here rather than by eye.
 @Suite struct LinkageTests {
-    /// Workers ship to device hosts: WireProtocol and WorkerKit use FoundationEssentials (JSON without ICU), never
-    /// the full Foundation.
+    /// Workers ship to device hosts: they use FoundationEssentials (through swift-argument-parser), never the full
+    /// Foundation.
     @Test func theWorkerNeedsNoFullFoundation() throws {
         try expectNoFullFoundation(Binaries.worker)
     }
@@ -15,6 +15,14 @@ import Testing
     @Test(arguments: [Binaries.supervisord, Binaries.supervisorctl])
     func theDaemonAndTheCLINeedNoFullFoundation(_ binary: String) throws {
         try expectNoFullFoundation(binary)
+    }
+
+    /// The daemon loads no Foundation at all: its JSON is WireProtocol's own and it parses its command line itself
+    /// (swift-argument-parser links FoundationEssentials). That library was 3 MB of its idle RSS (BENCHMARKS.md).
+    @Test func theDaemonNeedsNoFoundationEssentials() throws {
+        let ldd = try runCommand("/usr/bin/ldd", [Binaries.supervisord])
+        try #require(ldd.status == 0, "\(ldd.stderr)")
+        #expect(!ldd.stdout.contains("Foundation"), "\(ldd.stdout)")
     }
 
     private func expectNoFullFoundation(_ binary: String) throws {
