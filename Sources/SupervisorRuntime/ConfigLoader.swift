@@ -111,15 +111,18 @@ func readFile(_ path: String) throws -> String {
     guard fd >= 0 else { throw SystemError(call: "open \(path)", errno: errno) }
     defer { close(fd) }
     var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if n < 0 {
-            if errno == EINTR { continue }
-            throw SystemError(call: "read \(path)", errno: errno)
+    // 4 KiB at a time, on the stack: most files read here are a line (a cgroup counter per worker on every status
+    // request, /proc children lists on every reap), which got a 64 KiB heap buffer each before.
+    try withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 4096) { chunk in
+        while true {
+            let n = read(fd, chunk.baseAddress, chunk.count)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SystemError(call: "read \(path)", errno: errno)
+            }
+            if n == 0 { break }
+            bytes.append(contentsOf: UnsafeBufferPointer(rebasing: chunk[0..<n]))
         }
-        if n == 0 { break }
-        bytes += chunk[0..<n]
     }
     return String(decoding: bytes, as: UTF8.self)
 }
