@@ -4,13 +4,7 @@ import WireProtocol
 /// One connection on requests.sock. Answers are appended to one outbound buffer and written once per read
 /// burst. Reading stops while the connection has too many requests in flight or its peer does not read its
 /// answers (back-pressure instead of unbounded buffers).
-///
-/// Confined to the supervisor's event loop, whichever loop its channel is on: with `[requests] event_loops = 2`
-/// (docs/ARCHITECTURE.md, "The request path's costs") half of the connections have their socket on a second loop,
-/// whose ``ClientHandler`` only moves bytes and events here. Everything this class does to its channel (write,
-/// close, `autoRead`, `read`, `isWritable`) is safe from another thread in SwiftNIO; its own state is touched
-/// only here (hence `@unchecked Sendable`: the handler on the other loop holds it only to pass it back).
-final class ClientConnection: @unchecked Sendable {
+final class ClientConnection {
     let channel: any Channel
     unowned let supervisor: Supervisor
     /// Client request id → the request.
@@ -57,95 +51,13 @@ final class ClientConnection: @unchecked Sendable {
     #else
     @exclusivity(unchecked) var lastWrite: EventLoopFuture<Void>?
     #endif
-    /// Frames read but not yet admitted (see ``decode(_:)``).
-    #if DEBUG
-    var reader: FrameReader
-    #else
-    @exclusivity(unchecked) var reader: FrameReader
-    #endif
-    /// A decoding loop is running: it decides about closing at its end (reading `reader` from inside it would
-    /// overlap its access).
-    #if DEBUG
-    private(set) var isDecoding = false
-    #else
-    @exclusivity(unchecked) private(set) var isDecoding = false
-    #endif
+    /// Decodes frames this connection has buffered but not yet admitted (see ``ClientHandler/decode(_:)``).
+    weak var handler: ClientHandler?
 
     init(channel: any Channel, supervisor: Supervisor) {
         self.channel = channel
         self.supervisor = supervisor
         self.outbound = channel.allocator.buffer(capacity: 4096)
-        self.reader = FrameReader(maximumFrameLength: supervisor.config.maxFrameBytes)
-    }
-
-    /// The connection is up: registered, or refused past `max_connections`.
-    func opened() {
-        supervisor.eventLoop.assertInEventLoop()
-        guard supervisor.clients.count < supervisor.config.requests.maxConnections else {
-            let limit = supervisor.config.requests.maxConnections
-            let frame = Frame.error(requestID: 0, code: ErrorCode.tooManyConnections,
-                                    message: "connection limit (\(limit)) reached; try again later", retryable: true)
-            isOpen = false
-            let channel = channel
-            channel.writeAndFlush(frame.encoded()).whenComplete { _ in channel.close(promise: nil) }
-            return
-        }
-        supervisor.clients[ObjectIdentifier(self)] = self
-    }
-
-    /// Bytes read from the socket.
-    func received(_ buffer: ByteBuffer) {
-        guard isOpen else { return }
-        decode(buffer)
-    }
-
-    /// Half-close (shutdown(SHUT_WR)): `printf ... | socat` style clients still get their answers.
-    func inputClosed() {
-        isInputClosed = true
-        closeIfInputDone()
-    }
-
-    /// The socket closed: requests in flight are cancelled.
-    func closed() {
-        guard supervisor.clients[ObjectIdentifier(self)] != nil else {
-            isOpen = false  // refused at the door, never registered
-            return
-        }
-        isOpen = false
-        supervisor.clientGone(self)
-    }
-
-    /// Decodes `incoming` (after what is buffered; nil: only what is buffered) while the connection may have
-    /// more requests in flight (`max_inflight_per_connection` holds within one read too); the rest stays
-    /// buffered until answers make room. Not re-entered: an answer finished while decoding only makes the
-    /// running loop go on.
-    func decode(_ incoming: ByteBuffer?) {
-        guard !isDecoding else { return }
-        isDecoding = true
-        let supervisor = supervisor
-        let limit = supervisor.config.requests.maxInflightPerConnection
-        // One clock read for the burst: every request in it was received at the same read.
-        let now = NIODeadline.now()
-        do {
-            try reader.read(incoming ?? ByteBuffer(), while: { self.isOpen && self.requests.count < limit }) { frame in
-                switch frame.type {
-                case .request: supervisor.clientRequest(self, frame, receivedAt: now)
-                case .cancel: supervisor.clientCancel(self, clientID: frame.requestID)
-                case .heartbeat: self.send(Frame(type: .heartbeat, requestID: frame.requestID))
-                default:
-                    self.send(.error(requestID: frame.requestID, code: ErrorCode.unsupported,
-                                     message: "\(frame.type) frames are not accepted on the request socket"))
-                }
-            }
-        } catch {
-            isDecoding = false
-            // The stream cannot be resynchronised: say why, then close. Requests in flight are cancelled.
-            send(.error(requestID: 0, code: ErrorCode.protocolError, message: "\(error)"))
-            closeAfterFlush()
-            return
-        }
-        isDecoding = false
-        if isInputClosed { closeIfInputDone() }
     }
 
     /// Queues a frame; written at the end of the current burst (``flush()``).
@@ -174,9 +86,8 @@ final class ClientConnection: @unchecked Sendable {
             channel.close(promise: nil)
             return
         }
-        // The promise is the supervisor loop's: its callback runs here even when the channel's loop completes it.
-        let promise = supervisor.eventLoop.makePromise(of: Void.self)
-        let connection = NIOLoopBound(self, eventLoop: supervisor.eventLoop)
+        let promise = channel.eventLoop.makePromise(of: Void.self)
+        let connection = NIOLoopBound(self, eventLoop: channel.eventLoop)
         promise.futureResult.whenComplete { _ in connection.value.unwrittenBytes -= size }
         lastWrite = promise.futureResult
         channel.writeAndFlush(outbound, promise: promise)
@@ -203,9 +114,12 @@ final class ClientConnection: @unchecked Sendable {
     /// control.sock), so that the client knows its last frame was not taken for a request.
     func closeIfInputDone() {
         guard isInputClosed, isOpen, requests.isEmpty else { return }
-        // A decoding loop decides at its end; whole frames held back by the limit are admitted first.
-        if isDecoding || reader.hasWholeFrame { return }
-        let partial = reader.bufferedBytes
+        var partial = 0
+        if let handler {
+            // A decoding loop decides at its end; whole frames held back by the limit are admitted first.
+            if handler.isDecoding || handler.reader.hasWholeFrame { return }
+            partial = handler.reader.bufferedBytes
+        }
         if partial > 0 {
             send(.error(requestID: 0, code: ErrorCode.protocolError,
                         message: FrameDecodingError.partialFrameDiscarded(bytes: partial)))
@@ -221,16 +135,13 @@ final class ClientConnection: @unchecked Sendable {
         channel.setOption(ChannelOptions.autoRead, value: !shouldPause).whenComplete { _ in }
         if !shouldPause {
             // Frames already read but held back by the limit come first.
-            decode(nil)
+            handler?.decode(nil)
             channel.read()
         }
     }
 }
 
-/// The request socket's per-connection handler, on its channel's event loop: raw bytes and events go to the
-/// ``ClientConnection``, which lives on the supervisor's loop. When the channel is on that loop too, directly;
-/// on a second loop (`[requests] event_loops = 2`), the reads of one burst are handed over in one task, and every
-/// other event after them, in order.
+/// The request socket's per-connection handler: raw bytes in, frames decoded here (see ``FrameReader``).
 final class ClientHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -240,72 +151,101 @@ final class ClientHandler: ChannelInboundHandler {
     #else
     @exclusivity(unchecked) var connection: ClientConnection?
     #endif
-    /// Whether the channel is on the supervisor's loop (no hand-over).
-    private var isLocal = true
-    /// Reads of the current burst, for a channel on another loop.
-    private var reads: [ByteBuffer] = []
+    #if DEBUG
+    var reader: FrameReader
+    #else
+    @exclusivity(unchecked) var reader: FrameReader
+    #endif
 
     init(supervisor: Supervisor) {
         self.supervisor = supervisor
-    }
-
-    /// Runs `body` on the supervisor's loop after the reads so far: at once when this is that loop.
-    private func handOver(_ body: @escaping @Sendable (ClientConnection) -> Void) {
-        guard let connection else { return }
-        if isLocal {
-            body(connection)
-            return
-        }
-        let pending = reads
-        reads.removeAll(keepingCapacity: true)
-        let supervisor = supervisor
-        supervisor.eventLoop.execute {
-            for buffer in pending { connection.received(buffer) }
-            body(connection)
-            supervisor.flushAtEndOfTick()
-        }
+        self.reader = FrameReader(maximumFrameLength: supervisor.config.maxFrameBytes)
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        isLocal = context.eventLoop === supervisor.eventLoop
+        guard supervisor.clients.count < supervisor.config.requests.maxConnections else {
+            let limit = supervisor.config.requests.maxConnections
+            let frame = Frame.error(requestID: 0, code: ErrorCode.tooManyConnections,
+                                    message: "connection limit (\(limit)) reached; try again later", retryable: true)
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(frame.encoded())).whenComplete { _ in channel.close(promise: nil) }
+            return
+        }
         let connection = ClientConnection(channel: context.channel, supervisor: supervisor)
+        connection.handler = self
         self.connection = connection
-        handOver { $0.opened() }
+        supervisor.clients[ObjectIdentifier(connection)] = connection
         context.fireChannelActive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let buffer = unwrapInboundIn(data)
-        if isLocal {
-            connection?.received(buffer)
-        } else {
-            reads.append(buffer)
+        decode(unwrapInboundIn(data))
+    }
+
+    /// A decoding loop is running: it decides about closing at its end (reading `reader` from inside it would
+    /// overlap its access).
+    #if DEBUG
+    private(set) var isDecoding = false
+    #else
+    @exclusivity(unchecked) private(set) var isDecoding = false
+    #endif
+
+    /// Decodes `incoming` (after what is buffered; nil: only what is buffered) while the connection may have
+    /// more requests in flight (`max_inflight_per_connection` holds within one read too); the rest stays
+    /// buffered until answers make room. Not re-entered: an answer finished while decoding only makes the
+    /// running loop go on.
+    func decode(_ incoming: ByteBuffer?) {
+        guard let connection, !isDecoding else { return }
+        isDecoding = true
+        let limit = supervisor.config.requests.maxInflightPerConnection
+        // One clock read for the burst: every request in it was received at the same read.
+        let now = NIODeadline.now()
+        do {
+            try reader.read(incoming ?? ByteBuffer(), while: { connection.isOpen && connection.requests.count < limit }) { frame in
+                switch frame.type {
+                case .request: supervisor.clientRequest(connection, frame, receivedAt: now)
+                case .cancel: supervisor.clientCancel(connection, clientID: frame.requestID)
+                case .heartbeat: connection.send(Frame(type: .heartbeat, requestID: frame.requestID))
+                default:
+                    connection.send(.error(requestID: frame.requestID, code: ErrorCode.unsupported,
+                                           message: "\(frame.type) frames are not accepted on the request socket"))
+                }
+            }
+        } catch {
+            isDecoding = false
+            // The stream cannot be resynchronised: say why, then close. Requests in flight are cancelled.
+            connection.send(.error(requestID: 0, code: ErrorCode.protocolError, message: "\(error)"))
+            connection.closeAfterFlush()
+            return
         }
+        isDecoding = false
+        if connection.isInputClosed { connection.closeIfInputDone() }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        if isLocal {
-            supervisor.flushAtEndOfTick()
-        } else if !reads.isEmpty {
-            handOver { _ in }
-        }
+        supervisor.flushAtEndOfTick()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case ChannelEvent.inputClosed = event {
-            handOver { $0.inputClosed() }
+        // Half-close (shutdown(SHUT_WR)): `printf ... | socat` style clients still get their answers.
+        if case ChannelEvent.inputClosed = event, let connection {
+            connection.isInputClosed = true
+            connection.closeIfInputDone()
             return
         }
         context.fireUserInboundEventTriggered(event)
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        handOver { $0.updateReading() }
+        connection?.updateReading()
         context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        handOver { $0.closed() }
+        if let connection {
+            connection.isOpen = false
+            supervisor.clientGone(connection)
+        }
         connection = nil
     }
 
@@ -313,4 +253,3 @@ final class ClientHandler: ChannelInboundHandler {
         context.close(promise: nil)
     }
 }
-

@@ -10,7 +10,7 @@ extension Supervisor {
     /// Binds requests.sock, status.sock and control.sock (or adopts them from systemd socket activation).
     func bindServers() -> EventLoopFuture<Void> {
         let maxFrame = config.maxFrameBytes
-        let requests = bind(path: config.requestsSocket, name: "requests", childGroup: clientLoops) { channel in
+        let requests = bind(path: config.requestsSocket, name: "requests") { channel in
             try channel.pipeline.syncOperations.addHandler(ClientHandler(supervisor: self))
         }
         let status = bind(path: config.statusSocket, name: "status") { channel in
@@ -30,9 +30,9 @@ extension Supervisor {
         }
     }
 
-    func bind(path: String, name: String, childGroup: (any EventLoopGroup)? = nil,
+    func bind(path: String, name: String,
               initialize: @escaping @Sendable (any Channel) throws -> Void) -> EventLoopFuture<any Channel> {
-        let bootstrap = ServerBootstrap(group: eventLoop, childGroup: childGroup ?? eventLoop)
+        let bootstrap = ServerBootstrap(group: eventLoop)
             .serverChannelOption(ChannelOptions.backlog, value: 256)
             .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { channel in

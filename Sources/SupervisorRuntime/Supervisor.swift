@@ -28,9 +28,6 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     /// Workers' stdout/stderr are read, split, rate-limited, kept and logged on a thread of their own, so that a
     /// worker flooding its output does not compete with the request path (only `tail -f` batches hop here).
     let outputLoop: any EventLoop
-    /// Where requests.sock's connections go: the supervisor's loop, or with `[requests] event_loops = 2` both
-    /// loops of `group` in turn (the other is the output loop: workers' output is light and rate-limited).
-    let clientLoops: any EventLoopGroup
     let group: MultiThreadedEventLoopGroup
     #if DEBUG
     var config: SupervisorConfiguration
@@ -146,7 +143,6 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         self.eventLoop = group.next()
         self.outputLoop = group.next()
-        self.clientLoops = config.requests.eventLoops >= 2 ? group : eventLoop
         self.config = config
         self.configPath = configPath
         self.logger = logger

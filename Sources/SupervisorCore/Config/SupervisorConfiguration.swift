@@ -93,8 +93,6 @@ public struct RequestSettings: Sendable, Hashable {
     public var maxInflightPerConnection: Int = 256
     /// Answers queued for a client that does not read them; beyond this the client is disconnected.
     public var maxClientBufferBytes: Int = 64 * 1024 * 1024
-    /// Event loops requests.sock's connections are spread over (1 or 2; the second is the output loop's thread).
-    public var eventLoops: Int = 1
 }
 
 /// The whole validated configuration.
@@ -189,7 +187,6 @@ extension SupervisorConfiguration {
             requests.maxInflightPerConnection = try r.int("max_inflight_per_connection", min: 1)
                 ?? requests.maxInflightPerConnection
             requests.maxClientBufferBytes = try r.bytes("max_client_buffer", min: 4096) ?? requests.maxClientBufferBytes
-            requests.eventLoops = try r.int("event_loops", min: 1, max: 2) ?? requests.eventLoops
             try r.rejectUnknownKeys()
         }
 
