@@ -59,6 +59,8 @@ struct JSONParser {
     /// Parses one JSON text: a value with only whitespace around it.
     static func parse(_ bytes: UnsafeRawBufferPointer) throws(JSONSyntaxError) -> JSONValue {
         var parser = JSONParser(bytes)
+        // A UTF-8 byte-order mark in front is skipped (RFC 8259 allows it; Foundation does the same).
+        if bytes.count >= 3 && bytes[0] == 0xEF && bytes[1] == 0xBB && bytes[2] == 0xBF { parser.index = 3 }
         parser.skipWhitespace()
         let value = try parser.parseValue()
         parser.skipWhitespace()
@@ -496,17 +498,22 @@ struct JSONTreeEncoder: Encoder {
             set(try JSONTreeEncoder.box(value, at: codingPath + [key]), key)
         }
 
+        /// A container asked for twice under one key is the same one (what was written into it stays).
         mutating func nestedContainer<NestedKey: CodingKey>(keyedBy keyType: NestedKey.Type, forKey key: Key)
             -> KeyedEncodingContainer<NestedKey> {
-            let child = JSONNode(.object)
-            set(child, key)
+            let child = child(key) { $0.becomeObject() }
             return KeyedEncodingContainer(KeyedContainer<NestedKey>(node: child, codingPath: codingPath + [key]))
         }
 
         mutating func nestedUnkeyedContainer(forKey key: Key) -> any UnkeyedEncodingContainer {
-            let child = JSONNode(.array)
+            UnkeyedContainer(node: child(key) { $0.becomeArray() }, codingPath: codingPath + [key])
+        }
+
+        private func child(_ key: Key, _ become: (JSONNode) -> Void) -> JSONNode {
+            let child = node.members[key.stringValue] ?? JSONNode()
+            become(child)
             set(child, key)
-            return UnkeyedContainer(node: child, codingPath: codingPath + [key])
+            return child
         }
 
         mutating func superEncoder() -> any Encoder { superEncoder(named: JSONKey.super) }
@@ -670,23 +677,57 @@ struct JSONTreeDecoder: Decoder {
     }
 
     /// An integer: the number's text as it is, or, written with a fraction or an exponent (`1.0`, `1e2`), a
-    /// whole number that fits.
+    /// whole number that fits, decided from the digits themselves (no rounding through a Double).
     static func unbox<I: FixedWidthInteger>(_ value: JSONValue, as type: I.Type, _ path: [any CodingKey]) throws -> I {
         guard case .number(let text) = value else { throw mismatch(type, value, path) }
-        if let exact = I(text, radix: 10) { return exact }
-        if let double = Double(text), double.isFinite, double == double.rounded(.towardZero),
-           let exact = I(exactly: double) {
-            return exact
-        }
+        if let exact = I(text, radix: 10) ?? wholeDigits(text).flatMap({ I($0, radix: 10) }) { return exact }
         throw DecodingError.dataCorrupted(DecodingError.Context(
             codingPath: path, debugDescription: "Parsed JSON number <\(text)> does not fit in \(type)."))
+    }
+
+    /// `1.50e2` → "150", `-2.0` → "-2", `1e-400` or `1.5` → nil (not whole); nil too past 40 digits (no Swift
+    /// integer has more). `text` follows JSON's number grammar (the parser checked it).
+    static func wholeDigits(_ text: String) -> String? {
+        var mantissa = Substring(text)
+        var exponent = 0
+        if let e = mantissa.firstIndex(where: { $0 == "e" || $0 == "E" }) {
+            let written = mantissa[mantissa.index(after: e)...]
+            mantissa = mantissa[..<e]
+            if !mantissa.contains(where: { $0 >= "1" && $0 <= "9" }) { return "0" }  // 0e5000
+            guard let value = Int(written), abs(value) < 1_000 else { return nil }
+            exponent = value
+        }
+        let negative = mantissa.hasPrefix("-")
+        if negative { mantissa = mantissa.dropFirst() }
+        var integral = mantissa
+        var fraction: Substring = ""
+        if let dot = mantissa.firstIndex(of: ".") {
+            integral = mantissa[..<dot]
+            fraction = mantissa[mantissa.index(after: dot)...]
+        }
+        // The digits and where the decimal point falls in them.
+        let digits = String(integral) + String(fraction)
+        let point = integral.count + exponent
+        if point <= 0 { return digits.allSatisfy { $0 == "0" } ? "0" : nil }
+        if point >= digits.count {
+            if digits.allSatisfy({ $0 == "0" }) { return "0" }
+            guard point <= 40 else { return nil }
+            return (negative ? "-" : "") + digits + String(repeating: "0", count: point - digits.count)
+        }
+        let whole = digits.prefix(point)
+        guard digits.dropFirst(point).allSatisfy({ $0 == "0" }), whole.count <= 40 else { return nil }
+        if whole.allSatisfy({ $0 == "0" }) { return "0" }  // -0.0 is 0, for unsigned types too
+        return (negative ? "-" : "") + whole
     }
 
     static func unbox<F: BinaryFloatingPoint & LosslessStringConvertible>(
         _ value: JSONValue, as type: F.Type, _ path: [any CodingKey]
     ) throws -> F {
         guard case .number(let text) = value else { throw mismatch(type, value, path) }
-        guard let number = F(text), number.isFinite else {
+        // Out of range either way is refused, as Foundation does: infinite, or zero from digits that are not.
+        guard let number = F(text), number.isFinite,
+              number != 0 || !text.prefix(while: { $0 != "e" && $0 != "E" }).contains(where: { $0 >= "1" && $0 <= "9" })
+        else {
             throw DecodingError.dataCorrupted(DecodingError.Context(
                 codingPath: path, debugDescription: "Parsed JSON number <\(text)> does not fit in \(type)."))
         }
@@ -790,13 +831,16 @@ struct JSONTreeDecoder: Decoder {
 
         private var path: [any CodingKey] { codingPath + [JSONKey(index: currentIndex)] }
 
-        private mutating func next(_ type: Any.Type) throws -> JSONValue {
+        /// Decodes the current element with `body` and moves on only when that succeeded (as Foundation's: a
+        /// type may try one decoding, then another, of the same element).
+        private mutating func decodeNext<R>(_ type: Any.Type, _ body: (JSONValue, [any CodingKey]) throws -> R) throws -> R {
             guard !isAtEnd else {
                 throw DecodingError.valueNotFound(type, DecodingError.Context(
                     codingPath: path, debugDescription: "Unkeyed container is at end."))
             }
-            defer { currentIndex += 1 }
-            return elements[currentIndex]
+            let result = try body(elements[currentIndex], path)
+            currentIndex += 1
+            return result
         }
 
         mutating func decodeNil() throws -> Bool {
@@ -812,20 +856,16 @@ struct JSONTreeDecoder: Decoder {
         }
 
         mutating func decode(_ type: Bool.Type) throws -> Bool {
-            let path = path
-            return try JSONTreeDecoder.unbox(next(type), as: type, path)
+            try decodeNext(type) { try JSONTreeDecoder.unbox($0, as: type, $1) }
         }
         mutating func decode(_ type: String.Type) throws -> String {
-            let path = path
-            return try JSONTreeDecoder.unbox(next(type), as: type, path)
+            try decodeNext(type) { try JSONTreeDecoder.unbox($0, as: type, $1) }
         }
         mutating func decode(_ type: Double.Type) throws -> Double {
-            let path = path
-            return try JSONTreeDecoder.unbox(next(type), as: type, path)
+            try decodeNext(type) { try JSONTreeDecoder.unbox($0, as: type, $1) }
         }
         mutating func decode(_ type: Float.Type) throws -> Float {
-            let path = path
-            return try JSONTreeDecoder.unbox(next(type), as: type, path)
+            try decodeNext(type) { try JSONTreeDecoder.unbox($0, as: type, $1) }
         }
         mutating func decode(_ type: Int.Type) throws -> Int { try integer(type) }
         mutating func decode(_ type: Int8.Type) throws -> Int8 { try integer(type) }
@@ -839,30 +879,26 @@ struct JSONTreeDecoder: Decoder {
         mutating func decode(_ type: UInt64.Type) throws -> UInt64 { try integer(type) }
 
         private mutating func integer<I: FixedWidthInteger>(_ type: I.Type) throws -> I {
-            let path = path
-            return try JSONTreeDecoder.unbox(next(type), as: type, path)
+            try decodeNext(type) { try JSONTreeDecoder.unbox($0, as: type, $1) }
         }
 
         mutating func decode<T: Decodable>(_ type: T.Type) throws -> T {
-            let path = path
-            return try T(from: JSONTreeDecoder(value: next(type), codingPath: path))
+            try decodeNext(type) { try T(from: JSONTreeDecoder(value: $0, codingPath: $1)) }
         }
 
         mutating func nestedContainer<NestedKey: CodingKey>(keyedBy type: NestedKey.Type) throws
             -> KeyedDecodingContainer<NestedKey> {
-            let path = path
-            return try JSONTreeDecoder(value: next(KeyedDecodingContainer<NestedKey>.self), codingPath: path)
-                .container(keyedBy: type)
+            try decodeNext(KeyedDecodingContainer<NestedKey>.self) {
+                try JSONTreeDecoder(value: $0, codingPath: $1).container(keyedBy: type)
+            }
         }
 
         mutating func nestedUnkeyedContainer() throws -> any UnkeyedDecodingContainer {
-            let path = path
-            return try JSONTreeDecoder(value: next([Any].self), codingPath: path).unkeyedContainer()
+            try decodeNext([Any].self) { try JSONTreeDecoder(value: $0, codingPath: $1).unkeyedContainer() }
         }
 
         mutating func superDecoder() throws -> any Decoder {
-            let path = path
-            return JSONTreeDecoder(value: try next((any Decoder).self), codingPath: path)
+            try decodeNext((any Decoder).self) { JSONTreeDecoder(value: $0, codingPath: $1) }
         }
     }
 

@@ -47,23 +47,36 @@ struct Arguments {
     static func parse(_ argv: [String]) throws(UsageError) -> Outcome {
         var parsed = Arguments()
         var rest = argv[...]
+        var optionsEnded = false
         while let argument = rest.popFirst() {
-            // `--name=value` and `--name value` alike.
+            if optionsEnded || !argument.hasPrefix("-") || argument == "-" {
+                throw UsageError(description: "Unexpected argument '\(argument)'")
+            }
+            if argument == "--" {
+                optionsEnded = true  // what follows is not an option (and the daemon takes no arguments)
+                continue
+            }
+            // `--name=value`, `-c=value`, `--name value` and `-c value` alike.
             var name = argument
             var inline: String?
-            if argument.hasPrefix("--"), let equals = argument.firstIndex(of: "=") {
+            if let equals = argument.firstIndex(of: "=") {
                 name = String(argument[..<equals])
                 inline = String(argument[argument.index(after: equals)...])
             }
             func value() throws(UsageError) -> String {
-                if let inline { return inline }
-                guard let next = rest.popFirst() else { throw UsageError(description: "Missing value for '\(name)'") }
+                // A missing value is not taken from the next option (`-c --check-config` is a mistake).
+                let next = inline ?? rest.first.flatMap { $0.hasPrefix("-") ? nil : $0 }
+                guard let next, !next.isEmpty else { throw UsageError(description: "Missing value for '\(name)'") }
+                if inline == nil { rest.removeFirst() }
                 return next
+            }
+            func noValue() throws(UsageError) {
+                guard inline == nil else { throw UsageError(description: "'\(name)' takes no value") }
             }
             switch name {
             case "-c", "--config": parsed.config = try value()
             case "--check-config":
-                guard inline == nil else { throw UsageError(description: "'--check-config' takes no value") }
+                try noValue()
                 parsed.checkConfig = true
             case "--log-level":
                 let text = try value()
@@ -72,11 +85,13 @@ struct Arguments {
                                      + Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))
                 }
                 parsed.logLevel = level
-            case "-h", "--help", "help": return .help
-            case "--version": return .version
-            default:
-                if argument.hasPrefix("-") { throw UsageError(description: "Unknown option '\(argument)'") }
-                throw UsageError(description: "Unexpected argument '\(argument)'")
+            case "-h", "--help":
+                try noValue()
+                return .help
+            case "--version":
+                try noValue()
+                return .version
+            default: throw UsageError(description: "Unknown option '\(argument)'")
             }
         }
         return .run(parsed)

@@ -29,7 +29,8 @@ struct CLITests {
         let daemon = try TestDaemon(devices: ["0"], start: false)
         for arguments in [["--config", daemon.configPath, "--check-config"], ["-c", daemon.configPath, "--check-config"],
                           ["--config=\(daemon.configPath)", "--log-level=debug", "--check-config"],
-                          ["--check-config", "--log-level", "critical", "--config", daemon.configPath]] {
+                          ["--check-config", "--log-level", "critical", "--config", daemon.configPath],
+                          ["-c=\(daemon.configPath)", "--check-config", "--"]] {
             let r = try runCommand(Binaries.supervisord, arguments)
             #expect(r.status == 0, "\(arguments): \(r.stderr)")
             #expect(r.stderr.contains("is valid (1 device(s))"), "\(arguments): \(r.stderr)")
@@ -40,6 +41,9 @@ struct CLITests {
                                  (["--config"], "Missing value for '--config'"),
                                  (["--log-level", "loud"], "The value 'loud' is invalid for '--log-level'"),
                                  (["--check-config=yes"], "'--check-config' takes no value"),
+                                 (["-c", "--check-config"], "Missing value for '-c'"),
+                                 (["--config="], "Missing value for '--config'"),
+                                 (["--", "--check-config"], "Unexpected argument '--check-config'"),
                                  (["stray"], "Unexpected argument 'stray'")] {
             let r = try runCommand(Binaries.supervisord, ["--config", daemon.configPath] + arguments)
             #expect(r.status == 64, "\(arguments): \(r.stderr)")

@@ -204,6 +204,38 @@ import Testing
         _ = try JSONCoding.decode(JSONValueProbe.self, from: fine)
     }
 
+    /// Found by review: what Foundation's decoder does and the first version of this one did not.
+    @Test func integersAreExactAndOutOfRangeFloatsAreRefused() throws {
+        // Through a Double these were 9007199254740992 and 1234567890123456768.
+        #expect(try JSONCoding.decode([Int].self, from: "[9007199254740993.0, 9007199254740993e0, -9223372036854775808.0]")
+                == [9_007_199_254_740_993, 9_007_199_254_740_993, Int.min])
+        #expect(try JSONCoding.decode([Int64].self, from: "[123456789012345678e1, 12345.6789e4]")
+                == [1_234_567_890_123_456_780, 123_456_789])
+        #expect(try JSONCoding.decode([UInt8].self, from: "[-0, -0.0, 0e5000, 2.55e2]") == [0, 0, 0, 255])
+        for text in ["[1.0000000000000001]", "[1e-400]", "[1e40]", "[256e0]", "[-1.0]"] {
+            #expect(throws: DecodingError.self, "\(text)") { try JSONCoding.decode([UInt8].self, from: text) }
+        }
+        #expect(throws: DecodingError.self) { try JSONCoding.decode([Int].self, from: "[1e19]") }
+        #expect(try JSONCoding.decode([UInt64].self, from: "[1e19]") == [10_000_000_000_000_000_000])
+        // Underflow to zero is out of range, as overflow to infinity is; a zero written as such is not.
+        #expect(throws: DecodingError.self) { try JSONCoding.decode([Double].self, from: "[1e-400]") }
+        #expect(throws: DecodingError.self) { try JSONCoding.decode([Float].self, from: "[-1e-50]") }
+        #expect(try JSONCoding.decode([Double].self, from: "[0.0e-400, -0]") == [0, 0])
+        // A byte-order mark in front is skipped, as Foundation skips it.
+        #expect(try JSONCoding.decode([Int].self, from: ByteBuffer(bytes: [0xEF, 0xBB, 0xBF] + Array("[1]".utf8))) == [1])
+    }
+
+    @Test func aFailedDecodeInAnArrayDoesNotMoveToTheNextElement() throws {
+        let lossy = try JSONCoding.decode(LossyInts.self, from: #"[1, "x", 2, {"y": 1}, 3]"#)
+        #expect(lossy.values == [1, 2, 3])
+        #expect(lossy.values == (try Self.foundationDecode(LossyInts.self, #"[1, "x", 2, {"y": 1}, 3]"#)).values)
+    }
+
+    @Test func aNestedContainerAskedForTwiceIsTheSameOne() throws {
+        try Self.checkSame(TwiceNested(a: 1, b: 2))
+        #expect(try JSONCoding.encodeString(TwiceNested(a: 1, b: 2)) == #"{"list":[1,2],"n":{"a":1,"b":2}}"#)
+    }
+
     @Test func wrongTypesAndMissingKeysSayWhichKey() throws {
         do {
             _ = try JSONCoding.decode(ControlCommand.self, from: "{\"command\":\"tail\",\"lines\":\"ten\"}")
@@ -246,5 +278,53 @@ private indirect enum JSONValueProbe: Decodable {
         } else {
             self = .other
         }
+    }
+}
+
+/// Integers of an array, skipping elements of any other kind (a type that tries one decoding, then another).
+private struct LossyInts: Decodable {
+    var values: [Int] = []
+    private struct Skip: Decodable {}
+
+    init(from decoder: any Decoder) throws {
+        var c = try decoder.unkeyedContainer()
+        while !c.isAtEnd {
+            if let value = try? c.decode(Int.self) {
+                values.append(value)
+            } else if (try? c.decode(String.self)) == nil {
+                _ = try c.decode(Skip.self)
+            }
+        }
+    }
+}
+
+/// Writes into a nested keyed and a nested unkeyed container, each asked for twice under its key.
+private struct TwiceNested: Codable, Equatable {
+    var a: Int
+    var b: Int
+    enum Keys: String, CodingKey { case n, list, a, b }
+
+    init(a: Int, b: Int) {
+        self.a = a
+        self.b = b
+    }
+
+    func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: Keys.self)
+        var first = c.nestedContainer(keyedBy: Keys.self, forKey: .n)
+        try first.encode(a, forKey: .a)
+        var second = c.nestedContainer(keyedBy: Keys.self, forKey: .n)
+        try second.encode(b, forKey: .b)
+        var one = c.nestedUnkeyedContainer(forKey: .list)
+        try one.encode(a)
+        var two = c.nestedUnkeyedContainer(forKey: .list)
+        try two.encode(b)
+    }
+
+    init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: Keys.self)
+        let n = try c.nestedContainer(keyedBy: Keys.self, forKey: .n)
+        a = try n.decode(Int.self, forKey: .a)
+        b = try n.decode(Int.self, forKey: .b)
     }
 }
