@@ -400,14 +400,18 @@ struct JSONWriter {
             case UInt8(ascii: "\r"): append("\\r")
             case UInt8(ascii: "\t"): append("\\t")
             case 0..<0x20:
-                let hex: [UInt8] = Array("0123456789abcdef".utf8)
                 append("\\u00")
-                output.append(hex[Int(byte >> 4)])
-                output.append(hex[Int(byte & 0xF)])
+                output.append(Self.hexDigit(byte >> 4))
+                output.append(Self.hexDigit(byte & 0xF))
             default: output.append(byte)
             }
         }
         output.append(UInt8(ascii: "\""))
+    }
+
+    /// Lower-case, as Foundation writes `\u001a`.
+    private static func hexDigit(_ value: UInt8) -> UInt8 {
+        value < 10 ? UInt8(ascii: "0") + value : UInt8(ascii: "a") + value - 10
     }
 }
 
@@ -531,7 +535,7 @@ struct JSONTreeEncoder: Encoder {
         let codingPath: [any CodingKey]
         var count: Int { node.elements.count }
 
-        private var nextKey: any CodingKey { JSONKey(index: node.elements.count) }
+        private var nextKey: any CodingKey { JSONKey(intValue: node.elements.count) }
 
         mutating func encodeNil() { node.elements.append(JSONNode(.null)) }
         mutating func encode(_ value: Bool) { node.elements.append(JSONNode(.bool(value))) }
@@ -616,7 +620,6 @@ struct JSONKey: CodingKey {
         self.stringValue = "Index \(intValue)"
         self.intValue = intValue
     }
-    init(index: Int) { self.init(intValue: index) }
 
     static let `super` = JSONKey(stringValue: "super")
 }
@@ -829,7 +832,7 @@ struct JSONTreeDecoder: Decoder {
         var count: Int? { elements.count }
         var isAtEnd: Bool { currentIndex >= elements.count }
 
-        private var path: [any CodingKey] { codingPath + [JSONKey(index: currentIndex)] }
+        private var path: [any CodingKey] { codingPath + [JSONKey(intValue: currentIndex)] }
 
         /// Decodes the current element with `body` and moves on only when that succeeded (as Foundation's: a
         /// type may try one decoding, then another, of the same element).

@@ -6,16 +6,18 @@ public enum JSONCoding {
     /// Keys sorted, `/` not escaped; `pretty`: indented as Foundation's `.prettyPrinted`.
     /// - Throws: `EncodingError` (for example a Double that is NaN or infinite: JSON has no such number).
     public static func encode<T: Encodable>(_ value: T, pretty: Bool = false) throws -> ByteBuffer {
-        var writer = JSONWriter(pretty: pretty)
-        writer.write(try JSONTreeEncoder.encode(value))
-        return ByteBuffer(bytes: writer.output)
+        ByteBuffer(bytes: try bytes(of: value, pretty: pretty))
     }
 
     /// - Throws: `EncodingError`, as ``encode(_:pretty:)``.
     public static func encodeString<T: Encodable>(_ value: T, pretty: Bool = false) throws -> String {
+        String(decoding: try bytes(of: value, pretty: pretty), as: UTF8.self)
+    }
+
+    private static func bytes<T: Encodable>(of value: T, pretty: Bool) throws -> [UInt8] {
         var writer = JSONWriter(pretty: pretty)
         writer.write(try JSONTreeEncoder.encode(value))
-        return String(decoding: writer.output, as: UTF8.self)
+        return writer.output
     }
 
     /// - Throws: `DecodingError`: `dataCorrupted` for text that is not JSON (saying what and at which byte),

@@ -30,7 +30,7 @@ struct Arguments {
 
         """
 
-    enum Outcome: Equatable {
+    enum Outcome {
         case run(Arguments)
         case help
         case version
@@ -95,12 +95,6 @@ struct Arguments {
             }
         }
         return .run(parsed)
-    }
-}
-
-extension Arguments: Equatable {
-    static func == (a: Arguments, b: Arguments) -> Bool {
-        a.config == b.config && a.checkConfig == b.checkConfig && a.logLevel == b.logLevel
     }
 }
 
