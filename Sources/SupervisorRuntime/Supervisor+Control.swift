@@ -186,7 +186,7 @@ final class ControlHandler: ChannelDuplexHandler {
             supervisor.control(command, requestID: frame.requestID, peer: peer, channel: context.channel)
         } catch {
             context.channel.writeAndFlush(Frame.error(requestID: frame.requestID, code: ErrorCode.badRequest,
-                                                      message: "not a control command: \(error)"), promise: nil)
+                                                      message: "not a control command: \(JSONCoding.describe(error))"), promise: nil)
         }
     }
 

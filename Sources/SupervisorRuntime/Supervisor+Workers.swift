@@ -289,7 +289,7 @@ extension Supervisor {
                 }
                 feed(.workerMessage(slot: index, pid: pid, .hello(protocolVersion: hello.protocolVersion)))
             } catch {
-                feed(.workerMessage(slot: index, pid: pid, .unreadableHello("\(error)")))
+                feed(.workerMessage(slot: index, pid: pid, .unreadableHello(JSONCoding.describe(error))))
             }
         case .ready:
             feed(.workerMessage(slot: index, pid: pid, .ready))

@@ -14,6 +14,36 @@ public enum JSONCoding {
         String(decoding: try bytes(of: value, pretty: pretty), as: UTF8.self)
     }
 
+    /// A decoding error as one sentence for a person (what the error frames and the log say): where, and what
+    /// was wrong. `DecodingError`'s own description names Swift types (`CodingKeys(stringValue: ...)`).
+    public static func describe(_ error: any Error) -> String {
+        guard let error = error as? DecodingError else { return "\(error)" }
+        func place(_ path: [any CodingKey]) -> String {
+            var text = ""
+            for key in path {
+                if let index = key.intValue, key.stringValue.hasPrefix("Index ") {
+                    text += "[\(index)]"
+                } else {
+                    text += (text.isEmpty ? "" : ".") + key.stringValue
+                }
+            }
+            return text
+        }
+        func at(_ context: DecodingError.Context) -> String {
+            context.codingPath.isEmpty ? "" : "'\(place(context.codingPath))': "
+        }
+        switch error {
+        case .dataCorrupted(let context):
+            return at(context) + context.debugDescription
+        case .keyNotFound(let key, let context):
+            return "the key '\(place(context.codingPath + [key]))' is missing"
+        case .typeMismatch(_, let context), .valueNotFound(_, let context):
+            return at(context) + context.debugDescription
+        @unknown default:
+            return "\(error)"
+        }
+    }
+
     private static func bytes<T: Encodable>(of value: T, pretty: Bool) throws -> [UInt8] {
         var writer = JSONWriter(pretty: pretty)
         writer.write(try JSONTreeEncoder.encode(value))

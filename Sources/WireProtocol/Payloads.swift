@@ -137,7 +137,7 @@ extension RequestOptions {
         do {
             return (try decode(json), payload)
         } catch {
-            throw RequestOptionsError(message: "request options are not valid JSON options: \(error)")
+            throw RequestOptionsError(message: "request options are not valid JSON options: \(JSONCoding.describe(error))")
         }
     }
 

@@ -236,6 +236,24 @@ import Testing
         #expect(try JSONCoding.encodeString(TwiceNested(a: 1, b: 2)) == #"{"list":[1,2],"n":{"a":1,"b":2}}"#)
     }
 
+    /// What the error frames say (`not a control command: ...`): the place and the problem, in words.
+    @Test(arguments: [
+        ("{\"command\":\"tail\",\"lines\":\"ten\"}", "'lines': Expected to decode Int but found a string instead."),
+        ("{\"devices\":[\"0\"]}", "the key 'command' is missing"),
+        ("{\"command\":\"stop\",\"devices\":[\"0\",7]}", "'devices[1]': Expected to decode String but found a number instead."),
+        ("{\"command\":\"stop\",\"lines\":1e400}", "'lines': Parsed JSON number <1e400> does not fit in Int."),
+        ("{\"command\":", "The given data was not valid JSON: expected a value, found end of input at byte 11."),
+        ("[]", "Expected to decode Dictionary<String, Any> but found an array instead."),
+    ])
+    func decodingErrorsAreDescribedForAPerson(text: String, sentence: String) {
+        do {
+            _ = try JSONCoding.decode(ControlCommand.self, from: text)
+            Issue.record("\(text) was accepted")
+        } catch {
+            #expect(JSONCoding.describe(error) == sentence)
+        }
+    }
+
     @Test func wrongTypesAndMissingKeysSayWhichKey() throws {
         do {
             _ = try JSONCoding.decode(ControlCommand.self, from: "{\"command\":\"tail\",\"lines\":\"ten\"}")
