@@ -70,6 +70,16 @@ final class ClientConnection {
         }
     }
 
+    /// Queues an answer given in parts (a worker's answer under the client's id: no ``Frame`` built).
+    @inline(__always) func send(type: MessageType, flags: FrameFlags, requestID: UInt64, payload: ByteBuffer) {
+        guard isOpen else { return }
+        Frame.write(type: type, flags: flags, requestID: requestID, payload: payload, to: &outbound)
+        if !isDirty {
+            isDirty = true
+            supervisor.dirtyClients.append(self)
+        }
+    }
+
     func flush() {
         guard isDirty else { return }
         isDirty = false

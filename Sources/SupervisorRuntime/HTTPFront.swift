@@ -30,10 +30,10 @@ extension Supervisor {
             return
         }
         let timeout: TimeAmount = options.deadlineMS.map { .milliseconds(Int64($0)) } ?? defaultTimeout
-        let id = nextRequestID
-        nextRequestID &+= 1
-        let request = PendingRequest(id: id, clientID: id, client: nil, payload: payload, pinned: pinned,
-                                     timeout: timeout, now: .now())
+        let id = requests.nextID
+        let request = PendingRequest(id: id, sequence: nextSequence, clientID: id, client: nil, payload: payload,
+                                     pinned: pinned, timeout: timeout, now: .now())
+        nextSequence &+= 1
         request.http = exchange
         exchange.request = request
         if !dispatchNow(request) {
@@ -46,7 +46,7 @@ extension Supervisor {
             }
             enqueue(request)
         }
-        requests[request.id] = request
+        requests.insert(request)
         trackDeadline(request)
         flushAll()
     }

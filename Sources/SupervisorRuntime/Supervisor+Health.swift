@@ -43,19 +43,19 @@ extension Supervisor {
     func sendInferenceProbe(_ slot: WorkerIO) {
         let probe = slot.spec.inferenceProbe
         let index = slot.index
-        let request = PendingRequest(id: nextRequestID, clientID: 0, client: nil,
+        let request = PendingRequest(id: requests.nextID, sequence: nextSequence, clientID: 0, client: nil,
                                      payload: ByteBuffer(string: probe.payload), pinned: index,
                                      timeout: .nanoseconds(probe.timeout.nanoseconds), now: .now())
-        nextRequestID &+= 1
+        nextSequence &+= 1
         request.isProbe = true
         let textField = probe.textField
         request.onFinish = { frame in
             let failure = InferenceProbe.judge(Self.probeAnswer(frame, textField: textField), textField: textField)
             self.feed(.inferenceProbeFinished(slot: index, failure: failure))
         }
-        requests[request.id] = request
+        requests.insert(request)
         guard dispatchNow(request) else {
-            requests.removeValue(forKey: request.id)
+            requests.remove(request.id)
             feed(.inferenceProbeNotSent(slot: index))
             return
         }

@@ -82,26 +82,19 @@ final class PendingRequest {
     #else
     @exclusivity(unchecked) var http: HTTPExchange?
     #endif
-    /// Links in the deadline list of requests with the same timeout (in deadline order).
+    /// Its entry's ring in ``Supervisor/deadlineRings``, -1 once answered (or never tracked).
     #if DEBUG
-    var newer: PendingRequest?
+    var deadlineRing = -1
     #else
-    @exclusivity(unchecked) var newer: PendingRequest?
+    @exclusivity(unchecked) var deadlineRing = -1
     #endif
-    #if DEBUG
-    unowned(unsafe) var older: PendingRequest?
-    #else
-    @exclusivity(unchecked) unowned(unsafe) var older: PendingRequest?
-    #endif
-    #if DEBUG
-    var deadlineList: DeadlineList?
-    #else
-    @exclusivity(unchecked) var deadlineList: DeadlineList?
-    #endif
+    /// Arrival order (ids index a table and do not say it): retries of a lost worker's requests keep it.
+    let sequence: UInt64
 
-    init(id: UInt64, clientID: UInt64, client: ClientConnection?, payload: ByteBuffer, pinned: Int,
-         timeout: TimeAmount, now: NIODeadline) {
+    init(id: UInt64, sequence: UInt64, clientID: UInt64, client: ClientConnection?, payload: ByteBuffer,
+         pinned: Int, timeout: TimeAmount, now: NIODeadline) {
         self.id = id
+        self.sequence = sequence
         self.clientID = clientID
         self.client = client
         self.payload = payload
@@ -111,45 +104,25 @@ final class PendingRequest {
     }
 }
 
-/// Requests that share one timeout, oldest first: their deadlines are in the same order, so only the oldest
-/// needs a timer. Removal is O(1). This replaces a timer per request (an allocation and a heap operation each).
-final class DeadlineList {
+/// The deadlines of the requests that share one timeout, oldest first: they come in deadline order, so only the
+/// oldest needs the timer. An entry is a request's id and deadline, not a reference (appending one costs no
+/// reference counting, which linking the request objects into a list did, 11 retains and releases per request).
+/// A request answered before its deadline leaves its entry behind: the timer drops it when it reaches the head
+/// (its id finds nothing in ``Supervisor/requests``), a compaction drops it when the ring holds more than twice
+/// its live entries, and all are dropped when no request of the ring is left. So a ring holds at most
+/// 2 x live + 64 entries.
+struct DeadlineRing {
+    struct Entry {
+        let id: UInt64
+        let deadline: NIODeadline
+    }
     /// The timeout its requests share, in nanoseconds.
-    let timeout: Int64
-    #if DEBUG
-    var oldest: PendingRequest?
-    #else
-    @exclusivity(unchecked) var oldest: PendingRequest?
-    #endif
-    #if DEBUG
-    unowned(unsafe) var newest: PendingRequest?
-    #else
-    @exclusivity(unchecked) unowned(unsafe) var newest: PendingRequest?
-    #endif
+    var timeout: Int64
+    var entries = CircularBuffer<Entry>()
+    /// Requests of the ring not answered yet.
+    var live = 0
 
     init(timeout: Int64) { self.timeout = timeout }
-
-    var isEmpty: Bool { oldest == nil }
-
-    func append(_ request: PendingRequest) {
-        request.deadlineList = self
-        if let newest {
-            newest.newer = request
-            request.older = newest
-        } else {
-            oldest = request
-        }
-        newest = request
-    }
-
-    func remove(_ request: PendingRequest) {
-        guard request.deadlineList === self else { return }
-        if let older = request.older { older.newer = request.newer } else { oldest = request.newer }
-        if let newer = request.newer { newer.older = request.older } else { newest = request.older }
-        request.newer = nil
-        request.older = nil
-        request.deadlineList = nil
-    }
 }
 
 extension Supervisor {
@@ -200,9 +173,9 @@ extension Supervisor {
             return
         }
         let timeout: TimeAmount = options.deadlineMS.map { .milliseconds(Int64(max(1, $0))) } ?? defaultTimeout
-        let request = PendingRequest(id: nextRequestID, clientID: clientID, client: client, payload: payload,
-                                     pinned: pinned, timeout: timeout, now: acceptedAt)
-        nextRequestID &+= 1
+        let request = PendingRequest(id: requests.nextID, sequence: nextSequence, clientID: clientID, client: client,
+                                     payload: payload, pinned: pinned, timeout: timeout, now: acceptedAt)
+        nextSequence &+= 1
         if !dispatchNow(request) {
             if case .refuse(let code, let message, let retryable) =
                 Admission.queueOrRefuse(queued: queuedCount, maxQueue: config.requests.maxQueue) {
@@ -213,9 +186,11 @@ extension Supervisor {
             enqueue(request)
         }
         machine.availability.accepted(now: MonotonicInstant(nanoseconds: Int64(acceptedAt.uptimeNanoseconds)))
-        requests[request.id] = request
+        requests.insert(request)
         client.requests[clientID] = request
-        client.updateReading()
+        // Reaching the limit pauses reading; a channel that stops being writable pauses it from
+        // `channelWritabilityChanged` (asking NIO for writability per request cost reference counting).
+        if client.requests.count >= config.requests.maxInflightPerConnection { client.updateReading() }
         trackDeadline(request)
     }
 
@@ -228,35 +203,53 @@ extension Supervisor {
     var defaultTimeout: TimeAmount { .nanoseconds(config.requests.defaultDeadline.nanoseconds) }
 
     func trackDeadline(_ request: PendingRequest) {
-        let list: DeadlineList
-        if let last = lastDeadlineList, last.timeout == request.timeout.nanoseconds {
-            list = last  // nearly every request has the default deadline: no hashing for those
-        } else if let existing = deadlineLists[request.timeout.nanoseconds] {
-            list = existing
-            lastDeadlineList = existing
+        let timeout = request.timeout.nanoseconds
+        let ring: Int
+        if lastDeadlineRing >= 0 && deadlineRings[lastDeadlineRing].timeout == timeout {
+            ring = lastDeadlineRing  // nearly every request has the default deadline: no hashing for those
         } else {
-            list = DeadlineList(timeout: request.timeout.nanoseconds)
-            deadlineLists[request.timeout.nanoseconds] = list
-            lastDeadlineList = list
+            ring = deadlineRing(for: timeout)
+            lastDeadlineRing = ring
         }
-        let wasEmpty = list.isEmpty
-        list.append(request)
-        // Only a list that was empty can bring the earliest deadline forward.
+        request.deadlineRing = ring
+        let wasEmpty = deadlineRings[ring].entries.isEmpty
+        deadlineRings[ring].entries.append(DeadlineRing.Entry(id: request.id, deadline: request.deadline))
+        deadlineRings[ring].live += 1
+        if deadlineRings[ring].entries.count > 2 &* deadlineRings[ring].live &+ 64 {
+            // Answered requests' entries outnumber the live ones: drop them (amortized O(1) per request).
+            let table = requests
+            deadlineRings[ring].entries.removeAll { table[$0.id] == nil }
+        }
+        // Only a ring that was empty can bring the earliest deadline forward: a ring's head (live or not) is
+        // never later than its newest entry, and the timer is armed no later than every ring's head.
         if wasEmpty && (timerAt == nil || request.deadline < timerAt!) {
             armTimer(at: request.deadline)
         }
     }
 
+    /// The ring for `timeout`: the existing one, an idle one taken over (many distinct client deadlines: at most
+    /// 16 rings are kept beyond the busy ones), or a new one.
+    private func deadlineRing(for timeout: Int64) -> Int {
+        if let ring = deadlineRingIndex[timeout] { return ring }
+        if deadlineRings.count >= 16,
+           let idle = deadlineRings.firstIndex(where: { $0.live == 0 && $0.entries.isEmpty }) {
+            deadlineRingIndex.removeValue(forKey: deadlineRings[idle].timeout)
+            deadlineRings[idle].timeout = timeout
+            deadlineRingIndex[timeout] = idle
+            return idle
+        }
+        deadlineRings.append(DeadlineRing(timeout: timeout))
+        deadlineRingIndex[timeout] = deadlineRings.count - 1
+        return deadlineRings.count - 1
+    }
+
     /// Answers `deadline_exceeded` to every request past its deadline (from the one timer).
     func expireRequests() {
         let now = NIODeadline.now()
-        for (key, list) in deadlineLists {
-            while let oldest = list.oldest, oldest.deadline <= now {
-                expire(oldest)
-            }
-            if list.oldest == nil && deadlineLists.count > 16 {
-                deadlineLists.removeValue(forKey: key)  // many distinct client deadlines: drop idle lists
-                if lastDeadlineList === list { lastDeadlineList = nil }
+        for ring in deadlineRings.indices {
+            while let head = deadlineRings[ring].entries.first, head.deadline <= now {
+                deadlineRings[ring].entries.removeFirst()
+                if let request = requests[head.id] { expire(request) }
             }
         }
         flushAll()
@@ -378,7 +371,7 @@ extension Supervisor {
         guard machine.router.releaseAll(index) > 0 else { return }
         if machine.router.draining[index] { feed(.drainSettled(slot: index)) }
         let device = slots[index].spec.device
-        let held = requests.values.filter { $0.worker == index }.sorted { $0.id < $1.id }
+        let held = requests.allValues.filter { $0.worker == index }.sorted { $0.sequence < $1.sequence }
         var retried: [PendingRequest] = []
         for request in held {
             request.worker = -1
@@ -413,9 +406,74 @@ extension Supervisor {
     ///   clock read); nil reads the clock.
     func finish(_ request: PendingRequest, with frame: Frame?, at answeredAt: NIODeadline? = nil) {
         guard !request.isFinished else { return }
+        if let frame {
+            let ok = frame.type == .response
+            settle(request, outcome: ok ? .ok : AvailabilityAccount.Outcome(code: frame.errorPayload.code), ok: ok,
+                   at: answeredAt)
+        } else {
+            settle(request, outcome: nil, ok: false, at: answeredAt)
+        }
+        if let onFinish = request.onFinish {
+            request.onFinish = nil
+            onFinish(frame)
+        }
+        if let http = request.http {
+            request.http = nil
+            http.finish(frame)
+        }
+        if let client = request.client {
+            request.client = nil
+            client.requests.removeValue(forKey: request.clientID)
+            if let frame { client.send(frame) }
+            answered(client)
+        }
+        if requests.isEmpty { lastAnswerGone() }
+    }
+
+    /// ``finish(_:with:at:)`` for a worker's answer (the hot path): the answer goes into the client's buffer as it
+    /// came, under the client's id, without a ``Frame`` built and copied on the way (each copy retains and
+    /// releases the payload's storage).
+    @inline(__always)
+    func finishAnswered(_ request: PendingRequest, type: MessageType, flags: FrameFlags, payload: ByteBuffer,
+                        at answeredAt: NIODeadline) {
+        guard !request.isFinished else { return }
+        let ok = type == .response
+        settle(request, outcome: ok ? .ok : AvailabilityAccount.Outcome(code: Frame(type: type, payload: payload).errorPayload.code),
+               ok: ok, at: answeredAt)
+        if request.onFinish != nil || request.http != nil {
+            let frame = Frame(type: type, flags: flags, requestID: request.clientID, payload: payload)
+            if let onFinish = request.onFinish {
+                request.onFinish = nil
+                onFinish(frame)
+            }
+            if let http = request.http {
+                request.http = nil
+                http.finish(frame)
+            }
+        }
+        if let client = request.client {
+            request.client = nil
+            client.requests.removeValue(forKey: request.clientID)
+            client.send(type: type, flags: flags, requestID: request.clientID, payload: payload)
+            answered(client)
+        }
+        if requests.isEmpty { lastAnswerGone() }
+    }
+
+    /// The bookkeeping of a final answer: the request leaves every table, its worker's place is freed, and the
+    /// answer is counted (`outcome` nil: abandoned, its client gone).
+    @inline(__always)
+    private func settle(_ request: PendingRequest, outcome: AvailabilityAccount.Outcome?, ok: Bool,
+                        at answeredAt: NIODeadline?) {
         request.isFinished = true
-        requests.removeValue(forKey: request.id)
-        request.deadlineList?.remove(request)
+        requests.remove(request.id)
+        if request.deadlineRing >= 0 {
+            let ring = request.deadlineRing
+            request.deadlineRing = -1
+            deadlineRings[ring].live -= 1
+            // Every entry left is an answered request's: none can expire.
+            if deadlineRings[ring].live == 0 { deadlineRings[ring].entries.removeAll(keepingCapacity: true) }
+        }
         if request.isQueued {
             // Left in `queue` as a tombstone that every pass skips: searching for it was O(queue) per request,
             // quadratic when a full queue expires at once. Compacted when tombstones outnumber the waiting.
@@ -433,37 +491,29 @@ extension Supervisor {
         if !request.isProbe {
             let now = answeredAt ?? NIODeadline.now()
             let mono = MonotonicInstant(nanoseconds: Int64(now.uptimeNanoseconds))
-            if let frame {
+            if let outcome {
                 let latency = (now - (request.deadline - request.timeout)).nanoseconds
-                let outcome: AvailabilityAccount.Outcome =
-                    frame.type == .response ? .ok : AvailabilityAccount.Outcome(code: frame.errorPayload.code)
                 metrics.answered(slot: request.lastWorker, outcome, latencyNanoseconds: latency)
                 machine.availability.finished(outcome, accepted: true, now: mono)
                 if request.lastWorker >= 0 {
-                    machine.requestFinished(slot: request.lastWorker, ok: frame.type == .response,
-                                            latencyNanoseconds: latency)
+                    machine.requestFinished(slot: request.lastWorker, ok: ok, latencyNanoseconds: latency)
                 }
             } else {
                 machine.availability.abandoned(now: mono)
             }
         }
-        if let onFinish = request.onFinish {
-            request.onFinish = nil
-            onFinish(frame)
-        }
-        if let http = request.http {
-            request.http = nil
-            http.finish(frame)
-        }
-        if let client = request.client {
-            request.client = nil
-            client.requests.removeValue(forKey: request.clientID)
-            if let frame { client.send(frame) }
-            if client.isReadingPaused { client.updateReading() }
-            if client.isInputClosed { client.closeIfInputDone() }
-        }
-        // Draining for a shutdown: the last answer lets the machine stop the workers.
-        if requests.isEmpty, case .draining = machine.shutdown.state { feed(.requestsInFlight(0)) }
+    }
+
+    /// One of the client's requests was answered: reading may resume, a half-closed client may be done.
+    @inline(__always)
+    private func answered(_ client: ClientConnection) {
+        if client.isReadingPaused { client.updateReading() }
+        if client.isInputClosed { client.closeIfInputDone() }
+    }
+
+    /// Draining for a shutdown: the last answer lets the machine stop the workers.
+    private func lastAnswerGone() {
+        if case .draining = machine.shutdown.state { feed(.requestsInFlight(0)) }
     }
 
     /// Queued requests none of whose candidate workers can come back (failed, stopped) are answered

@@ -249,9 +249,8 @@ extension Supervisor {
             guard let request = requests[frame.requestID], request.worker == index else { return }
             machine.workerAnswered(slot: index)
             if frame.type == .response && !request.isProbe { machine.requestSucceeded(slot: index, now: now) }
-            finish(request, with: Frame(type: frame.type, flags: frame.flags, requestID: request.clientID,
-                                        payload: frame.payload),
-                   at: .uptimeNanoseconds(UInt64(now.nanoseconds)))
+            finishAnswered(request, type: frame.type, flags: frame.flags, payload: frame.payload,
+                           at: .uptimeNanoseconds(UInt64(now.nanoseconds)))
             if !queue.isEmpty { dispatchQueued() }
         case .chunk:
             guard let request = requests[frame.requestID], request.worker == index else { return }

@@ -52,9 +52,9 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     @exclusivity(unchecked) var slots: [WorkerIO] = []
     #endif
     #if DEBUG
-    var requests: [UInt64: PendingRequest] = [:]
+    var requests = SlotTable<PendingRequest>()
     #else
-    @exclusivity(unchecked) var requests: [UInt64: PendingRequest] = [:]
+    @exclusivity(unchecked) var requests = SlotTable<PendingRequest>()
     #endif
     #if DEBUG
     var queue = CircularBuffer<PendingRequest>()
@@ -63,9 +63,9 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     #endif
     var clients: [ObjectIdentifier: ClientConnection] = [:]
     #if DEBUG
-    var nextRequestID: UInt64 = 1
+    var nextSequence: UInt64 = 1
     #else
-    @exclusivity(unchecked) var nextRequestID: UInt64 = 1
+    @exclusivity(unchecked) var nextSequence: UInt64 = 1
     #endif
     var servers: [any Channel] = []
     var lockFD: CInt = -1
@@ -81,19 +81,25 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     #else
     @exclusivity(unchecked) var dirtyWorkers: [WorkerIO] = []
     #endif
-    /// Requests by timeout value, each list in deadline order (see ``DeadlineList``).
+    /// The deadlines of the requests in flight, a ring per timeout value (see ``DeadlineRing``).
     #if DEBUG
-    var deadlineLists: [Int64: DeadlineList] = [:]
+    var deadlineRings: [DeadlineRing] = []
     #else
-    @exclusivity(unchecked) var deadlineLists: [Int64: DeadlineList] = [:]
+    @exclusivity(unchecked) var deadlineRings: [DeadlineRing] = []
     #endif
+    /// Timeout value (ns) → its ring in `deadlineRings`.
+    var deadlineRingIndex: [Int64: Int] = [:]
     /// Requests waiting in `queue` (which also holds tombstones of requests answered while queued: ``finish``).
     var queuedCount = 0
     /// Pinned requests in `queue` (while there are none, a pass over the queue stops at the first request it
     /// cannot place: ``dispatchQueued()``).
     var queuedPinned = 0
-    /// The list the latest request went to (``trackDeadline(_:)``).
-    var lastDeadlineList: DeadlineList?
+    /// The ring the latest request went to (``trackDeadline(_:)``), -1 for none.
+    #if DEBUG
+    var lastDeadlineRing = -1
+    #else
+    @exclusivity(unchecked) var lastDeadlineRing = -1
+    #endif
     /// The one timer, and when it fires.
     var timer: Scheduled<Void>?
     #if DEBUG
@@ -236,7 +242,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
                 self.feed(.publishHealth)
             }
         case .answerAllShuttingDown:
-            for request in Array(requests.values) {
+            for request in requests.allValues.sorted(by: { $0.sequence < $1.sequence }) {
                 cancelOnWorker(request)
                 finish(request, with: .error(requestID: request.clientID, code: ErrorCode.shuttingDown,
                                              message: "the supervisor is shutting down; shutdown_timeout "
@@ -288,8 +294,8 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     func rearmTimer() {
         guard !hasStopped else { return }
         var next = machine.nextDeadline.map(Self.deadline)
-        for list in deadlineLists.values {
-            if let oldest = list.oldest, next.map({ oldest.deadline < $0 }) ?? true { next = oldest.deadline }
+        for ring in deadlineRings {
+            if let oldest = ring.entries.first, next.map({ oldest.deadline < $0 }) ?? true { next = oldest.deadline }
         }
         guard let next else { return }
         if let armed = timerAt, armed <= next { return }

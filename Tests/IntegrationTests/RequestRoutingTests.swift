@@ -192,6 +192,33 @@ struct RequestRoutingTests {
         #expect(daemon.terminate() == 0)
     }
 
+    /// Deadlines are kept in a ring per timeout value whose entries of answered requests are dropped lazily
+    /// (compacted past twice the live ones): a request whose deadline comes after hundreds of answered requests
+    /// with the same timeout still gets `deadline_exceeded`, on time, and the others are not touched.
+    @Test func aDeadlineOutlivesHundredsOfAnsweredRequestsWithTheSameTimeout() throws {
+        let daemon = try TestDaemon(devices: ["0", "1"], defaults: "max_inflight = 4")
+        #expect(daemon.waitAllReady() != nil)
+        let slowClient = try daemon.client()
+        let sent = ContinuousClock.now
+        try slowClient.sendRequest(id: 1, payload: payload("{\"fault\": \"sleep\", \"sleep_ms\": 6000}"),
+                                   options: RequestOptions(deadlineMS: 1500, device: "0"))
+        let client = try daemon.client()
+        for _ in 0..<300 {
+            let answer = try client.infer(payload("{\"prompt\": \"quick\"}"),
+                                          options: RequestOptions(deadlineMS: 1500, device: "1"))
+            guard decodeAnswer(answer) != nil else {
+                Issue.record("a quick request was not answered: \(answer)")
+                return
+            }
+        }
+        let frame = try #require(try slowClient.readFrame())
+        let waited = ContinuousClock.now - sent
+        #expect(frame.requestID == 1)
+        #expect(frame.type == .error && frame.errorPayload.code == "deadline_exceeded", "\(frame)")
+        #expect(waited >= .milliseconds(1400) && waited < .milliseconds(4000), "answered after \(waited)")
+        #expect(daemon.terminate() == 0)
+    }
+
     @Test func sigtermDrainsRequestsInFlight() throws {
         let daemon = try TestDaemon(devices: ["0", "1"])
         #expect(daemon.waitAllReady() != nil)
