@@ -268,7 +268,8 @@ extension Supervisor {
         request.attempts += 1
         request.worker = index
         request.lastWorker = index
-        let slot = slots[index]
+        // Not retained: `slots` holds every slot for the supervisor's life.
+        unowned(unsafe) let slot = slots[index]
         slot.sendRequest(id: request.id, payload: request.payload)
         if !slot.isDirty {
             slot.isDirty = true
@@ -547,7 +548,7 @@ extension Supervisor {
     func cancelOnWorker(_ request: PendingRequest) {
         guard request.worker >= 0 else { return }
         let slot = slots[request.worker]
-        guard slot.channel != nil else { return }
+        guard slot.hasChannel else { return }
         slot.send(Frame(type: .cancel, requestID: request.id))
         if !slot.isDirty {
             slot.isDirty = true

@@ -25,9 +25,15 @@ final class WorkerIO {
     #endif
     /// The frame channel to the current process (its fd 3), nil between processes.
     #if DEBUG
-    var channel: (any Channel)?
+    var channel: (any Channel)? { didSet { hasChannel = channel != nil } }
     #else
-    @exclusivity(unchecked) var channel: (any Channel)?
+    @exclusivity(unchecked) var channel: (any Channel)? { didSet { hasChannel = channel != nil } }
+    #endif
+    /// `channel != nil`, kept as a flag: testing the existential for nil retains and releases it, per request.
+    #if DEBUG
+    private(set) var hasChannel = false
+    #else
+    @exclusivity(unchecked) private(set) var hasChannel = false
     #endif
     var outputChannel: (any Channel)?
     var exitWatch: (any DispatchSourceRead)?
@@ -60,17 +66,17 @@ final class WorkerIO {
         self.output = OutputSink(capacity: outputLines)
     }
 
-    var isChannelOpen: Bool { channel != nil }
+    var isChannelOpen: Bool { hasChannel }
 
     /// Queues a frame for the worker.
     @inline(__always) func send(_ frame: Frame) {
-        guard channel != nil else { return }
+        guard hasChannel else { return }
         frame.write(to: &outbound)
     }
 
     /// Queues a request for the worker (the hot path: no ``Frame`` built).
     @inline(__always) func sendRequest(id: UInt64, payload: ByteBuffer) {
-        guard channel != nil else { return }
+        guard hasChannel else { return }
         Frame.write(type: .request, requestID: id, payload: payload, to: &outbound)
     }
 

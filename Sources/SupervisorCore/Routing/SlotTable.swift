@@ -54,8 +54,7 @@ public struct SlotTable<Value> {
     @inlinable @discardableResult public mutating func remove(_ id: UInt64) -> Value? {
         let index = Int(truncatingIfNeeded: id & 0xFFFF_FFFF)
         guard index < values.count, generations[index] == UInt32(truncatingIfNeeded: id >> 32),
-              let value = values[index] else { return nil }
-        values[index] = nil
+              let value = values[index].take() else { return nil }
         let next = generations[index] &+ 1
         generations[index] = next == 0 ? 1 : next
         free.append(UInt32(truncatingIfNeeded: index))
