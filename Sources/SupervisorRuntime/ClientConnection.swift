@@ -39,18 +39,6 @@ final class ClientConnection {
     #else
     @exclusivity(unchecked) var isInputClosed = false
     #endif
-    /// Bytes handed to NIO and not yet written to the socket: what a client that does not read costs us.
-    #if DEBUG
-    var unwrittenBytes = 0
-    #else
-    @exclusivity(unchecked) var unwrittenBytes = 0
-    #endif
-    /// The latest write handed to NIO (writes complete in order): a close waits for it.
-    #if DEBUG
-    var lastWrite: EventLoopFuture<Void>?
-    #else
-    @exclusivity(unchecked) var lastWrite: EventLoopFuture<Void>?
-    #endif
     /// Decodes frames this connection has buffered but not yet admitted (see ``ClientHandler/decode(_:)``).
     weak var handler: ClientHandler?
 
@@ -85,23 +73,21 @@ final class ClientConnection {
         isDirty = false
         guard isOpen else { return }
         let size = outbound.readableBytes
-        unwrittenBytes += size
+        // What NIO still holds for this client: handed over, not yet taken by the socket. Read from NIO at each
+        // flush instead of counted through a promise per write (an allocation and a callback each).
+        let unwritten = (try? channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? 0
         let limit = supervisor.config.requests.maxClientBufferBytes
-        if unwrittenBytes > limit {
+        if unwritten + size > limit {
             // Reading from this client already stopped (it is not writable); answers for its requests in
             // flight, and streamed chunks, still come. Past the limit it is cut off instead of growing memory.
             supervisor.logger.warning("client does not read its answers; closing it",
-                                      metadata: ["unwritten_bytes": "\(unwrittenBytes)", "requests": "\(requests.count)"])
+                                      metadata: ["unwritten_bytes": "\(unwritten + size)", "requests": "\(requests.count)"])
             isOpen = false
             channel.close(promise: nil)
             return
         }
-        let promise = channel.eventLoop.makePromise(of: Void.self)
-        let connection = NIOLoopBound(self, eventLoop: channel.eventLoop)
-        promise.futureResult.whenComplete { _ in connection.value.unwrittenBytes -= size }
-        lastWrite = promise.futureResult
-        channel.writeAndFlush(outbound, promise: promise)
-        outbound = channel.allocator.buffer(capacity: 4096)
+        channel.writeAndFlush(outbound, promise: nil)
+        outbound.recycle(allocator: channel.allocator)
     }
 
     /// Closes once what was handed to NIO is written: closing with writes pending would drop them (NIO fails
@@ -111,11 +97,10 @@ final class ClientConnection {
         flush()
         isOpen = false
         let channel = channel
-        if let lastWrite {
-            lastWrite.whenComplete { _ in channel.close(mode: .all, promise: nil) }
-        } else {
-            channel.close(mode: .all, promise: nil)
-        }
+        // Writes complete in order: an empty one queued last completes after everything before it is written.
+        let written = channel.eventLoop.makePromise(of: Void.self)
+        written.futureResult.whenComplete { _ in channel.close(mode: .all, promise: nil) }
+        channel.writeAndFlush(ByteBuffer(), promise: written)
     }
 
     /// After a half-close (docs/PROTOCOL.md 1.1): closes once every request read has been answered and no whole

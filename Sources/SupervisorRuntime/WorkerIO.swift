@@ -84,7 +84,7 @@ final class WorkerIO {
         isDirty = false
         guard let channel, outbound.readableBytes > 0 else { return }
         channel.writeAndFlush(outbound, promise: nil)
-        outbound = channel.allocator.buffer(capacity: 4096)
+        outbound.recycle(allocator: channel.allocator)
     }
 
     func closeChannel() {
@@ -167,4 +167,17 @@ struct OutputFollower {
     /// Lines numbered below this were in its first answer (``OutputSink``).
     var from: UInt64 = 0
     var dropped = 0
+}
+
+extension ByteBuffer {
+    /// Empties an outbound buffer just handed to `writeAndFlush` for the next burst. When the socket took it all
+    /// (the usual case), NIO has let go of it and its storage is reused: no allocation per write. While NIO still
+    /// holds it, `clear()` starts a new storage; one that grew past 64 KiB (a large answer) is not kept.
+    @inline(__always) mutating func recycle(allocator: ByteBufferAllocator) {
+        if capacity > 1 << 16 {
+            self = allocator.buffer(capacity: 4096)
+        } else {
+            clear()
+        }
+    }
 }
