@@ -7,7 +7,9 @@
 #include <spawn.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -107,4 +109,23 @@ int npu_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid) {
     *uid = cred.uid;
     *gid = cred.gid;
     return 0;
+}
+
+#ifndef SCHED_RESET_ON_FORK
+#define SCHED_RESET_ON_FORK 0x40000000
+#endif
+
+int npu_set_thread_nice(int nice_value) {
+    pid_t tid = (pid_t)syscall(SYS_gettid);
+    struct sched_param param = {0};
+    /* First, so that no child ever inherits the negative value: posix_spawn from this thread clones it. */
+    if (sched_setscheduler(tid, SCHED_OTHER | SCHED_RESET_ON_FORK, &param) != 0) return errno;
+    /* On Linux PRIO_PROCESS with a thread id sets that thread's nice value alone. */
+    if (setpriority(PRIO_PROCESS, (id_t)tid, nice_value) != 0) return errno;
+    return 0;
+}
+
+int npu_thread_nice(void) {
+    errno = 0;
+    return getpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid));
 }

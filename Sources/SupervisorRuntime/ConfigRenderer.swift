@@ -12,6 +12,7 @@ public enum ConfigRenderer {
         if let g = c.controlGroup { out += "control_group = \(q(g))\n" }
         out += "max_frame_bytes = \(c.maxFrameBytes)\nshutdown_timeout = \(q(c.shutdownTimeout.configString))\n"
         out += "log_level = \(q(c.logLevel))\noutput_lines = \(c.outputLines)\nmin_ready = \(c.minReady)\n"
+        out += "loop_nice = \(c.loopNice)\n"
         if let t = c.readyTimeout { out += "ready_timeout = \(q(t.configString))\n" }
         out += "\n[requests]\nmax_queue = \(c.requests.maxQueue)\n"
         out += "default_deadline = \(q(c.requests.defaultDeadline.configString))\nretries = \(c.requests.retries)\n"

@@ -1,4 +1,5 @@
 @preconcurrency import Dispatch
+import CSupport
 import Glibc
 import Logging
 import NIOCore
@@ -167,6 +168,23 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         rebuildPinTargets()
     }
 
+    /// Gives this event-loop thread `loop_nice`. It routes every request and keeps every timer (heartbeat
+    /// silence, the watchdog), so on a host whose workers keep the CPUs busy it must not wait behind the
+    /// processes it feeds: woken by its writes, they preempted it (BENCHMARKS.md). Workers, spawned from this
+    /// thread, start at nice 0 (SCHED_RESET_ON_FORK). Without CAP_SYS_NICE the thread keeps its nice value and
+    /// the log says so once.
+    func applyLoopNice(changed: Bool) {
+        eventLoop.assertInEventLoop()
+        let wanted = config.loopNice
+        guard wanted != 0 || changed else { return }
+        let rc = npu_set_thread_nice(Int32(wanted))
+        if rc == 0 {
+            logger.info("request loop at nice \(wanted); workers start at nice 0")
+        } else {
+            logger.info("request loop left at nice \(npu_thread_nice()): nice \(wanted) needs CAP_SYS_NICE (\(String(cString: strerror(rc))))")
+        }
+    }
+
     /// The monotonic clock, the only one the driver reads; the machine gets it as `now`.
     @inline(__always) static func now() -> MonotonicInstant {
         MonotonicInstant(nanoseconds: Int64(NIODeadline.now().uptimeNanoseconds))
@@ -263,6 +281,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
             if old.logLevel != config.logLevel, let level = Logger.Level(rawValue: config.logLevel) {
                 logger.logLevel = level
             }
+            if old.loopNice != config.loopNice { applyLoopNice(changed: true) }
         case .persistRollout:
             persistRollout()
         case .prepareGroup(let group, _):
@@ -366,6 +385,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
                 "control": "\(self.config.controlSocket)", "workers": "\(self.slots.count)",
             ])
             self.logger.info("exit detection: \(ExitDetection.chosen.description)")
+            self.applyLoopNice(changed: false)
             self.becomeSubreaper()
             if !ExitDetection.usesPidfd {
                 let waiter = ExitWaiter(loop: self.eventLoop)

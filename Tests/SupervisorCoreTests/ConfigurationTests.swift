@@ -43,6 +43,20 @@ struct ConfigurationTests {
         #expect(c.workers[1].contractEnvironment["NPU_SUPERVISOR_FD"] == "3")
     }
 
+    @Test func loopNiceDefaultsToMinusTenAndIsChecked() throws {
+        #expect(try ConfigLoader.parse(Self.minimal, path: "/etc/c.toml").loopNice == -10)
+        #expect(try ConfigLoader.parse("[supervisor]\nloop_nice = 0\n" + Self.minimal, path: "/etc/c.toml").loopNice == 0)
+        #expect(try ConfigLoader.parse("[supervisor]\nloop_nice = -20\n" + Self.minimal, path: "/etc/c.toml").loopNice == -20)
+        for bad in ["5", "-21", "\"high\"", "-1.5"] {
+            do {
+                _ = try ConfigLoader.parse("[supervisor]\nloop_nice = \(bad)\n" + Self.minimal, path: "/etc/c.toml")
+                Issue.record("accepted loop_nice = \(bad)")
+            } catch let error as ConfigError {
+                #expect(error.key == "supervisor.loop_nice", "\(error)")
+            }
+        }
+    }
+
     @Test func relativePathsAreRelativeToTheConfigFile() throws {
         let c = try ConfigLoader.parse("[supervisor]\nrun_dir = \"../run\"\n" + Self.minimal, path: "/srv/app/config/c.toml")
         #expect(c.runDirectory == "/srv/app/run")

@@ -48,4 +48,12 @@ int npu_set_child_subreaper(void);
 /// SO_PEERCRED of a connected Unix socket. Returns 0 or -1 with errno.
 int npu_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
 
+/// Gives the calling thread (only) the nice value `nice_value`, and marks it SCHED_RESET_ON_FORK so that
+/// processes and threads it creates start at nice 0 instead of inheriting a negative value. Returns 0 or an
+/// errno (EPERM or EACCES without CAP_SYS_NICE; the thread is then unchanged but for the reset-on-fork mark).
+int npu_set_thread_nice(int nice_value);
+
+/// The calling thread's nice value (getpriority of its thread id).
+int npu_thread_nice(void);
+
 #endif

@@ -111,6 +111,9 @@ public struct SupervisorConfiguration: Sendable, Hashable {
     public var logLevel: String = "info"
     /// Lines of each worker's output kept for `tail`.
     public var outputLines: Int = 1000
+    /// The nice value of the event-loop thread that routes every request and keeps every timer (`loop_nice`,
+    /// -20...0); workers stay at nice 0. 0: the thread is left as it is.
+    public var loopNice: Int = -10
     /// Workers that must be ready for the supervisor to count as able to serve (`/readyz`, READY=1).
     public var minReady: Int = 1
     /// Start-up grace under systemd: READY=1 is sent after this even if fewer than `minReady` workers are ready
@@ -170,6 +173,7 @@ extension SupervisorConfiguration {
                 logLevel = level
             }
             outputLines = try r.int("output_lines", min: 0, max: 1_000_000) ?? outputLines
+            loopNice = try r.int("loop_nice", min: -20, max: 0) ?? loopNice
             minReady = try r.int("min_ready", min: 1) ?? minReady
             readyTimeout = try r.duration("ready_timeout", min: .milliseconds(100))
             try r.rejectUnknownKeys()
