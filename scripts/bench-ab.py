@@ -11,6 +11,7 @@ decides throughput when the machine is saturated; and the idle CPU of the whole 
 (/proc/stat), which says whether it was.
 
 Usage: scripts/bench-ab.py OLD_BIN NEW_BIN [--rounds 3] [--seconds 1] [--cases SIZE:CLIENTS:DEPTH,...]
+                           [--no-haproxy] [--haproxy-nice N]
 OLD_BIN and NEW_BIN are folders holding npu-supervisord, npu-worker and npu-bench (e.g. copies of .build/release);
 the same folder twice is an A/A run (the noise floor).
 """
@@ -57,6 +58,9 @@ def main():
     ap.add_argument("--cases", default="64:1:1,64:1:16,64:8:1,64:8:16,64:64:1,64:64:16,"
                                         "4096:1:1,4096:1:16,4096:8:1,4096:8:16,4096:64:1,4096:64:16")
     ap.add_argument("--no-haproxy", action="store_true")
+    ap.add_argument("--haproxy-nice", type=int, default=None,
+                    help="give HAProxy's threads this nice value (the supervisor's loop runs at loop_nice, -10 by "
+                         "default): the same scheduling advantage for both")
     a = ap.parse_args()
     old, new = os.path.abspath(a.old), os.path.abspath(a.new)
     if not a.no_haproxy and not shutil.which("haproxy"):
@@ -80,6 +84,9 @@ def main():
         if not a.no_haproxy:
             backends = start_echo_workers(f"{old}/npu-worker", tmp, 2, procs)
             front, haproxy = start_haproxy(tmp, backends, 2, procs)
+            if a.haproxy_nice is not None:
+                for tid in os.listdir(f"/proc/{haproxy.pid}/task"):
+                    os.setpriority(os.PRIO_PROCESS, int(tid), a.haproxy_nice)
             targets["H"] = front
             pids["H"] = [haproxy.pid]
         cases = [tuple(int(x) for x in c.split(":")) for c in a.cases.split(",")]
@@ -103,7 +110,8 @@ def main():
                     results.setdefault((name,) + case, []).append(d)
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
         med = lambda n, c, k: statistics.median(x[k] for x in results[(n,) + c]) if (n,) + c in results else float("nan")
-        print(f"A = {old}, B = {new}; median of {a.rounds} rounds of {a.seconds} s; {os.cpu_count()} CPUs")
+        print(f"A = {old}, B = {new}; median of {a.rounds} rounds of {a.seconds} s; {os.cpu_count()} CPUs"
+              + (f"; HAProxy's threads at nice {a.haproxy_nice}" if a.haproxy_nice is not None else ""))
         print("| payload | clients × depth | A req/s | B req/s | B/A | HAProxy req/s | B/HAProxy | p50 ms A / B / HAProxy "
               "| proxy CPU µs per request, user+sys: A / B / HAProxy | context switches per request: B / HAProxy "
               "| machine idle %: B / HAProxy |")

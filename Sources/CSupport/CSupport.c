@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sched.h>
@@ -114,13 +115,39 @@ int npu_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid) {
 #ifndef SCHED_RESET_ON_FORK
 #define SCHED_RESET_ON_FORK 0x40000000
 #endif
+#ifndef SCHED_FLAG_RESET_ON_FORK
+#define SCHED_FLAG_RESET_ON_FORK 0x01
+#endif
+
+/* struct sched_attr, its first version (glibc before 2.41 has no wrapper). */
+struct npu_sched_attr {
+    uint32_t size;
+    uint32_t sched_policy;
+    uint64_t sched_flags;
+    int32_t sched_nice;
+    uint32_t sched_priority;
+    uint64_t sched_runtime;
+    uint64_t sched_deadline;
+    uint64_t sched_period;
+};
 
 int npu_set_thread_nice(int nice_value) {
     pid_t tid = (pid_t)syscall(SYS_gettid);
+    /* One call sets the nice value and the reset-on-fork mark together: no child can ever inherit the value.
+       sched_setscheduler() is not used first because systemd's RestrictRealtime= (in the packaged unit) refuses
+       every policy number above SCHED_IDLE, and SCHED_OTHER | SCHED_RESET_ON_FORK is one. */
+    struct npu_sched_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.size = sizeof attr;
+    attr.sched_policy = SCHED_OTHER;
+    attr.sched_flags = SCHED_FLAG_RESET_ON_FORK;
+    attr.sched_nice = nice_value;
+    if (syscall(SYS_sched_setattr, tid, &attr, 0) == 0) return 0;
+    int first = errno;
+    /* A kernel or filter without sched_setattr: the two older calls, the mark first. Without the mark the value
+       is not set at all (workers would inherit it). */
     struct sched_param param = {0};
-    /* First, so that no child ever inherits the negative value: posix_spawn from this thread clones it. */
-    if (sched_setscheduler(tid, SCHED_OTHER | SCHED_RESET_ON_FORK, &param) != 0) return errno;
-    /* On Linux PRIO_PROCESS with a thread id sets that thread's nice value alone. */
+    if (sched_setscheduler(tid, SCHED_OTHER | SCHED_RESET_ON_FORK, &param) != 0) return first;
     if (setpriority(PRIO_PROCESS, (id_t)tid, nice_value) != 0) return errno;
     return 0;
 }

@@ -228,6 +228,20 @@ struct RealSystemdTests {
         for name in ["requests", "status", "control"] {
             #expect(daemonLog.contains { $0.contains("using \(name) socket passed by systemd") }, "\(daemonLog)")
         }
+        // loop_nice under the unit's hardening (RestrictRealtime= refuses sched_setscheduler() with the
+        // reset-on-fork policy number): one thread of the daemon at -10, every worker thread at 0.
+        #expect(daemonLog.contains { $0.contains("request loop at nice -10; workers start at nice 0") }, "\(daemonLog)")
+        let nices = sb.hostPIDs(ofUnit: Self.service).map { pid in
+            (pid, ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []).compactMap { tid in
+                (try? String(contentsOfFile: "/proc/\(pid)/task/\(tid)/stat", encoding: .utf8))
+                    .flatMap { $0.split(separator: ")").last?.split(separator: " ").dropFirst(16).first }.flatMap { Int($0) }
+            })
+        }
+        // (Host pids: the daemon is the process with the raised thread.)
+        let raised = nices.filter { $0.1.contains(-10) }
+        #expect(raised.count == 1 && raised.first?.1.filter { $0 == -10 }.count == 1, "\(nices)")
+        let workers = nices.filter { !$0.1.contains(-10) }
+        #expect(workers.count == doc.workers.count && workers.allSatisfy { $0.1.allSatisfy { $0 == 0 } }, "\(nices)")
 
         // Reload: ExecReload runs `npu-supervisorctl reload --wait`; the daemon answers RELOADING=1, then READY=1;
         // same main process.
