@@ -33,6 +33,12 @@ final class ClientConnection {
     #else
     @exclusivity(unchecked) var isOpen = true
     #endif
+    /// NIO's writability of the channel (false past its high-water mark until it drains below the low one).
+    #if DEBUG
+    var isWritable = true
+    #else
+    @exclusivity(unchecked) var isWritable = true
+    #endif
     /// The client shut down its sending side (half-close): answer what is in flight, then close.
     #if DEBUG
     var isInputClosed = false
@@ -86,8 +92,23 @@ final class ClientConnection {
             channel.close(promise: nil)
             return
         }
+        // While NIO holds more than its high-water mark for this client, what comes stays in `outbound`, one
+        // buffer whose bytes are counted above, instead of a buffer per flush queued in NIO (each with its own
+        // capacity: a stream of small chunks to a client that stopped reading held many times the limit).
+        guard isWritable else { return }
         channel.writeAndFlush(outbound, promise: nil)
         outbound.recycle(allocator: channel.allocator)
+    }
+
+    /// NIO's writability of the channel changed (its high and low water marks): held answers go out once it
+    /// is writable again, and reading is paused or resumed.
+    func writabilityChanged(_ writable: Bool) {
+        isWritable = writable
+        if writable && outbound.readableBytes > 0 && isOpen {
+            isDirty = true
+            flush()
+        }
+        updateReading()
     }
 
     /// Closes once what was handed to NIO is written: closing with writes pending would drop them (NIO fails
@@ -97,6 +118,11 @@ final class ClientConnection {
         flush()
         isOpen = false
         let channel = channel
+        if outbound.readableBytes > 0 {
+            // Held while the client was not writable: the last answers go out too.
+            channel.write(outbound, promise: nil)
+            outbound = ByteBuffer()
+        }
         // Writes complete in order: an empty one queued last completes after everything before it is written.
         let written = channel.eventLoop.makePromise(of: Void.self)
         written.futureResult.whenComplete { _ in channel.close(mode: .all, promise: nil) }
@@ -124,7 +150,7 @@ final class ClientConnection {
 
     func updateReading() {
         guard isOpen else { return }
-        let shouldPause = requests.count >= supervisor.config.requests.maxInflightPerConnection || !channel.isWritable
+        let shouldPause = requests.count >= supervisor.config.requests.maxInflightPerConnection || !isWritable
         guard shouldPause != isReadingPaused else { return }
         isReadingPaused = shouldPause
         channel.setOption(ChannelOptions.autoRead, value: !shouldPause).whenComplete { _ in }
@@ -232,7 +258,7 @@ final class ClientHandler: ChannelInboundHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        connection?.updateReading()
+        connection?.writabilityChanged(context.channel.isWritable)
         context.fireChannelWritabilityChanged()
     }
 

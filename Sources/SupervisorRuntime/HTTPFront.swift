@@ -46,7 +46,8 @@ extension Supervisor {
             }
             enqueue(request)
         }
-        requests.insert(request)
+        let inserted = requests.insert(request)
+        assert(inserted == request.id, "the request table changed between nextID and insert")
         trackDeadline(request)
         flushAll()
     }

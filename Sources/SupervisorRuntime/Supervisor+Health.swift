@@ -53,7 +53,8 @@ extension Supervisor {
             let failure = InferenceProbe.judge(Self.probeAnswer(frame, textField: textField), textField: textField)
             self.feed(.inferenceProbeFinished(slot: index, failure: failure))
         }
-        requests.insert(request)
+        let inserted = requests.insert(request)
+        assert(inserted == request.id, "the request table changed between nextID and insert")
         guard dispatchNow(request) else {
             requests.remove(request.id)
             feed(.inferenceProbeNotSent(slot: index))

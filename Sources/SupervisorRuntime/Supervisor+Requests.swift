@@ -186,7 +186,8 @@ extension Supervisor {
             enqueue(request)
         }
         machine.availability.accepted(now: MonotonicInstant(nanoseconds: Int64(acceptedAt.uptimeNanoseconds)))
-        requests.insert(request)
+        let id = requests.insert(request)
+        assert(id == request.id, "the request table changed between nextID and insert")
         client.requests[clientID] = request
         // Reaching the limit pauses reading; a channel that stops being writable pauses it from
         // `channelWritabilityChanged` (asking NIO for writability per request cost reference counting).
@@ -252,6 +253,13 @@ extension Supervisor {
                 if let request = requests[head.id] { expire(request) }
             }
         }
+        // Rings no request uses any more go from the end (idle ones before a busy one are taken over by new
+        // timeout values): a burst of distinct client deadlines does not leave every later pass walking them.
+        while deadlineRings.count > 16, let last = deadlineRings.last, last.live == 0, last.entries.isEmpty {
+            deadlineRingIndex.removeValue(forKey: last.timeout)
+            deadlineRings.removeLast()
+        }
+        if lastDeadlineRing >= deadlineRings.count { lastDeadlineRing = -1 }
         flushAll()
         dispatchQueued()
     }

@@ -172,12 +172,13 @@ struct OutputFollower {
 extension ByteBuffer {
     /// Empties an outbound buffer just handed to `writeAndFlush` for the next burst. When the socket took it all
     /// (the usual case), NIO has let go of it and its storage is reused: no allocation per write. While NIO still
-    /// holds it, `clear()` starts a new storage; one that grew past 64 KiB (a large answer) is not kept.
+    /// holds it, a new 4 KiB storage is started; one that grew past 64 KiB (a large answer) is not kept.
     @inline(__always) mutating func recycle(allocator: ByteBufferAllocator) {
         if capacity > 1 << 16 {
             self = allocator.buffer(capacity: 4096)
         } else {
-            clear()
+            // A storage NIO still holds is not copied: a new one of 4 KiB is started (not one as large).
+            clear(minimumCapacity: 4096)
         }
     }
 }

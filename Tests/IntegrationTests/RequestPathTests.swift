@@ -232,6 +232,34 @@ struct RequestPathTests {
         #expect(daemon.terminate() == 0)
     }
 
+    /// A client that stops reading while its streams go on: the supervisor holds its unread bytes, in one buffer,
+    /// not a buffer per write queued in NIO (small chunks, each write in its own 4 KiB or larger buffer, held
+    /// many times the bytes); when the client reads again it gets every chunk and every answer.
+    @Test func aStreamToAClientThatStopsReadingHoldsItsBytesNotABufferPerWrite() throws {
+        // A token a millisecond per stream: many small writes, as a model streams.
+        let daemon = try TestDaemon(devices: ["0", "1"], workerArgs: ["--token-ms", "1"], defaults: "max_inflight = 64",
+                                    extra: "[requests]\nmax_client_buffer = \"256MiB\"")
+        #expect(daemon.waitAllReady() != nil)
+        let rssBefore = rssKB(daemon.pid)
+        let flood = try daemon.client()
+        for id in UInt64(1)...64 {
+            try flood.sendRequest(id: id, payload: payload("{\"prompt\": \"f\", \"max_new_tokens\": 1500, \"stream\": true}"))
+        }
+        // Every stream ends (the workers are idle again) while the client reads nothing.
+        #expect(eventually(timeout: .seconds(60)) { daemon.status()?.workers.allSatisfy { $0.inflight == 0 } ?? false })
+        let grown = rssKB(daemon.pid) - rssBefore
+        print("measured: RSS grew \(grown) KiB holding 64 x 1500 unread chunks")
+        #expect(grown < 32 * 1024, "RSS grew \(grown) KiB for about 2 MB of unread chunks")
+        var chunks = 0
+        var answers = 0
+        while answers < 64, let frame = try flood.readFrame() {
+            if frame.type == .chunk { chunks += 1 } else if frame.type == .response { answers += 1 }
+        }
+        #expect(answers == 64)
+        #expect(chunks == 64 * 1500, "every chunk arrived")
+        #expect(daemon.terminate() == 0)
+    }
+
     @Test func chaosDrillLosesNoRequest() throws {
         let daemon = try TestDaemon(devices: ["0", "1", "2", "3"], workerArgs: ["--token-ms", "1"],
                                     defaults: "restart_limit = 100\nbackoff_initial = \"50ms\"")

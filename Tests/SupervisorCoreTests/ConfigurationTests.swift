@@ -57,6 +57,18 @@ struct ConfigurationTests {
         }
     }
 
+    @Test func theRequestsHeldAtOnceAreBounded() throws {
+        #expect(try ConfigLoader.parse("[requests]\nmax_queue = 7999000\n" + Self.minimal, path: "/etc/c.toml")
+            .requests.maxQueue == 7_999_000)
+        do {
+            _ = try ConfigLoader.parse("[requests]\nmax_queue = 7999995\n" + Self.minimal, path: "/etc/c.toml")
+            Issue.record("accepted 7999995 queued + 13 in flight")
+        } catch let error as ConfigError {
+            #expect(error.key == "requests.max_queue" && "\(error)".contains("not 8000008"), "\(error)")
+        }
+        #expect(SupervisorConfiguration.maxRequestsHeld < SlotTable<Int>.capacity)
+    }
+
     @Test func relativePathsAreRelativeToTheConfigFile() throws {
         let c = try ConfigLoader.parse("[supervisor]\nrun_dir = \"../run\"\n" + Self.minimal, path: "/srv/app/config/c.toml")
         #expect(c.runDirectory == "/srv/app/run")

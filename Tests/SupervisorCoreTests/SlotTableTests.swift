@@ -26,7 +26,7 @@ import Testing
         #expect(table.isEmpty)
         let second = table.insert("second")
         // The same slot (last freed, first reused), a new generation: the old id is not the new one's.
-        #expect(second & 0xFFFF_FFFF == first & 0xFFFF_FFFF)
+        #expect(second & 0xFF_FFFF == first & 0xFF_FFFF)
         #expect(second != first)
         #expect(table[first] == nil)
         #expect(table[second] == "second")
@@ -36,10 +36,23 @@ import Testing
         #expect(table.count == 1)
     }
 
+    /// Ids are a 24-bit slot index and a 40-bit generation: a slot reused many times gives a new id each time.
+    @Test func aSlotReusedGivesADifferentIDEveryTime() {
+        var table = SlotTable<Int>()
+        var seen = Set<UInt64>()
+        for i in 0..<10_000 {
+            let id = table.insert(i)
+            #expect(id & 0xFF_FFFF == 0, "one slot, reused")
+            #expect(seen.insert(id).inserted)
+            table.remove(id)
+        }
+        #expect(SlotTable<Int>.capacity == (1 << 24) - 1)
+    }
+
     @Test func idsThatAreNotTheTablesFindNothing() {
         var table = SlotTable<Int>()
         let id = table.insert(7)
-        let strangers: [UInt64] = [0, 1, UInt64.max, id &+ 1, id ^ (1 << 32), (id & 0xFFFF_FFFF) | (9 << 32), 1 << 32 | 5]
+        let strangers: [UInt64] = [0, 1, UInt64.max, id &+ 1, id ^ (1 << 32), (id & 0xFF_FFFF) | (9 << 24), 1 << 24 | 5, 1 << 32]
         for stranger in strangers {
             #expect(table[stranger] == nil, "id \(stranger)")
         }

@@ -350,8 +350,20 @@ extension SupervisorConfiguration {
             }
             fallback = FallbackSpec(workers: specs, whenFewerThan: whenFewerThan, stopAfter: stopAfter)
         }
+        // Every request accepted is waiting (at most max_queue) or on a worker (at most its max_inflight): the
+        // table of requests in flight must hold them all (SlotTable.capacity, with room to spare).
+        let held = requests.maxQueue + workers.reduce(0) { $0 + $1.maxInflight }
+            + (fallback?.workers.reduce(0) { $0 + $1.maxInflight } ?? 0)
+        guard held <= Self.maxRequestsHeld else {
+            throw ConfigError(key: "requests.max_queue", value: "\(requests.maxQueue)",
+                              expected: "max_queue plus every worker's max_inflight at most \(Self.maxRequestsHeld) "
+                                  + "(requests held at once), not \(held)")
+        }
         try root.rejectUnknownKeys()
     }
+
+    /// The most requests the configuration may let the supervisor hold at once (queued and in flight).
+    public static let maxRequestsHeld = 8_000_000
 }
 
 extension WorkerSpec {
