@@ -422,14 +422,7 @@ extension Supervisor {
         } else {
             settle(request, outcome: nil, ok: false, at: answeredAt)
         }
-        if let onFinish = request.onFinish {
-            request.onFinish = nil
-            onFinish(frame)
-        }
-        if let http = request.http {
-            request.http = nil
-            http.finish(frame)
-        }
+        deliverToWaiters(request, frame)
         if let client = request.client {
             request.client = nil
             client.requests.removeValue(forKey: request.clientID)
@@ -450,15 +443,7 @@ extension Supervisor {
         settle(request, outcome: ok ? .ok : AvailabilityAccount.Outcome(code: Frame(type: type, payload: payload).errorPayload.code),
                ok: ok, at: answeredAt)
         if request.onFinish != nil || request.http != nil {
-            let frame = Frame(type: type, flags: flags, requestID: request.clientID, payload: payload)
-            if let onFinish = request.onFinish {
-                request.onFinish = nil
-                onFinish(frame)
-            }
-            if let http = request.http {
-                request.http = nil
-                http.finish(frame)
-            }
+            deliverToWaiters(request, Frame(type: type, flags: flags, requestID: request.clientID, payload: payload))
         }
         if let client = request.client {
             request.client = nil
@@ -510,6 +495,18 @@ extension Supervisor {
             } else {
                 machine.availability.abandoned(now: mono)
             }
+        }
+    }
+
+    /// The answer to whoever waits for it besides a requests.sock client: a probe's judge, an HTTP exchange.
+    private func deliverToWaiters(_ request: PendingRequest, _ frame: Frame?) {
+        if let onFinish = request.onFinish {
+            request.onFinish = nil
+            onFinish(frame)
+        }
+        if let http = request.http {
+            request.http = nil
+            http.finish(frame)
         }
     }
 
