@@ -1,4 +1,5 @@
 import NIOCore
+import SupervisorCore
 import WireProtocol
 
 /// One connection on requests.sock. Answers are appended to one outbound buffer and written once per read
@@ -9,9 +10,9 @@ final class ClientConnection {
     unowned let supervisor: Supervisor
     /// Client request id → the request.
     #if DEBUG
-    var requests: [UInt64: PendingRequest] = [:]
+    var requests = IDMap<PendingRequest>()
     #else
-    @exclusivity(unchecked) var requests: [UInt64: PendingRequest] = [:]
+    @exclusivity(unchecked) var requests = IDMap<PendingRequest>()
     #endif
     #if DEBUG
     var outbound: ByteBuffer

@@ -572,7 +572,7 @@ extension Supervisor {
     /// The client hung up: its requests are cancelled and their places freed at once.
     func clientGone(_ client: ClientConnection) {
         clients.removeValue(forKey: ObjectIdentifier(client))
-        for request in Array(client.requests.values) {
+        for request in client.requests.values {
             cancelOnWorker(request)
             finish(request, with: nil)
         }
