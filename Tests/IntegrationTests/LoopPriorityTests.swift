@@ -6,29 +6,10 @@ import TestSupport
 /// `loop_nice`: the event-loop thread that routes requests runs at it; no other thread of the daemon and no
 /// worker does, also after a restart (workers are spawned from that thread: SCHED_RESET_ON_FORK).
 @Suite struct LoopPriorityTests {
-    /// The nice value in /proc/…/stat (field 19).
-    static func nice(statPath: String) -> Int? {
-        guard let text = try? String(contentsOfFile: statPath, encoding: .utf8),
-              let close = text.lastIndex(of: ")") else { return nil }
-        let fields = text[text.index(after: close)...].split(separator: " ")
-        return fields.count > 16 ? Int(fields[16]) : nil
-    }
-
-    /// Every thread of `pid`: its name and nice value.
-    static func threads(of pid: Int32) -> [(name: String, nice: Int)] {
-        let folder = "/proc/\(pid)/task"
-        let tids = (try? FileManager.default.contentsOfDirectory(atPath: folder)) ?? []
-        return tids.compactMap { tid in
-            let name = (try? String(contentsOfFile: "\(folder)/\(tid)/comm", encoding: .utf8))?
-                .trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
-            return nice(statPath: "\(folder)/\(tid)/stat").map { (name, $0) }
-        }
-    }
-
     @Test func theLoopThreadAloneRunsAtLoopNiceAndWorkersAtZero() throws {
         let daemon = try TestDaemon(devices: ["0", "1"])
         let doc = try #require(daemon.waitAllReady())
-        let threads = Self.threads(of: daemon.pid)
+        let threads = threadNices(of: daemon.pid)
         #expect(threads.count >= 3, "\(threads)")
         // (libdispatch gives its own threads nice values by QoS, e.g. -4: only the others are compared.)
         let ours = threads.filter { !$0.name.contains("qos") }
@@ -43,21 +24,21 @@ import TestSupport
         }
         for worker in doc.workers {
             let pid = try #require(worker.pid)
-            #expect(Self.threads(of: pid).allSatisfy { $0.nice == 0 }, "worker \(worker.device): \(Self.threads(of: pid))")
+            #expect(threadNices(of: pid).allSatisfy { $0.nice == 0 }, "worker \(worker.device): \(threadNices(of: pid))")
         }
         // A restart is spawned from the same thread: the new worker starts at 0 too.
         let victim = try #require(daemon.worker("0")?.pid)
         kill(victim, SIGKILL)
         #expect(eventually { daemon.worker("0")?.pid != victim && daemon.worker("0")?.state == "ready" })
         let replacement = try #require(daemon.worker("0")?.pid)
-        #expect(Self.threads(of: replacement).allSatisfy { $0.nice == 0 }, "\(Self.threads(of: replacement))")
+        #expect(threadNices(of: replacement).allSatisfy { $0.nice == 0 }, "\(threadNices(of: replacement))")
         #expect(daemon.terminate() == 0)
     }
 
     @Test func loopNiceZeroLeavesEveryThreadAlone() throws {
         let daemon = try TestDaemon(devices: ["0"], supervisor: "loop_nice = 0")
         #expect(daemon.waitAllReady() != nil)
-        let threads = Self.threads(of: daemon.pid).filter { !$0.name.contains("qos") }
+        let threads = threadNices(of: daemon.pid).filter { !$0.name.contains("qos") }
         #expect(threads.count >= 3)
         #expect(threads.allSatisfy { $0.nice == 0 }, "\(threads)")
         #expect(!daemon.log.contains("request loop"))

@@ -231,12 +231,7 @@ struct RealSystemdTests {
         // loop_nice under the unit's hardening (RestrictRealtime= refuses sched_setscheduler() with the
         // reset-on-fork policy number): one thread of the daemon at -10, every worker thread at 0.
         #expect(daemonLog.contains { $0.contains("request loop at nice -10; workers start at nice 0") }, "\(daemonLog)")
-        let nices = sb.hostPIDs(ofUnit: Self.service).map { pid in
-            (pid, ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []).compactMap { tid in
-                (try? String(contentsOfFile: "/proc/\(pid)/task/\(tid)/stat", encoding: .utf8))
-                    .flatMap { $0.split(separator: ")").last?.split(separator: " ").dropFirst(16).first }.flatMap { Int($0) }
-            })
-        }
+        let nices = sb.hostPIDs(ofUnit: Self.service).map { pid in (pid, threadNices(of: pid).map(\.nice)) }
         // (Host pids: the daemon is the process with the raised thread.)
         let raised = nices.filter { $0.1.contains(-10) }
         #expect(raised.count == 1 && raised.first?.1.filter { $0 == -10 }.count == 1, "\(nices)")

@@ -12,6 +12,21 @@ public func processExists(_ pid: Int32) -> Bool {
     return stat[stat.index(close, offsetBy: 2)] != "Z"
 }
 
+/// Every thread of `pid`: its name and nice value (field 19 of /proc/PID/task/TID/stat).
+public func threadNices(of pid: Int32) -> [(name: String, nice: Int)] {
+    let folder = "/proc/\(pid)/task"
+    let tids = (try? FileManager.default.contentsOfDirectory(atPath: folder)) ?? []
+    return tids.compactMap { tid in
+        guard let stat = try? String(contentsOfFile: "\(folder)/\(tid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return nil }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        guard fields.count > 16, let nice = Int(fields[16]) else { return nil }
+        let name = (try? String(contentsOfFile: "\(folder)/\(tid)/comm", encoding: .utf8))?
+            .trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+        return (name, nice)
+    }
+}
+
 /// The result of running a command.
 public struct CommandResult: Sendable {
     public var status: Int32

@@ -17,10 +17,7 @@ public struct IDMap<Value> {
     @usableFromInline static var minimumCapacity: Int { 16 }
 
     public init() {
-        multiplier = UInt64.random(in: 1...UInt64.max) | 1
-        keys = ContiguousArray(repeating: 0, count: Self.minimumCapacity)
-        slots = ContiguousArray(repeating: nil, count: Self.minimumCapacity)
-        shift = UInt64(64 - Self.minimumCapacity.trailingZeroBitCount)
+        self.init(multiplier: UInt64.random(in: 1...UInt64.max) | 1)
     }
 
     /// Entries held.
