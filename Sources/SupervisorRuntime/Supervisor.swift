@@ -181,7 +181,7 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
         if rc == 0 {
             logger.info("request loop at nice \(wanted); workers start at nice 0")
         } else {
-            logger.info("request loop left at nice \(npu_thread_nice()): nice \(wanted) was refused (\(String(cString: strerror(rc)))); it needs CAP_SYS_NICE")
+            logger.info("request loop left at nice \(npu_thread_nice()): nice \(wanted) was refused (\(String(cString: strerror(rc)))); it needs CAP_SYS_NICE (grant it, or set [supervisor] loop_nice = 0 to leave the loop alone)")
         }
     }
 
