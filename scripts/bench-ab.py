@@ -11,9 +11,10 @@ decides throughput when the machine is saturated; and the idle CPU of the whole 
 (/proc/stat), which says whether it was.
 
 Usage: scripts/bench-ab.py OLD_BIN NEW_BIN [--rounds 3] [--seconds 1] [--cases SIZE:CLIENTS:DEPTH,...]
-                           [--no-haproxy] [--haproxy-nice N]
+                           [--no-haproxy] [--haproxy-nice N] [--a-requests TOML] [--b-requests TOML]
 OLD_BIN and NEW_BIN are folders holding npu-supervisord, npu-worker and npu-bench (e.g. copies of .build/release);
-the same folder twice is an A/A run (the noise floor).
+the same folder twice is an A/A run (the noise floor). --a-requests / --b-requests add keys to that supervisor's
+[requests] table (e.g. --b-requests 'burst_affinity = 8': the same build with a setting on and off).
 """
 import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time, statistics
 
@@ -61,6 +62,8 @@ def main():
     ap.add_argument("--haproxy-nice", type=int, default=None,
                     help="give HAProxy's threads this nice value (the supervisor's loop runs at loop_nice, -10 by "
                          "default): the same scheduling advantage for both")
+    ap.add_argument("--a-requests", default="", help="extra [requests] keys for supervisor A")
+    ap.add_argument("--b-requests", default="", help="extra [requests] keys for supervisor B")
     a = ap.parse_args()
     old, new = os.path.abspath(a.old), os.path.abspath(a.new)
     if not a.no_haproxy and not shutil.which("haproxy"):
@@ -74,8 +77,9 @@ def main():
             os.makedirs(d)
             conf = os.path.join(d, "supervisor.toml")
             with open(conf, "w") as f:
+                extra = (a.a_requests if name == "A" else a.b_requests).replace(";", "\n")
                 f.write(f'[supervisor]\nrun_dir = "{d}/run"\nlog_level = "warning"\n[requests]\nmax_queue = 65536\n'
-                        'max_inflight_per_connection = 1024\n[http]\nlisten = ""\n'
+                        f'max_inflight_per_connection = 1024\n{extra}\n[http]\nlisten = ""\n'
                         f'[defaults]\ncommand = ["{old}/npu-worker"]\nmax_inflight = 1024\n'
                         'inference_probe = { enabled = false }\n[[device]]\nid = "0"\n[[device]]\nid = "1"\n')
             procs.append(subprocess.Popen([f"{bindir}/npu-supervisord", "--config", conf], stderr=subprocess.DEVNULL))
@@ -111,7 +115,9 @@ def main():
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
         med = lambda n, c, k: statistics.median(x[k] for x in results[(n,) + c]) if (n,) + c in results else float("nan")
         print(f"A = {old}, B = {new}; median of {a.rounds} rounds of {a.seconds} s; {os.cpu_count()} CPUs"
-              + (f"; HAProxy's threads at nice {a.haproxy_nice}" if a.haproxy_nice is not None else ""))
+              + (f"; HAProxy's threads at nice {a.haproxy_nice}" if a.haproxy_nice is not None else "")
+              + (f"; A's [requests] + {a.a_requests!r}" if a.a_requests else "")
+              + (f"; B's [requests] + {a.b_requests!r}" if a.b_requests else ""))
         print("| payload | clients × depth | A req/s | B req/s | B/A | HAProxy req/s | B/HAProxy | p50 ms A / B / HAProxy "
               "| proxy CPU µs per request, user+sys: A / B / HAProxy | context switches per request: B / HAProxy "
               "| machine idle %: B / HAProxy |")

@@ -9,7 +9,9 @@ Runs, in one invocation and interleaved round by round (so machine noise hits al
   haproxy-1t  the same HAProxy limited to one thread (npu-supervisord runs its request path on one thread)
 for 1, 8 and 64 clients, 64 B and 4 KiB payloads; latency with one request in flight per client (depth 1),
 throughput pipelined (depth 16). Reports medians over the rounds and the supervisor/HAProxy ratios.
-Usage: scripts/bench-proxy.py [--rounds 3] [--seconds 2] [--workers 2]
+Usage: scripts/bench-proxy.py [--rounds 3] [--seconds 2] [--workers 2] [--burst-affinity N]
+(--burst-affinity sets the supervisor's [requests] burst_affinity, 0 = the default: every request to the
+least-loaded worker.)
 """
 import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time, statistics
 
@@ -38,6 +40,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=2)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--burst-affinity", type=int, default=0)
     args = ap.parse_args()
     if not shutil.which("haproxy"):
         raise SystemExit("bench: haproxy not installed (apt-get install haproxy)")
@@ -50,7 +53,7 @@ def main():
         conf = os.path.join(tmp, "supervisor.toml")
         with open(conf, "w") as f:
             f.write('[supervisor]\nrun_dir = "run"\nlog_level = "warning"\n[requests]\nmax_queue = 65536\n'
-                    'max_inflight_per_connection = 1024\n[http]\nlisten = ""\n'
+                    f'max_inflight_per_connection = 1024\nburst_affinity = {args.burst_affinity}\n[http]\nlisten = ""\n'
                     f'[defaults]\ncommand = ["{os.path.join(BIN, "npu-worker")}"]\nmax_inflight = 1024\n'
                     'inference_probe = { enabled = false }\n')
             for i in range(args.workers):
@@ -71,7 +74,7 @@ def main():
                     results.setdefault((name,) + case, []).append(res)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
         print(f"median of {args.rounds} rounds, {args.seconds} s each, {args.workers} echo workers, "
-              f"{os.cpu_count()} CPUs")
+              f"{os.cpu_count()} CPUs, supervisor burst_affinity = {args.burst_affinity}")
         print("| payload | clients | depth | direct req/s | supervisor req/s | haproxy req/s | haproxy-1t req/s "
               "| sup/haproxy | sup/haproxy-1t | direct p50/p99 ms | supervisor p50/p99 ms | haproxy p50/p99 ms "
               "| haproxy-1t p50/p99 ms | supervisor RSS max |")

@@ -18,7 +18,7 @@ public enum ConfigRenderer {
         out += "default_deadline = \(q(c.requests.defaultDeadline.configString))\nretries = \(c.requests.retries)\n"
         out += "max_connections = \(c.requests.maxConnections)\n"
         out += "max_inflight_per_connection = \(c.requests.maxInflightPerConnection)\n"
-        out += "max_client_buffer = \(c.requests.maxClientBufferBytes)\n"
+        out += "max_client_buffer = \(c.requests.maxClientBufferBytes)\nburst_affinity = \(c.requests.burstAffinity)\n"
         out += "\n[http]\nlisten = \(q(c.http.listen ?? ""))\n"
         out += "requests = \(c.http.requests)\nmax_body = \(c.http.maxBodyBytes)\n"
         if let file = c.http.tokenFile { out += "token_file = \(q(file))  # the token itself is never printed\n" }

@@ -266,7 +266,8 @@ extension Supervisor {
 
     /// Sends the request to the worker the router picks, if one has room.
     @inline(__always) func dispatchNow(_ request: PendingRequest) -> Bool {
-        guard let index = machine.router.pick(pinned: request.pinned >= 0 ? request.pinned : nil) else { return false }
+        guard let index = machine.router.pick(pinned: request.pinned >= 0 ? request.pinned : nil,
+                                              burstAffinity: config.requests.burstAffinity) else { return false }
         machine.router.assign(index)
         if request.attempts == 0 {
             // Queue time: zero without a clock read when a worker had room at once.
@@ -363,6 +364,7 @@ extension Supervisor {
 
     /// Writes everything queued for clients and workers during this burst: one write per channel.
     func flushAll() {
+        machine.router.endBurst()
         if !dirtyWorkers.isEmpty {
             for slot in dirtyWorkers { slot.flush() }
             dirtyWorkers.removeAll(keepingCapacity: true)

@@ -108,6 +108,35 @@ struct RequestRoutingTests {
         #expect(daemon.terminate() == 0)
     }
 
+    /// Six requests in one write are one burst: spread over both workers by default, on one worker with
+    /// `burst_affinity` (the worker says which device answered).
+    @Test(arguments: [(0, 2), (8, 1)])
+    func aBurstIsSpreadOrKeptTogetherAsConfigured(affinity: Int, devicesUsed: Int) throws {
+        let daemon = try TestDaemon(devices: ["0", "1"], defaults: "max_inflight = 16",
+                                    extra: "[requests]\nburst_affinity = \(affinity)")
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        var burst = ByteBuffer()
+        for id in UInt64(1)...6 {
+            Frame(type: .request, requestID: id, payload: payload("{\"prompt\": \"b\", \"max_new_tokens\": 2}"))
+                .write(to: &burst)
+        }
+        try client.io.writeRaw(burst)
+        var devices: [String: Int] = [:]
+        var answered = 0
+        while answered < 6 {
+            let frame = try #require(try client.readFrame())
+            if frame.type == .chunk { continue }
+            #expect(frame.type == .response, "\(frame.type) \(frame.payloadString)")
+            let answer = try JSONDecoder().decode(WorkerAnswer.self, from: Data(frame.payload.readableBytesView))
+            devices[answer.device, default: 0] += 1
+            answered += 1
+        }
+        #expect(devices.count == devicesUsed, "answered by \(devices)")
+        if affinity == 0 { #expect(devices.values.sorted() == [3, 3], "least loaded, in turn: \(devices)") }
+        #expect(daemon.terminate() == 0)
+    }
+
     @Test func pinnedDeviceAndUnknownDevice() throws {
         let daemon = try TestDaemon(devices: ["0", "1"])
         let doc = try #require(daemon.waitAllReady())

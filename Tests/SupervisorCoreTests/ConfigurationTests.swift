@@ -57,6 +57,20 @@ struct ConfigurationTests {
         }
     }
 
+    @Test func burstAffinityIsOffByDefaultAndChecked() throws {
+        #expect(try ConfigLoader.parse(Self.minimal, path: "/etc/c.toml").requests.burstAffinity == 0)
+        #expect(try ConfigLoader.parse("[requests]\nburst_affinity = 16\n" + Self.minimal, path: "/etc/c.toml")
+            .requests.burstAffinity == 16)
+        for bad in ["-1", "1000001", "true", "2.5"] {
+            do {
+                _ = try ConfigLoader.parse("[requests]\nburst_affinity = \(bad)\n" + Self.minimal, path: "/etc/c.toml")
+                Issue.record("accepted burst_affinity = \(bad)")
+            } catch let error as ConfigError {
+                #expect(error.key == "requests.burst_affinity", "\(error)")
+            }
+        }
+    }
+
     @Test func theRequestsHeldAtOnceAreBounded() throws {
         #expect(try ConfigLoader.parse("[requests]\nmax_queue = 7999000\n" + Self.minimal, path: "/etc/c.toml")
             .requests.maxQueue == 7_999_000)

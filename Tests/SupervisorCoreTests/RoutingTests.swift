@@ -52,6 +52,60 @@ struct RoutingTests {
         #expect(Set(picks) == [0, 1, 2], "ties rotate instead of always hitting slot 0: \(picks)")
     }
 
+    /// `burst_affinity`: a burst's requests follow its previous one while that worker has room and is at most
+    /// the affinity above the least loaded; a new burst starts from the least loaded.
+    @Test(arguments: [
+        // (affinity, max_inflight, burst size, expected slots in order)
+        (0, 100, 6, [0, 1, 0, 1, 0, 1]),        // off: every request to the least loaded, ties in turn
+        (8, 100, 6, [0, 0, 0, 0, 0, 0]),        // the whole burst to one worker
+        (2, 100, 6, [0, 0, 0, 1, 1, 1]),        // ... until it holds 3 more than the other (0-1, 1-1, 2-1 at most 2)
+        (8, 3, 6, [0, 0, 0, 1, 1, 1]),          // ... or is full
+    ] as [(Int, Int, Int, [Int])])
+    func aBurstStaysOnOneWorkerWithinTheAffinity(affinity: Int, max: Int, size: Int, expected: [Int]) {
+        var router = Self.router(devices: 2, max: max, serving: [0, 1])
+        var picks: [Int] = []
+        for _ in 0..<size {
+            guard let slot = router.pick(pinned: nil, burstAffinity: affinity) else { break }
+            router.assign(slot)
+            picks.append(slot)
+        }
+        // Ties rotate: the first pick may be either worker; the pattern is what counts.
+        let normalized = picks.first == 1 ? picks.map { 1 - $0 } : picks
+        #expect(normalized == expected, "picks \(picks)")
+    }
+
+    @Test func aNewBurstStartsFromTheLeastLoaded() {
+        var router = Self.router(devices: 2, max: 100, serving: [0, 1], load: [0: 5, 1: 4])
+        router.endBurst()
+        #expect(router.pick(pinned: nil, burstAffinity: 8) == 1, "no burst yet: the least loaded")
+        router.assign(1)
+        router.assign(1)  // 0: 5, 1: 6
+        #expect(router.pick(pinned: nil, burstAffinity: 8) == 1, "within the affinity: stays")
+        router.endBurst()
+        #expect(router.pick(pinned: nil, burstAffinity: 8) == 0, "after the burst: the least loaded again")
+    }
+
+    @Test func affinityNeverLeavesTheRulesOfRotationKindOrPinning() {
+        // A worker that left rotation mid-burst is not followed.
+        var machine = SupervisorMachine(config: config(devices: 2, maxInflight: 100), protocolVersion: 1)
+        machine.makeServing(0)
+        machine.makeServing(1)
+        machine.router.assign(0)
+        _ = machine.handle(.channelWritability(slot: 0, pid: 1000, writable: false), now: .seconds(100))
+        #expect(!machine.router.serving[0], "a backed-up channel takes the worker out of rotation")
+        #expect(machine.router.pick(pinned: nil, burstAffinity: 8) == 1)
+        // A fallback worker is not followed once a device can serve, and a device is not left for a fallback.
+        var mixed = Self.router(devices: 1, fallback: 1, max: 100, serving: [0, 1])
+        mixed.assign(1)
+        #expect(mixed.pick(pinned: nil, burstAffinity: 8) == 0, "the burst was on the CPU fallback: devices first")
+        // A pinned request goes to its device whatever the burst; the burst then follows it.
+        var pinned = Self.router(devices: 2, max: 100, serving: [0, 1])
+        pinned.assign(0)
+        #expect(pinned.pick(pinned: 1, burstAffinity: 8) == 1)
+        pinned.assign(1)
+        #expect(pinned.pick(pinned: nil, burstAffinity: 8) == 1)
+    }
+
     @Test func pinnedRequestsGoToTheirWorkerOrWait() {
         var router = Self.router(devices: 2, max: 1, serving: [0, 1], load: [1: 1])
         #expect(router.pick(pinned: 0) == 0)

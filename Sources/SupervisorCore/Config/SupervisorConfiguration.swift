@@ -93,6 +93,9 @@ public struct RequestSettings: Sendable, Hashable {
     public var maxInflightPerConnection: Int = 256
     /// Answers queued for a client that does not read them; beyond this the client is disconnected.
     public var maxClientBufferBytes: Int = 64 * 1024 * 1024
+    /// Requests read together go to one worker while it holds at most this many more than the least-loaded
+    /// one (``Router``); 0 spreads every request.
+    public var burstAffinity: Int = 0
 }
 
 /// The whole validated configuration.
@@ -191,6 +194,7 @@ extension SupervisorConfiguration {
             requests.maxInflightPerConnection = try r.int("max_inflight_per_connection", min: 1)
                 ?? requests.maxInflightPerConnection
             requests.maxClientBufferBytes = try r.bytes("max_client_buffer", min: 4096) ?? requests.maxClientBufferBytes
+            requests.burstAffinity = try r.int("burst_affinity", min: 0, max: 1_000_000) ?? requests.burstAffinity
             try r.rejectUnknownKeys()
         }
 

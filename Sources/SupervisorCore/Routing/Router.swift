@@ -3,6 +3,12 @@
 /// share the load; CPU fallback workers are used only when no device worker can serve at all (a busy device
 /// is worth waiting for: CPU is about 50x slower). A request pinned to a device goes there or waits.
 ///
+/// Burst affinity (`[requests] burst_affinity`, off by default): requests read in one pass of the event loop
+/// (a burst) go to the worker the burst's previous request went to while that worker has room and holds at
+/// most `burst_affinity` more than the least-loaded one. Spreading every request is right when a request costs
+/// milliseconds of device time; when it costs microseconds (embeddings, tokenization, an echo), each extra
+/// worker a burst touches costs a write and a wake-up of that worker, which are then most of the cost.
+///
 /// Workers are integer slot indices: `0..<deviceCount` are device workers, the rest fallback workers. This is
 /// the request hot path: no allocation, no dictionary, no clock.
 public struct Router: Sendable, Hashable {
@@ -22,6 +28,8 @@ public struct Router: Sendable, Hashable {
     /// Being drained: the runtime reports when such a worker holds nothing any more.
     public private(set) var draining: [Bool]
     private var roundRobin = 0
+    /// The worker the burst's previous request was assigned to; -1 at the start of a burst (``endBurst()``).
+    public private(set) var burstSlot = -1
 
     public init(maxInflight: [Int], isFallback: [Bool]) {
         self.maxInflight = maxInflight
@@ -40,7 +48,24 @@ public struct Router: Sendable, Hashable {
     }
 
     /// The worker for the next request, or nil when it must wait. Does not count it in: see ``assign(_:)``.
-    public mutating func pick(pinned: Int?) -> Int? {
+    /// `burstAffinity` > 0: the burst's previous worker while it has room and holds at most that many more
+    /// than the least-loaded worker of its kind (device or fallback).
+    @inline(__always) public mutating func pick(pinned: Int?, burstAffinity: Int = 0) -> Int? {
+        guard let best = leastLoaded(pinned: pinned) else { return nil }
+        if burstAffinity > 0 && pinned == nil {
+            let previous = burstSlot
+            if previous >= 0 && previous != best && hasCapacity(previous) && isFallback[previous] == isFallback[best]
+                && inflight[previous] - inflight[best] <= burstAffinity {
+                return previous
+            }
+        }
+        return best
+    }
+
+    /// A burst is over (the event loop flushed what it read): the next request starts from the least loaded.
+    @inline(__always) public mutating func endBurst() { burstSlot = -1 }
+
+    private mutating func leastLoaded(pinned: Int?) -> Int? {
         if let pinned { return hasCapacity(pinned) ? pinned : nil }
         let count = inflight.count
         guard count > 0 else { return nil }
@@ -66,7 +91,10 @@ public struct Router: Sendable, Hashable {
         return best >= 0 ? best : nil
     }
 
-    @inline(__always) public mutating func assign(_ slot: Int) { inflight[slot] += 1 }
+    @inline(__always) public mutating func assign(_ slot: Int) {
+        inflight[slot] += 1
+        burstSlot = slot
+    }
 
     @inline(__always) public mutating func release(_ slot: Int) { inflight[slot] -= 1 }
 
