@@ -62,6 +62,7 @@ final class ClientConnection {
         if !isDirty {
             isDirty = true
             supervisor.dirtyClients.append(self)
+            supervisor.flushAtEndOfTick()
         }
     }
 
@@ -72,6 +73,7 @@ final class ClientConnection {
         if !isDirty {
             isDirty = true
             supervisor.dirtyClients.append(self)
+            supervisor.flushAtEndOfTick()
         }
     }
 

@@ -260,8 +260,9 @@ extension Supervisor {
             deadlineRings.removeLast()
         }
         if lastDeadlineRing >= deadlineRings.count { lastDeadlineRing = -1 }
-        flushAll()
+        // Expiries free their workers' places: queued requests take them, and all of it goes out now.
         dispatchQueued()
+        flushAll()
     }
 
     /// Sends the request to the worker the router picks, if one has room.
@@ -283,6 +284,7 @@ extension Supervisor {
         if !slot.isDirty {
             slot.isDirty = true
             dirtyWorkers.append(slot)
+            flushAtEndOfTick()
         }
         return true
     }
@@ -352,7 +354,9 @@ extension Supervisor {
     /// Flushes once every channel that is ready in this turn of the event loop has been read: requests from
     /// many clients to one worker (and answers from both workers to one client) leave in one write each, not
     /// one per channel read. Each write wakes its reader, and those wake-ups were most of the request path's
-    /// cost (BENCHMARKS.md). The flush runs in the same turn, after its I/O: no latency is added.
+    /// cost (BENCHMARKS.md). The flush runs in the same turn, after its I/O: no latency is added. Scheduled by
+    /// every read turn and by the first frame queued for a channel in a turn, whatever queued it (a timer's
+    /// expiries, a worker's death and its retries, a paused client resumed): nothing waits for a later turn.
     @inline(__always) func flushAtEndOfTick() {
         guard !flushScheduled else { return }
         flushScheduled = true
@@ -560,6 +564,7 @@ extension Supervisor {
         if !slot.isDirty {
             slot.isDirty = true
             dirtyWorkers.append(slot)
+            flushAtEndOfTick()
         }
     }
 

@@ -77,6 +77,25 @@ struct RequestRoutingTests {
         #expect(daemon.terminate() == 0)
     }
 
+    /// A retry goes out in the turn that learned of the death, not with the other worker's next heartbeat.
+    @Test func aRetryIsSentAtOnce() throws {
+        let daemon = try TestDaemon(devices: ["0", "1"], defaults: "heartbeat_interval = \"10s\"\nheartbeat_timeout = \"30s\"")
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        try client.sendRequest(id: 1, payload: payload("{\"prompt\": \"r\", \"fault\": \"sleep\", \"sleep_ms\": 300}"))
+        #expect(eventually { daemon.status()?.workers.map(\.inflight).reduce(0, +) == 1 })
+        let holder = try #require(daemon.status()?.workers.first { $0.inflight == 1 })
+        let victim = try #require(holder.pid)
+        let killed = ContinuousClock.now
+        kill(victim, SIGKILL)
+        let frame = try #require(try client.readFrame())
+        let waited = ContinuousClock.now - killed
+        #expect(frame.type == .response, "\(frame.payloadString)")
+        // The retry sleeps 300 ms on the other worker; a retry left unflushed waited for a heartbeat (10 s).
+        #expect(waited < .seconds(3), "answered \(waited) after the kill")
+        #expect(daemon.terminate() == 0)
+    }
+
     @Test func retriesExhaustedGiveWorkerLost() throws {
         // A request that kills every worker it touches: with retries = 1 it is tried twice, then worker_lost
         // (after the second crash it is also a poison suspect, which says so).
@@ -224,6 +243,29 @@ struct RequestRoutingTests {
     /// Deadlines are kept in a ring per timeout value whose entries of answered requests are dropped lazily
     /// (compacted past twice the live ones): a request whose deadline comes after hundreds of answered requests
     /// with the same timeout still gets `deadline_exceeded`, on time, and the others are not touched.
+    /// The timer that expires a request frees its worker's place, and the request queued behind it is sent at
+    /// once, not when something else next makes the loop flush (here: nothing for 6 s, no heartbeats for 10 s).
+    @Test func aRequestQueuedBehindAnExpiredOneIsSentAtOnce() throws {
+        let daemon = try TestDaemon(devices: ["0"], defaults: "max_inflight = 1\nheartbeat_interval = \"10s\"\n"
+                                        + "heartbeat_timeout = \"30s\"")
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client()
+        try client.sendRequest(id: 1, payload: payload("{\"prompt\": \"a\", \"fault\": \"sleep\", \"sleep_ms\": 6000}"),
+                               options: RequestOptions(deadlineMS: 300))
+        try client.sendRequest(id: 2, payload: payload("{\"prompt\": \"b\", \"max_new_tokens\": 1}"),
+                               options: RequestOptions(deadlineMS: 20_000))
+        let start = ContinuousClock.now
+        var answered: [UInt64: (MessageType, Duration)] = [:]
+        while answered.count < 2, let frame = try client.readFrame() {
+            if frame.type != .chunk { answered[frame.requestID] = (frame.type, ContinuousClock.now - start) }
+        }
+        #expect(answered[1]?.0 == .error, "the first one expired")
+        let second = try #require(answered[2])
+        #expect(second.0 == .response)
+        #expect(second.1 < .seconds(3), "the queued request waited \(second.1) after its worker's place was freed")
+        #expect(daemon.terminate() == 0)
+    }
+
     @Test func aDeadlineOutlivesHundredsOfAnsweredRequestsWithTheSameTimeout() throws {
         let daemon = try TestDaemon(devices: ["0", "1"], defaults: "max_inflight = 4")
         #expect(daemon.waitAllReady() != nil)

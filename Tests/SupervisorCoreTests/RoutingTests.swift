@@ -94,7 +94,7 @@ struct RoutingTests {
         _ = machine.handle(.channelWritability(slot: 0, pid: 1000, writable: false), now: .seconds(100))
         #expect(!machine.router.serving[0], "a backed-up channel takes the worker out of rotation")
         #expect(machine.router.pick(pinned: nil, burstAffinity: 8) == 1)
-        // A fallback worker is not followed once a device can serve, and a device is not left for a fallback.
+        // A fallback worker is not followed once a device can serve.
         var mixed = Self.router(devices: 1, fallback: 1, max: 100, serving: [0, 1])
         mixed.assign(1)
         #expect(mixed.pick(pinned: nil, burstAffinity: 8) == 0, "the burst was on the CPU fallback: devices first")
