@@ -134,26 +134,50 @@ struct RequestRoutingTests {
         let daemon = try TestDaemon(devices: ["0", "1"], defaults: "max_inflight = 16",
                                     extra: "[requests]\nburst_affinity = \(affinity)")
         #expect(daemon.waitAllReady() != nil)
+        let devices = try Self.devicesAnsweringABurst(try daemon.client())
+        #expect(devices.count == devicesUsed, "answered by \(devices)")
+        if affinity == 0 { #expect(devices.values.sorted() == [3, 3], "least loaded, in turn: \(devices)") }
+        #expect(daemon.terminate() == 0)
+    }
+
+    /// A reload changes `burst_affinity` in place: the same connection's next burst follows the new value.
+    @Test func aReloadTurnsBurstAffinityOn() throws {
+        let daemon = try TestDaemon(devices: ["0", "1"], defaults: "max_inflight = 16",
+                                    extra: "[requests]\nburst_affinity = 0")
+        let before = try #require(daemon.waitAllReady())
         let client = try daemon.client()
+        #expect(try Self.devicesAnsweringABurst(client).count == 2)
+        let config = try String(contentsOfFile: daemon.configPath, encoding: .utf8)
+        try config.replacingOccurrences(of: "burst_affinity = 0", with: "burst_affinity = 8")
+            .write(toFile: daemon.configPath, atomically: true, encoding: .utf8)
+        let reload = try daemon.ctl(["reload", "--wait"])
+        #expect(reload.status == 0, "\(reload.stdout) \(reload.stderr)")
+        #expect(try Self.devicesAnsweringABurst(client).count == 1)
+        #expect(daemon.status()?.workers.map(\.pid) == before.workers.map(\.pid), "no worker was restarted")
+        #expect(daemon.terminate() == 0)
+    }
+
+    /// Sends six requests in one write and counts the answers by the device that gave them.
+    static func devicesAnsweringABurst(_ client: SupervisorClient) throws -> [String: Int] {
         var burst = ByteBuffer()
-        for id in UInt64(1)...6 {
+        var ids: Set<UInt64> = []
+        for _ in 0..<6 {
+            let id = client.makeRequestID()
+            ids.insert(id)
             Frame(type: .request, requestID: id, payload: payload("{\"prompt\": \"b\", \"max_new_tokens\": 2}"))
                 .write(to: &burst)
         }
         try client.io.writeRaw(burst)
         var devices: [String: Int] = [:]
-        var answered = 0
-        while answered < 6 {
-            let frame = try #require(try client.readFrame())
+        while !ids.isEmpty {
+            let frame = try #require(try client.readFrame(), "the connection closed with \(ids.count) unanswered")
             if frame.type == .chunk { continue }
             #expect(frame.type == .response, "\(frame.type) \(frame.payloadString)")
+            ids.remove(frame.requestID)
             let answer = try JSONDecoder().decode(WorkerAnswer.self, from: Data(frame.payload.readableBytesView))
             devices[answer.device, default: 0] += 1
-            answered += 1
         }
-        #expect(devices.count == devicesUsed, "answered by \(devices)")
-        if affinity == 0 { #expect(devices.values.sorted() == [3, 3], "least loaded, in turn: \(devices)") }
-        #expect(daemon.terminate() == 0)
+        return devices
     }
 
     @Test func pinnedDeviceAndUnknownDevice() throws {
