@@ -369,14 +369,11 @@ extension Supervisor {
     /// Writes everything queued for clients and workers during this burst: one write per channel.
     func flushAll() {
         machine.router.endBurst()
-        if !dirtyWorkers.isEmpty {
-            for slot in dirtyWorkers { slot.flush() }
-            dirtyWorkers.removeAll(keepingCapacity: true)
-        }
-        if !dirtyClients.isEmpty {
-            for client in dirtyClients { client.flush() }
-            dirtyClients.removeAll(keepingCapacity: true)
-        }
+        // Taken one by one rather than iterated and cleared: a flush can close a client, whose requests are
+        // then cancelled on their workers and whose places go to queued requests, dirtying channels while this
+        // runs; those are flushed too, not dropped from the list while still marked dirty.
+        while let slot = dirtyWorkers.popLast() { slot.flush() }
+        while let client = dirtyClients.popLast() { client.flush() }
     }
 
     /// Every request the slot holds: re-dispatched if nothing of it reached the client yet and it may be (see
