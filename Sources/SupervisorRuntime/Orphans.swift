@@ -8,8 +8,10 @@ import NIOCore
 /// (`PR_SET_CHILD_SUBREAPER`): such orphans are re-parented to it. They are told apart by the worker's
 /// environment they inherited (`NPU_DEVICE_ID`) and by their start time: an adopted child of a device whose
 /// worker is gone, or that started before the device's current worker, belonged to an earlier worker and is
-/// killed; adopted children that exit are reaped; at shutdown every adopted child is killed. Probe commands
-/// carry `NPU_SUPERVISOR_PROBE=1` and are left to their own reaping.
+/// killed; adopted children that exit are reaped; at shutdown every adopted child is killed. Probe commands are
+/// left to their own reaping: by pid while they run or wait as zombies (`probePids`: a zombie's environment can
+/// no longer be read; reaping one here lost the probe's exit), and by the `NPU_SUPERVISOR_PROBE=1` they pass to
+/// what they start.
 extension Supervisor {
     func becomeSubreaper() {
         if npu_set_child_subreaper() != 0 {
@@ -55,7 +57,7 @@ extension Supervisor {
         let workers = Set(slots.filter { $0.pid > 0 && !$0.isReaped }.map(\.pid) + slots.compactMap { $0.standby?.pid })
         var found: [Adopted] = []
         for pid in childPids() {
-            guard pid != me, !workers.contains(pid),
+            guard pid != me, !workers.contains(pid), !probePids.contains(pid),
                   let stat = try? readFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { continue }
             // Fields after "comm)": state ppid pgrp session ... starttime is field 22 (index 19 here).
             let fields = stat[stat.index(after: close)...].split(separator: " ")

@@ -29,12 +29,16 @@ extension Supervisor {
             }
             feed(.deviceProbeFinished(slot: index, failure: failure))
         case .command:
-            ProbeCommand.run(probe.command, environment: ["NPU_DEVICE_ID": slot.spec.device], timeout: probe.timeout,
-                             on: eventLoop, logger: logger, exitWaiter: exitWaiter) { result in
+            let pid = ProbeCommand.run(probe.command, environment: ["NPU_DEVICE_ID": slot.spec.device],
+                                       timeout: probe.timeout, on: eventLoop, logger: logger, exitWaiter: exitWaiter,
+                                       onReaped: { self.probePids.remove($0) }) { result in
                 // For npu_supervisor_device_healthy: a probe that could not run or timed out says nothing of the device.
                 self.metrics.probeCouldNotRun(slot: index, result.spawnError != nil || result.timedOut != nil)
                 self.feed(.deviceProbeFinished(slot: index, failure: result.failure(healthy: probe.healthy)))
             }
+            // Ours to reap, also once it is a zombie, whose environment (`NPU_SUPERVISOR_PROBE`) can no longer be
+            // read: the orphan sweep must not take it for an adopted helper (Orphans.swift).
+            if let pid { probePids.insert(pid) }
         }
     }
 
@@ -125,18 +129,23 @@ struct ProbeCommand {
 
     static let maximumOutput = 64 * 1024
 
+    /// Runs the probe; returns its pid (nil when it could not start). `onReaped` gets the pid once its process
+    /// is reaped, which may be after `completion` (a probe given up on after its timeout).
+    @discardableResult
     static func run(_ command: [String], environment: [String: String], timeout: Duration, on loop: any EventLoop,
-                    logger: Logger, exitWaiter: ExitWaiter? = nil, completion: @escaping (Result) -> Void) {
+                    logger: Logger, exitWaiter: ExitWaiter? = nil, onReaped: @escaping (pid_t) -> Void = { _ in },
+                    completion: @escaping (Result) -> Void) -> pid_t? {
         let state = ProbeState(result: Result(command: command, exit: nil, output: "", timedOut: nil, spawnError: nil),
                                completion: completion)
         state.exitWaiter = exitWaiter
+        state.onReaped = onReaped
         let spawned: SpawnedWorker
         do {
             spawned = try ProcessSpawner.spawnProbe(command, extraEnvironment: environment)
         } catch {
             state.result.spawnError = "\(error)"
             completion(state.result)
-            return
+            return nil
         }
         state.pid = spawned.pid
         // Everything below runs on `loop`; NIOLoopBound checks it.
@@ -145,6 +154,9 @@ struct ProbeCommand {
             let state = bound.value
             state.result.timedOut = timeout
             _ = kill(-spawned.pid, SIGKILL)  // the pidfd then wakes us for the reap; the pipe closes as the group dies
+            // Unless a descendant left the group and holds the pipe (a helper daemon the command started), or the
+            // exit is never reported: the verdict must come anyway, or the device would never be judged again.
+            state.graceTask = loop.scheduleTask(in: Self.gracePeriod) { bound.value.finishRegardless() }
         }
         NIOPipeBootstrap(group: loop)
             .channelInitializer { channel in
@@ -161,9 +173,17 @@ struct ProbeCommand {
                 }
             }
             .takingOwnershipOfDescriptor(input: spawned.outputFD)
-            .whenFailure { _ in
-                close(spawned.outputFD)
-                bound.value.outputClosed = true
+            .whenComplete { outcome in
+                let state = bound.value
+                switch outcome {
+                case .success(let channel):
+                    state.outputChannel = channel
+                    if state.completed { channel.close(promise: nil) }
+                case .failure:
+                    close(spawned.outputFD)
+                    state.outputClosed = true
+                    state.finishIfDone()
+                }
             }
         if spawned.pidFD < 0 {
             exitWaiter?.watch(spawned.pid) { bound.value.reap() }
@@ -176,7 +196,12 @@ struct ProbeCommand {
             source.setCancelHandler { close(spawned.pidFD) }
             source.resume()
         }
+        return spawned.pid
     }
+
+    /// After a timeout's SIGKILL, how long the exit and the pipe's end are waited for before the verdict is
+    /// given without them.
+    static let gracePeriod: TimeAmount = .seconds(1)
 
     final class ProbeState {
         var result: Result
@@ -184,10 +209,16 @@ struct ProbeCommand {
         var pid: pid_t = 0
         var output: [UInt8] = []
         var exited = false
+        /// Reaped: apart from `exited`, which a probe given up on after its timeout sets without the reap (the
+        /// process is still reaped when its exit is reported).
+        var reaped = false
         var outputClosed = false
         var completed = false
         var timeoutTask: Scheduled<Void>?
+        var graceTask: Scheduled<Void>?
+        var outputChannel: (any Channel)?
         var exitWaiter: ExitWaiter?
+        var onReaped: (pid_t) -> Void = { _ in }
 
         init(result: Result, completion: @escaping (Result) -> Void) {
             self.result = result
@@ -199,9 +230,11 @@ struct ProbeCommand {
         }
 
         func reap() {
-            guard !exited, pid > 0, let exit = ProcessSpawner.reap(pid) else { return }
+            guard !reaped, pid > 0, let exit = ProcessSpawner.reap(pid) else { return }
+            reaped = true
             exited = true
             exitWaiter?.forget(pid)
+            onReaped(pid)
             result.exit = exit
             _ = kill(-pid, SIGKILL)  // helpers it left behind, and their hold on the pipe
             finishIfDone()
@@ -211,8 +244,22 @@ struct ProbeCommand {
             guard !completed, exited, outputClosed else { return }
             completed = true
             timeoutTask?.cancel()
+            graceTask?.cancel()
             result.output = String(decoding: output, as: UTF8.self)
             completion(result)
+        }
+
+        /// The grace after a timeout is over: the probe has timed out whether or not its exit and the pipe's end
+        /// were seen. The pipe is closed (a descendant may still hold its other end); an exit not seen yet stays
+        /// watched, and reaped when it is reported.
+        func finishRegardless() {
+            guard !completed else { return }
+            reap()
+            guard !completed else { return }
+            exited = true
+            outputClosed = true
+            outputChannel?.close(promise: nil)
+            finishIfDone()
         }
     }
 }

@@ -129,6 +129,8 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     var cgroups: CgroupManager?
     /// Exit detection without pidfds (see ExitWatcher.swift); nil when pidfds work.
     var exitWaiter: ExitWaiter?
+    /// Device probe commands not reaped yet (the orphan sweep leaves them alone: Orphans.swift).
+    var probePids: Set<pid_t> = []
     /// Per tensor-parallel group: the `MASTER_PORT` and rank table of its current start (Supervisor+Groups.swift).
     var groupRuntime: [GroupRuntime] = []
     /// A request's `device` option → the slot it is pinned to (``rebuildPinTargets()``).

@@ -152,6 +152,64 @@ struct HealthTests {
         #expect(daemon.terminate() == 0)
     }
 
+    /// A probe command that leaves a helper behind in a session of its own, holding its output pipe, exits at
+    /// once: the pipe never ends and killing the probe's group cannot reach the helper. The probe still gets its
+    /// verdict (timed out) one grace second after its timeout, and the device is judged again and again; before,
+    /// that probe never finished and the device was never probed again.
+    @Test func aProbeWhoseHelperHoldsItsOutputStillGetsAVerdict() throws {
+        let scratch = try Self.scratch()
+        let marker = "31\(Int.random(in: 1000...9999))"
+        defer {
+            _ = try? runCommand("/usr/bin/pkill", ["-f", "sleep \(marker)"])
+            try? FileManager.default.removeItem(atPath: scratch)
+        }
+        let probe = scratch + "/leaky-probe"
+        try """
+            #!/bin/sh
+            setsid sleep \(marker) &
+            # Exit only once the helper has its own session: the probe's group kill must not reach it.
+            while [ "$(cut -d' ' -f6 /proc/$!/stat 2>/dev/null)" = "$(cut -d' ' -f6 /proc/$$/stat)" ]; do :; done
+            echo "        Health Status                  : OK"
+            """.write(toFile: probe, atomically: true, encoding: .utf8)
+        chmod(probe, 0o755)
+        let daemon = try TestDaemon(
+            devices: ["0"],
+            defaults: "device_probe = { type = \"command\", command = [\"\(probe)\"], interval = \"100ms\", timeout = \"300ms\" }")
+        #expect(daemon.waitAllReady() != nil)
+        #expect(eventually(timeout: .seconds(10)) { daemon.log.contains("timed out after 300ms") },
+                "the probe's verdict: \(daemon.log.suffix(2000))")
+        let health = daemon.worker("0")?.health
+        #expect(health?.device.contains("timed out after 300ms") == true && health?.inRotation == false,
+                "\(String(describing: health))")
+        // Judged again after its worker's restart, not stuck on the first probe.
+        #expect(eventually(timeout: .seconds(15)) { daemon.log.contains("device still unhealthy after a worker restart") })
+        #expect(daemon.terminate() == 0)
+    }
+
+    /// Every worker exit sweeps adopted orphans, reaping those that died. A probe command that has just exited
+    /// is a zombie whose environment can no longer be read: the sweep took it for an orphan and reaped it, and
+    /// the probe's owner then got no exit status (an `exited(-1)` verdict on a healthy device with pidfds; a
+    /// probe stuck for good with the waitid thread). Here each probe kills the worker and exits healthy at once,
+    /// so a sweep runs while the probe is a zombie, again and again: every verdict must stay healthy.
+    @Test func theOrphanSweepLeavesExitedProbesToTheirOwner() throws {
+        let scratch = try Self.scratch()
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        let probe = scratch + "/killing-probe"
+        try """
+            #!/bin/sh
+            pkill -KILL -P $PPID -x npu-worker
+            echo "        Health Status                  : OK"
+            """.write(toFile: probe, atomically: true, encoding: .utf8)
+        chmod(probe, 0o755)
+        let daemon = try TestDaemon(
+            devices: ["0"],
+            defaults: "device_probe = { type = \"command\", command = [\"\(probe)\"], interval = \"50ms\" }\n"
+                + "backoff_initial = \"10ms\"\nbackoff_max = \"20ms\"\nbackoff_reset_after = \"10ms\"")
+        #expect(eventually { (daemon.worker("0")?.restarts ?? 0) >= 20 }, "the probes kill the worker")
+        #expect(!daemon.log.contains("probe `"), "no probe verdict other than healthy: \(daemon.log.suffix(3000))")
+        #expect(daemon.terminate() == 0)
+    }
+
     @Test func cpuFallbackServesWhileDevicesAreDownAndStopsWhenTheyReturn() throws {
         let scratch = try Self.scratch()
         defer { try? FileManager.default.removeItem(atPath: scratch) }
