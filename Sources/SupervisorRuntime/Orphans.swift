@@ -57,7 +57,7 @@ extension Supervisor {
         let workers = Set(slots.filter { $0.pid > 0 && !$0.isReaped }.map(\.pid) + slots.compactMap { $0.standby?.pid })
         var found: [Adopted] = []
         for pid in childPids() {
-            guard pid != me, !workers.contains(pid), !probePids.contains(pid),
+            guard pid != me, !workers.contains(pid), probePids[pid] == nil,
                   let stat = try? readFile("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { continue }
             // Fields after "comm)": state ppid pgrp session ... starttime is field 22 (index 19 here).
             let fields = stat[stat.index(after: close)...].split(separator: " ")

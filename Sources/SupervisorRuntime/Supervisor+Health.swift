@@ -29,16 +29,23 @@ extension Supervisor {
             }
             feed(.deviceProbeFinished(slot: index, failure: failure))
         case .command:
+            if let stuck = probePids.first(where: { $0.value == index })?.key {
+                // Its last probe outlived its timeout's SIGKILL (a process stuck in the kernel, e.g. on a wedged
+                // driver): one such process per device at most, not one more per interval.
+                feed(.deviceProbeFinished(slot: index, failure: "probe `\(probe.command.joined(separator: " "))` "
+                    + "(pid \(stuck)) is still running after its timeout's SIGKILL; not started again"))
+                return
+            }
             let pid = ProbeCommand.run(probe.command, environment: ["NPU_DEVICE_ID": slot.spec.device],
                                        timeout: probe.timeout, on: eventLoop, logger: logger, exitWaiter: exitWaiter,
-                                       onReaped: { self.probePids.remove($0) }) { result in
+                                       onReaped: { self.probePids.removeValue(forKey: $0) }) { result in
                 // For npu_supervisor_device_healthy: a probe that could not run or timed out says nothing of the device.
                 self.metrics.probeCouldNotRun(slot: index, result.spawnError != nil || result.timedOut != nil)
                 self.feed(.deviceProbeFinished(slot: index, failure: result.failure(healthy: probe.healthy)))
             }
             // Ours to reap, also once it is a zombie, whose environment (`NPU_SUPERVISOR_PROBE`) can no longer be
             // read: the orphan sweep must not take it for an adopted helper (Orphans.swift).
-            if let pid { probePids.insert(pid) }
+            if let pid { probePids[pid] = index }
         }
     }
 
@@ -139,6 +146,7 @@ struct ProbeCommand {
                                completion: completion)
         state.exitWaiter = exitWaiter
         state.onReaped = onReaped
+        state.loop = loop
         let spawned: SpawnedWorker
         do {
             spawned = try ProcessSpawner.spawnProbe(command, extraEnvironment: environment)
@@ -153,7 +161,9 @@ struct ProbeCommand {
         state.timeoutTask = loop.scheduleTask(in: .nanoseconds(timeout.nanoseconds)) {
             let state = bound.value
             state.result.timedOut = timeout
-            _ = kill(-spawned.pid, SIGKILL)  // the pidfd then wakes us for the reap; the pipe closes as the group dies
+            // The pidfd then wakes us for the reap; the pipe closes as the group dies. Not once reaped: the pid
+            // may belong to someone else by now.
+            if !state.reaped { _ = kill(-spawned.pid, SIGKILL) }
             // Unless a descendant left the group and holds the pipe (a helper daemon the command started), or the
             // exit is never reported: the verdict must come anyway, or the device would never be judged again.
             state.graceTask = loop.scheduleTask(in: Self.gracePeriod) { bound.value.finishRegardless() }
@@ -219,6 +229,7 @@ struct ProbeCommand {
         var outputChannel: (any Channel)?
         var exitWaiter: ExitWaiter?
         var onReaped: (pid_t) -> Void = { _ in }
+        var loop: (any EventLoop)?
 
         init(result: Result, completion: @escaping (Result) -> Void) {
             self.result = result
@@ -260,6 +271,19 @@ struct ProbeCommand {
             outputClosed = true
             outputChannel?.close(promise: nil)
             finishIfDone()
+            retryReap()
+        }
+
+        /// Reaps once the process exits, whatever reports its exit (or nothing does: a probe without a pidfd or
+        /// an exit watcher, its pipe already closed here).
+        private func retryReap() {
+            guard !reaped, let loop else { return }
+            let bound = NIOLoopBound(self, eventLoop: loop)
+            loop.scheduleTask(in: .seconds(1)) {
+                let state = bound.value
+                state.reap()
+                state.retryReap()
+            }
         }
     }
 }

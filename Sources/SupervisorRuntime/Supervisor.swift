@@ -129,8 +129,9 @@ public final class Supervisor: @unchecked Sendable {  // loop-confined: checked 
     var cgroups: CgroupManager?
     /// Exit detection without pidfds (see ExitWatcher.swift); nil when pidfds work.
     var exitWaiter: ExitWaiter?
-    /// Device probe commands not reaped yet (the orphan sweep leaves them alone: Orphans.swift).
-    var probePids: Set<pid_t> = []
+    /// Device probe commands not reaped yet, and their slots (the orphan sweep leaves them alone: Orphans.swift;
+    /// a slot whose probe outlived its SIGKILL gets no second one).
+    var probePids: [pid_t: Int] = [:]
     /// Per tensor-parallel group: the `MASTER_PORT` and rank table of its current start (Supervisor+Groups.swift).
     var groupRuntime: [GroupRuntime] = []
     /// A request's `device` option → the slot it is pinned to (``rebuildPinTargets()``).
