@@ -47,12 +47,19 @@ struct ConfigurationTests {
         #expect(try ConfigLoader.parse(Self.minimal, path: "/etc/c.toml").loopNice == -10)
         #expect(try ConfigLoader.parse("[supervisor]\nloop_nice = 0\n" + Self.minimal, path: "/etc/c.toml").loopNice == 0)
         #expect(try ConfigLoader.parse("[supervisor]\nloop_nice = -20\n" + Self.minimal, path: "/etc/c.toml").loopNice == -20)
-        for bad in ["5", "-21", "\"high\"", "-1.5"] {
+        Self.expectRefused("supervisor", "loop_nice", ["5", "-21", "\"high\"", "-1.5"])
+    }
+
+    /// Each value of `key` in `[table]` is refused with a ``ConfigError`` naming `table.key`.
+    static func expectRefused(_ table: String, _ key: String, _ values: [String]) {
+        for bad in values {
             do {
-                _ = try ConfigLoader.parse("[supervisor]\nloop_nice = \(bad)\n" + Self.minimal, path: "/etc/c.toml")
-                Issue.record("accepted loop_nice = \(bad)")
+                _ = try ConfigLoader.parse("[\(table)]\n\(key) = \(bad)\n" + minimal, path: "/etc/c.toml")
+                Issue.record("accepted \(key) = \(bad)")
             } catch let error as ConfigError {
-                #expect(error.key == "supervisor.loop_nice", "\(error)")
+                #expect(error.key == "\(table).\(key)", "\(error)")
+            } catch {
+                Issue.record("\(key) = \(bad): \(error)")
             }
         }
     }
@@ -61,14 +68,7 @@ struct ConfigurationTests {
         #expect(try ConfigLoader.parse(Self.minimal, path: "/etc/c.toml").requests.burstAffinity == 0)
         #expect(try ConfigLoader.parse("[requests]\nburst_affinity = 16\n" + Self.minimal, path: "/etc/c.toml")
             .requests.burstAffinity == 16)
-        for bad in ["-1", "1000001", "true", "2.5"] {
-            do {
-                _ = try ConfigLoader.parse("[requests]\nburst_affinity = \(bad)\n" + Self.minimal, path: "/etc/c.toml")
-                Issue.record("accepted burst_affinity = \(bad)")
-            } catch let error as ConfigError {
-                #expect(error.key == "requests.burst_affinity", "\(error)")
-            }
-        }
+        Self.expectRefused("requests", "burst_affinity", ["-1", "1000001", "true", "2.5"])
     }
 
     @Test func theRequestsHeldAtOnceAreBounded() throws {
