@@ -33,7 +33,8 @@ extension Supervisor {
                 // Its last probe outlived its timeout's SIGKILL (a process stuck in the kernel, e.g. on a wedged
                 // driver): one such process per device at most, not one more per interval.
                 feed(.deviceProbeFinished(slot: index, failure: "probe `\(probe.command.joined(separator: " "))` "
-                    + "(pid \(stuck)) is still running after its timeout's SIGKILL; not started again"))
+                    + "(pid \(stuck)) is still running after its timeout's SIGKILL, stuck in the kernel (check the "
+                    + "device and its driver, e.g. dmesg); no new probe until it exits"))
                 return
             }
             let pid = ProbeCommand.run(probe.command, environment: ["NPU_DEVICE_ID": slot.spec.device],
