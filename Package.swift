@@ -127,8 +127,9 @@ let package = Package(
         .executableTarget(
             name: "npu-bench",
             dependencies: [
-                "NPUClient", "WireProtocol",
+                "NPUClient", "WireProtocol", "CSupport",
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict),

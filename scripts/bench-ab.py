@@ -12,9 +12,11 @@ decides throughput when the machine is saturated; and the idle CPU of the whole 
 
 Usage: scripts/bench-ab.py OLD_BIN NEW_BIN [--rounds 3] [--seconds 1] [--cases SIZE:CLIENTS:DEPTH,...]
                            [--no-haproxy] [--haproxy-nice N] [--a-requests TOML] [--b-requests TOML]
+                           [--a-supervisor TOML] [--b-supervisor TOML]
 OLD_BIN and NEW_BIN are folders holding npu-supervisord, npu-worker and npu-bench (e.g. copies of .build/release);
 the same folder twice is an A/A run (the noise floor). --a-requests / --b-requests add keys to that supervisor's
-[requests] table (e.g. --b-requests 'burst_affinity = 8': the same build with a setting on and off).
+[requests] table (e.g. --b-requests 'burst_affinity = 8': the same build with a setting on and off), and
+--a-supervisor / --b-supervisor to its [supervisor] table (e.g. --a-supervisor 'loop_nice = 0').
 """
 import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time, statistics
 
@@ -64,6 +66,8 @@ def main():
                          "default): the same scheduling advantage for both")
     ap.add_argument("--a-requests", default="", help="extra [requests] keys for supervisor A")
     ap.add_argument("--b-requests", default="", help="extra [requests] keys for supervisor B")
+    ap.add_argument("--a-supervisor", default="", help="extra [supervisor] keys for supervisor A")
+    ap.add_argument("--b-supervisor", default="", help="extra [supervisor] keys for supervisor B")
     a = ap.parse_args()
     old, new = os.path.abspath(a.old), os.path.abspath(a.new)
     if not a.no_haproxy and not shutil.which("haproxy"):
@@ -78,7 +82,8 @@ def main():
             conf = os.path.join(d, "supervisor.toml")
             with open(conf, "w") as f:
                 extra = (a.a_requests if name == "A" else a.b_requests).replace(";", "\n")
-                f.write(f'[supervisor]\nrun_dir = "{d}/run"\nlog_level = "warning"\n[requests]\nmax_queue = 65536\n'
+                extra_sup = (a.a_supervisor if name == "A" else a.b_supervisor).replace(";", "\n")
+                f.write(f'[supervisor]\nrun_dir = "{d}/run"\nlog_level = "warning"\n{extra_sup}\n[requests]\nmax_queue = 65536\n'
                         f'max_inflight_per_connection = 1024\n{extra}\n[http]\nlisten = ""\n'
                         f'[defaults]\ncommand = ["{old}/npu-worker"]\nmax_inflight = 1024\n'
                         'inference_probe = { enabled = false }\n[[device]]\nid = "0"\n[[device]]\nid = "1"\n')
@@ -117,7 +122,9 @@ def main():
         print(f"A = {old}, B = {new}; median of {a.rounds} rounds of {a.seconds} s; {os.cpu_count()} CPUs"
               + (f"; HAProxy's threads at nice {a.haproxy_nice}" if a.haproxy_nice is not None else "")
               + (f"; A's [requests] + {a.a_requests!r}" if a.a_requests else "")
-              + (f"; B's [requests] + {a.b_requests!r}" if a.b_requests else ""))
+              + (f"; B's [requests] + {a.b_requests!r}" if a.b_requests else "")
+              + (f"; A's [supervisor] + {a.a_supervisor!r}" if a.a_supervisor else "")
+              + (f"; B's [supervisor] + {a.b_supervisor!r}" if a.b_supervisor else ""))
         print("| payload | clients × depth | A req/s | B req/s | B/A | HAProxy req/s | B/HAProxy | p50 ms A / B / HAProxy "
               "| proxy CPU µs per request, user+sys: A / B / HAProxy | context switches per request: B / HAProxy "
               "| machine idle %: B / HAProxy |")

@@ -7,9 +7,13 @@ Runs, in one invocation and interleaved round by round (so machine noise hits al
   haproxy     clients -> HAProxy (mode tcp, Unix socket front and back, balance leastconn, nbthread 2 = its
               default on this 2-CPU machine) -> echo workers
   haproxy-1t  the same HAProxy limited to one thread (npu-supervisord runs its request path on one thread)
+  with --floors, two bare byte forwarders (a backend connection per client, as HAProxy; no decoding):
+  nio-floor   `npu-bench forward`: SwiftNIO, one event loop: what NIO's loop and pipeline cost before any work of ours
+  epoll-floor `npu-bench forward --raw`: Swift on a plain epoll set, one thread: what Swift itself costs
 for 1, 8 and 64 clients, 64 B and 4 KiB payloads; latency with one request in flight per client (depth 1),
 throughput pipelined (depth 16). Reports medians over the rounds and the supervisor/HAProxy ratios.
-Usage: scripts/bench-proxy.py [--rounds 3] [--seconds 2] [--workers 2] [--burst-affinity N]
+Usage: scripts/bench-proxy.py [--rounds 3] [--seconds 2] [--workers 2] [--burst-affinity N] [--floors]
+       [--case SIZE:CLIENTS:DEPTH ...]
 (--burst-affinity sets the supervisor's [requests] burst_affinity, 0 = the default: every request to the
 least-loaded worker.)
 """
@@ -19,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, ".build", "release")
 
 
-from benchlib import start_echo_workers, start_haproxy, stop_all, wait_ready
+from benchlib import start_echo_workers, start_haproxy, stop_all, wait_ready, wait_socket
 
 
 def load(sockets, clients, depth, size, seconds, status=None):
@@ -41,6 +45,10 @@ def main():
     ap.add_argument("--seconds", type=float, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--burst-affinity", type=int, default=0)
+    ap.add_argument("--floors", action="store_true",
+                    help="also run the bare forwarders (npu-bench forward, with and without NIO)")
+    ap.add_argument("--case", action="append", default=[], metavar="SIZE:CLIENTS:DEPTH",
+                    help="run only these rows (repeatable), e.g. --case 64:1:16")
     args = ap.parse_args()
     if not shutil.which("haproxy"):
         raise SystemExit("bench: haproxy not installed (apt-get install haproxy)")
@@ -50,6 +58,15 @@ def main():
         worker_socks = start_echo_workers(os.path.join(BIN, "npu-worker"), tmp, args.workers, procs)
         front, _ = start_haproxy(tmp, worker_socks, 2, procs)
         front1, _ = start_haproxy(tmp, worker_socks, 1, procs, name="haproxy1")
+        floors = {}
+        if args.floors:
+            for name, extra in (("nio-floor", []), ("epoll-floor", ["--raw"])):
+                floors[name] = os.path.join(tmp, f"{name}.sock")
+                cmd = [os.path.join(BIN, "npu-bench"), "forward", "--listen", floors[name]] + extra
+                for b in worker_socks:
+                    cmd += ["--backend", b]
+                procs.append(subprocess.Popen(cmd, stderr=subprocess.DEVNULL))
+                wait_socket(floors[name])
         conf = os.path.join(tmp, "supervisor.toml")
         with open(conf, "w") as f:
             f.write('[supervisor]\nrun_dir = "run"\nlog_level = "warning"\n[requests]\nmax_queue = 65536\n'
@@ -64,8 +81,12 @@ def main():
         wait_ready(status, args.workers)
         targets = {"direct": (worker_socks, None), "supervisor": ([os.path.join(tmp, "run", "requests.sock")], status),
                    "haproxy": ([front], None), "haproxy-1t": ([front1], None)}
+        for name, path in floors.items():
+            targets[name] = ([path], None)
         results = {}
         cases = [(size, clients, depth) for size in (64, 4096) for clients in (1, 8, 64) for depth in (1, 16)]
+        if args.case:
+            cases = [tuple(int(x) for x in c.split(":")) for c in args.case]
         for r in range(args.rounds):
             for case in cases:
                 for name, (socks, st) in targets.items():
@@ -91,6 +112,18 @@ def main():
             print(f"| {case[0]} B | {case[1]} | {case[2]} | {row['direct'][0]:.0f} | {row['supervisor'][0]:.0f} | "
                   f"{row['haproxy'][0]:.0f} | {row['haproxy-1t'][0]:.0f} | {ratio:.2f} | {ratio1:.2f} | {pl('direct')} | "
                   f"{pl('supervisor')} | {pl('haproxy')} | {pl('haproxy-1t')} | {row['supervisor'][3] / 1024:.1f} MB |")
+        if floors:
+            print("\nThe bare forwarders in the same rounds (nio = npu-bench forward, epoll = npu-bench forward --raw):")
+            print("| payload | clients | depth | nio req/s | epoll req/s | nio/haproxy | nio/haproxy-1t | epoll/haproxy "
+                  "| epoll/haproxy-1t | supervisor/nio | nio p50 ms | epoll p50 ms |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+            for case in cases:
+                med = lambda n, k: statistics.median(x[k] for x in results[(n,) + case])
+                f, e = med("nio-floor", "rps"), med("epoll-floor", "rps")
+                h, h1 = med("haproxy", "rps"), med("haproxy-1t", "rps")
+                print(f"| {case[0]} B | {case[1]} | {case[2]} | {f:.0f} | {e:.0f} | {f / h:.2f} | {f / h1:.2f} | "
+                      f"{e / h:.2f} | {e / h1:.2f} | {med('supervisor', 'rps') / f:.2f} | "
+                      f"{med('nio-floor', 'p50_ms'):.3f} | {med('epoll-floor', 'p50_ms'):.3f} |")
     finally:
         stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,7 @@ struct NPUBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "npu-bench",
         abstract: "Benchmarks and drills for npu-supervisor (figures for BENCHMARKS.md).",
-        subcommands: [Load.self, RestartLatency.self, RestartPeers.self, Scale.self, IdleMemory.self, Soak.self, HTTPLoad.self, Codec.self])
+        subcommands: [Load.self, RestartLatency.self, RestartPeers.self, Scale.self, IdleMemory.self, Soak.self, HTTPLoad.self, Codec.self, Forward.self])
 }
 
 struct BinOption: ParsableArguments {

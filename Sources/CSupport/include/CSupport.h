@@ -2,6 +2,8 @@
 #define NPU_CSUPPORT_H
 
 #include <sys/types.h>
+// Swift's Glibc module leaves epoll out; npu-bench's plain-epoll forwarder (`forward --raw`) uses it from here.
+#include <sys/epoll.h>
 
 /// Everything a worker spawn needs, in one call, so that Swift never forks (the daemon is multi-threaded).
 /// The child gets: `channel_fd` as fd 3, /dev/null as stdin, `output_fd` as stdout and stderr, every other fd
