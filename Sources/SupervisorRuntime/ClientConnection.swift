@@ -49,6 +49,10 @@ final class ClientConnection {
     /// Decodes frames this connection has buffered but not yet admitted (see ``ClientHandler/decode(_:)``).
     weak var handler: ClientHandler?
 
+    /// NIO's default high-water mark for a channel's pending writes (`WriteBufferWaterMark`, not changed here):
+    /// past it the channel is not writable.
+    static let highWaterMark = 64 * 1024
+
     init(channel: any Channel, supervisor: Supervisor) {
         self.channel = channel
         self.supervisor = supervisor
@@ -83,9 +87,12 @@ final class ClientConnection {
         guard isOpen else { return }
         let size = outbound.readableBytes
         // What NIO still holds for this client: handed over, not yet taken by the socket. Read from NIO at each
-        // flush instead of counted through a promise per write (an allocation and a callback each).
-        let unwritten = (try? channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? 0
+        // flush instead of counted through a promise per write (an allocation and a callback each); but not
+        // while the channel is writable and this flush is below the limit by NIO's high-water mark: NIO then
+        // holds at most that mark, so the sum cannot pass the limit (and asking costs a dynamic cast per flush).
         let limit = supervisor.config.requests.maxClientBufferBytes
+        let unwritten = isWritable && size <= limit - Self.highWaterMark
+            ? 0 : (try? channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? 0
         if unwritten + size > limit {
             // Reading from this client already stopped (it is not writable); answers for its requests in
             // flight, and streamed chunks, still come. Past the limit it is cut off instead of growing memory.
