@@ -106,8 +106,10 @@ final class ClientConnection {
         // buffer whose bytes are counted above, instead of a buffer per flush queued in NIO (each with its own
         // capacity: a stream of small chunks to a client that stopped reading held many times the limit).
         guard isWritable else { return }
-        channel.writeAndFlush(outbound, promise: nil)
-        outbound.recycle(allocator: channel.allocator)
+        // Taken out before the write, which can call back into this connection (``ByteBuffer/takeForWrite()``).
+        let bytes = outbound.takeForWrite()
+        channel.writeAndFlush(bytes, promise: nil)
+        outbound.reuse(consume bytes, allocator: channel.allocator)
     }
 
     /// NIO's writability of the channel changed (its high and low water marks): held answers go out once it

@@ -83,8 +83,10 @@ final class WorkerIO {
     func flush() {
         isDirty = false
         guard let channel, outbound.readableBytes > 0 else { return }
-        channel.writeAndFlush(outbound, promise: nil)
-        outbound.recycle(allocator: channel.allocator)
+        // Taken out before the write, which can call back into the supervisor (``ByteBuffer/takeForWrite()``).
+        let bytes = outbound.takeForWrite()
+        channel.writeAndFlush(bytes, promise: nil)
+        outbound.reuse(consume bytes, allocator: channel.allocator)
     }
 
     func closeChannel() {
@@ -170,15 +172,31 @@ struct OutputFollower {
 }
 
 extension ByteBuffer {
-    /// Empties an outbound buffer just handed to `writeAndFlush` for the next burst. When the socket took it all
-    /// (the usual case), NIO has let go of it and its storage is reused: no allocation per write. While NIO still
-    /// holds it, a new 4 KiB storage is started; one that grew past 64 KiB (a large answer) is not kept.
-    @inline(__always) mutating func recycle(allocator: ByteBufferAllocator) {
-        if capacity > 1 << 16 {
+    /// Takes an outbound buffer's bytes for `writeAndFlush`, leaving it empty (no allocation: the empty buffer
+    /// shares one zero-capacity storage). They leave the buffer *before* the write because NIO calls back from
+    /// inside it: a write past the channel's high-water mark that the socket takes at once reports "not writable"
+    /// and "writable" again, and what runs then (a client's held answers re-flushed, its reading resumed and
+    /// requests answered at once; a worker writable again offered queued requests) must find only what it queued
+    /// itself: neither these bytes, to be written a second time, nor a buffer to be cleared with new frames in it.
+    @inline(__always) mutating func takeForWrite() -> ByteBuffer {
+        var bytes = ByteBuffer()
+        swap(&bytes, &self)
+        return bytes
+    }
+
+    /// After the write of `written` (from ``takeForWrite()``): when nothing was queued from inside the write, its
+    /// storage becomes this buffer's again for the next burst. When the socket took it all (the usual case), NIO
+    /// has let go of it and it is reused: no allocation per write. While NIO still holds it, a new 4 KiB storage
+    /// is started; one that grew past 64 KiB (a large answer) is not kept.
+    @inline(__always) mutating func reuse(_ written: consuming ByteBuffer, allocator: ByteBufferAllocator) {
+        guard readableBytes == 0 else { return }
+        if written.capacity > 1 << 16 {
             self = allocator.buffer(capacity: 4096)
         } else {
-            // A storage NIO still holds is not copied: a new one of 4 KiB is started (not one as large).
-            clear(minimumCapacity: 4096)
+            // Owned here alone once NIO is done with it (the caller consumed its copy), so cleared in place; a
+            // storage NIO still holds is not copied: a new one of 4 KiB is started (not one as large).
+            written.clear(minimumCapacity: 4096)
+            self = written
         }
     }
 }

@@ -217,6 +217,31 @@ struct RequestPathTests {
         #expect(daemon.terminate() == 0)
     }
 
+    /// One flush of more than NIO's 64 KiB high-water mark that the socket takes at once: NIO says "not writable"
+    /// and "writable" again from inside the write, and the connection, seeing its buffer still full, wrote the
+    /// same bytes a second time (a 150 KB echo came back as two answers).
+    @Test(arguments: [100_000, 150_000, 1 << 20])
+    func anAnswerLargerThanTheHighWaterMarkIsSentOnce(size: Int) throws {
+        let daemon = try TestDaemon(devices: ["0"])
+        #expect(daemon.waitAllReady() != nil)
+        let client = try daemon.client(timeout: .seconds(10))
+        let big = ByteBuffer(repeating: UInt8(ascii: "q"), count: size)  // not JSON: echoed back
+        try client.sendRequest(id: 1, payload: big)
+        var answers: [UInt64: Int] = [:]
+        let deadline = ContinuousClock.now + .seconds(10)
+        while ContinuousClock.now < deadline, let frame = try client.readFrame() {
+            answers[frame.requestID, default: 0] += 1
+            if frame.requestID == 1 { #expect(frame.type == .response && frame.payload == big) }
+            // Once the answer is in, a heartbeat: its echo comes after anything the supervisor wrote before it,
+            // a second copy of the answer (written by the same flush) included.
+            if frame.requestID == 1 && answers[1] == 1 { try client.io.write(Frame(type: .heartbeat, requestID: 2)) }
+            if frame.requestID == 2 { break }
+        }
+        #expect(answers[1] == 1, "answers by id: \(answers)")
+        #expect(answers[2] == 1)
+        #expect(daemon.terminate() == 0)
+    }
+
     @Test func aClientThatDoesNotReadAStreamIsCutOffAtItsBufferLimit() throws {
         let daemon = try TestDaemon(devices: ["0", "1"], defaults: "max_inflight = 64",
                                     extra: "[requests]\nmax_client_buffer = \"64KiB\"")
