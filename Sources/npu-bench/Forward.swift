@@ -8,7 +8,7 @@ import NIOPosix
 /// `npu-bench forward`: a bare SwiftNIO byte forwarder on one event loop, the floor of any proxy built on NIO's
 /// channel pipeline. Each client connection gets its own backend connection (as HAProxy's `mode tcp` does) and
 /// bytes are copied both ways as read, one flush per read burst: no decoding, routing, ids, deadlines or metrics.
-/// BENCHMARKS.md runs it beside npu-supervisord and HAProxy (`scripts/bench-proxy.py --nio-floor`) to say how
+/// BENCHMARKS.md runs it beside npu-supervisord and HAProxy (`scripts/bench-proxy.py --floors`) to say how
 /// much of the supervisor's cost per request is its own work and how much is NIO's event loop and pipeline.
 struct Forward: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -24,6 +24,7 @@ struct Forward: ParsableCommand {
     func run() throws {
         guard !backend.isEmpty else { throw ValidationError("at least one --backend") }
         if raw {
+            signal(SIGPIPE, SIG_IGN)  // a peer gone while bytes are on the way: EPIPE, then both are closed
             _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, loopNice)
             try RawForwarder.run(listen: listen, backends: backend)
         }
@@ -110,6 +111,11 @@ enum RawForwarder {
             }
         }
         let readable = EPOLLIN.rawValue, writable = EPOLLOUT.rawValue
+        /// A socket is read while none of its bytes wait for its peer, and watched for room while its peer's do.
+        func update(_ fd: Int32) {
+            guard let other = peer[fd] else { return }
+            watch(fd, (held[fd] == nil ? readable : 0) | (held[other] != nil ? writable : 0), EPOLL_CTL_MOD)
+        }
         watch(listener, readable, EPOLL_CTL_ADD)
         var events = [epoll_event](repeating: epoll_event(), count: 64)
         var buffer = [UInt8](repeating: 0, count: 16384)
@@ -132,30 +138,32 @@ enum RawForwarder {
                     continue
                 }
                 guard let other = peer[fd] else { continue }
-                if events[i].events & writable != 0, var bytes = held[other] {
-                    // `fd` can take more of what `other` sent: write it, then read `other` again once all is out.
+                let ready = events[i].events
+                if ready & writable != 0, var bytes = held[other] {
+                    // `fd` can take more of what `other` sent: write it; `other` is read again once all is out.
                     let w = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-                    if w < 0 && errno != EAGAIN { drop(fd); continue }
+                    if w < 0 && errno != EAGAIN && errno != EINTR { drop(fd); continue }
                     if w > 0 { bytes.removeFirst(w) }
-                    if bytes.isEmpty {
-                        held[other] = nil
-                        watch(fd, readable, EPOLL_CTL_MOD)
-                        watch(other, readable, EPOLL_CTL_MOD)
-                    } else {
-                        held[other] = bytes
-                    }
+                    held[other] = bytes.isEmpty ? nil : bytes
+                    update(fd)
+                    update(other)
+                }
+                if held[fd] != nil {
+                    // Not read while its last bytes wait for its peer; a hang-up there would be reported forever.
+                    if ready & (EPOLLHUP.rawValue | EPOLLERR.rawValue) != 0 { drop(fd) }
                     continue
                 }
+                guard ready & (readable | EPOLLHUP.rawValue | EPOLLERR.rawValue) != 0 else { continue }
                 let r = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
                 if r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR) { drop(fd); continue }
                 if r < 0 { continue }
                 let w = buffer.withUnsafeBytes { write(other, $0.baseAddress, r) }
-                if w < 0 && errno != EAGAIN { drop(fd); continue }
+                if w < 0 && errno != EAGAIN && errno != EINTR { drop(fd); continue }
                 let written = max(0, w)
                 if written < r {
                     held[fd] = Array(buffer[written..<r])
-                    watch(fd, 0, EPOLL_CTL_MOD)
-                    watch(other, readable | writable, EPOLL_CTL_MOD)
+                    update(fd)
+                    update(other)
                 }
             }
         }
