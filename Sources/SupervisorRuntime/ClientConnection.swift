@@ -40,6 +40,13 @@ final class ClientConnection {
     #else
     @exclusivity(unchecked) var isWritable = true
     #endif
+    /// ``closeAfterFlush()`` has begun: its last flush can call back into this connection (writability flipping
+    /// both ways inside the write resumes reading), and nothing may be decoded, answered or closed a second time.
+    #if DEBUG
+    var isClosing = false
+    #else
+    @exclusivity(unchecked) var isClosing = false
+    #endif
     /// The client shut down its sending side (half-close): answer what is in flight, then close.
     #if DEBUG
     var isInputClosed = false
@@ -126,7 +133,8 @@ final class ClientConnection {
     /// Closes once what was handed to NIO is written: closing with writes pending would drop them (NIO fails
     /// pending writes on close), and a half-closed client reading a large answer would get it cut short.
     func closeAfterFlush() {
-        guard isOpen else { return }
+        guard isOpen, !isClosing else { return }
+        isClosing = true
         flush()
         isOpen = false
         let channel = channel
@@ -146,7 +154,7 @@ final class ClientConnection {
     /// are discarded, and the last frame before EOF says so (`protocol_error`, id 0, the same text as on
     /// control.sock), so that the client knows its last frame was not taken for a request.
     func closeIfInputDone() {
-        guard isInputClosed, isOpen, requests.isEmpty else { return }
+        guard isInputClosed, isOpen, !isClosing, requests.isEmpty else { return }
         var partial = 0
         if let handler {
             // A decoding loop decides at its end; whole frames held back by the limit are admitted first.
@@ -161,7 +169,7 @@ final class ClientConnection {
     }
 
     func updateReading() {
-        guard isOpen else { return }
+        guard isOpen, !isClosing else { return }
         let shouldPause = requests.count >= supervisor.config.requests.maxInflightPerConnection || !isWritable
         guard shouldPause != isReadingPaused else { return }
         isReadingPaused = shouldPause
@@ -234,7 +242,9 @@ final class ClientHandler: ChannelInboundHandler {
         // One clock read for the burst: every request in it was received at the same read.
         let now = NIODeadline.now()
         do {
-            try reader.read(incoming ?? ByteBuffer(), while: { connection.isOpen && connection.requests.count < limit }) { frame in
+            try reader.read(incoming ?? ByteBuffer(), while: {
+                connection.isOpen && !connection.isClosing && connection.requests.count < limit
+            }) { frame in
                 switch frame.type {
                 case .request: supervisor.clientRequest(connection, frame, receivedAt: now)
                 case .cancel: supervisor.clientCancel(connection, clientID: frame.requestID)

@@ -118,11 +118,16 @@ extension Supervisor {
                 let slot = slots[index]
                 let (lines, next) = slot.output.last(command.lines ?? 50)
                 if command.follow == true {
+                    // Registered before the write: a write that fails (the client already gone) closes the channel
+                    // from inside the flush, and its channelInactive must find the follower to remove; a channel
+                    // closed before this command was handled has no such event left, hence the check after.
+                    let key = ObjectIdentifier(channel)
+                    outputFollowers[key] = OutputFollower(device: slot.spec.device, requestID: requestID,
+                                                          channel: channel, from: next)
+                    followersChanged()
                     for line in lines { channel.write(Frame(type: .chunk, requestID: requestID, string: line), promise: nil) }
                     channel.flush()
-                    outputFollowers[ObjectIdentifier(channel)] = OutputFollower(
-                        device: slot.spec.device, requestID: requestID, channel: channel, from: next)
-                    followersChanged()
+                    if !channel.isActive { removeFollower(key) }
                 } else {
                     answer(Frame(type: .response, requestID: requestID,
                                  payload: try JSONCoding.encode(TailResult(device: slot.spec.device, lines: lines))))

@@ -56,6 +56,35 @@ struct ProtocolEdgeTests {
         #expect(daemon.terminate() == 0)
     }
 
+    /// A bad length after more than 64 KiB of answers in the same read: the last flush before the close passes
+    /// NIO's high-water mark and, the socket taking it at once, comes back under it from inside the write, which
+    /// resumed reading; the frames still buffered were decoded again and the error sent twice. One `protocol_error`,
+    /// then EOF; and the same for a half-close inside a frame after as many answers.
+    @Test func aProtocolErrorAfterALargeFlushIsSentOnce() throws {
+        let daemon = try TestDaemon(devices: ["0"])
+        #expect(daemon.waitAllReady() != nil)
+        for halfClose in [false, true] {
+            let client = try daemon.client(timeout: .seconds(20))
+            var bytes = ByteBuffer()
+            for id in UInt64(1)...8000 { Frame(type: .heartbeat, requestID: id).write(to: &bytes) }  // 96 KB of echoes
+            if halfClose {
+                var partial = Self.partialFrame(12)
+                bytes.writeBuffer(&partial)
+            } else {
+                bytes.writeInteger(UInt32.max)  // a length past max_frame_bytes
+                bytes.writeRepeatingByte(0, count: 8)
+            }
+            try client.io.writeRaw(bytes)
+            if halfClose { shutdown(client.io.fd, Int32(SHUT_WR)) }
+            let frames = try Self.readToEOF(client)
+            let errors = frames.filter { $0.type == .error }
+            #expect(frames.filter { $0.type == .heartbeat }.count == 8000)
+            #expect(errors.count == 1, "half-close \(halfClose): \(errors.map { $0.errorPayload.message })")
+            #expect(errors.first?.errorPayload.code == "protocol_error" && frames.last?.type == .error)
+        }
+        #expect(daemon.terminate() == 0)
+    }
+
     @Test func aLargeAnswerIsWrittenWholeBeforeAHalfClosedConnectionCloses() throws {
         let daemon = try TestDaemon(devices: ["0"])
         #expect(daemon.waitAllReady() != nil)
