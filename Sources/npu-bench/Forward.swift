@@ -4,6 +4,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import NPUClient
 
 /// `npu-bench forward`: a bare SwiftNIO byte forwarder on one event loop, the floor of any proxy built on NIO's
 /// channel pipeline. Each client connection gets its own backend connection (as HAProxy's `mode tcp` does) and
@@ -127,7 +128,7 @@ enum RawForwarder {
                 if fd == listener {
                     let client = accept(listener, nil, nil)
                     guard client >= 0 else { continue }
-                    let backend = (try? connectSocket(backends[next % backends.count])) ?? -1
+                    let backend = (try? connectUnixSocket(path: backends[next % backends.count])) ?? -1
                     next += 1
                     guard backend >= 0 else { close(client); continue }
                     for f in [client, backend] { _ = fcntl(f, F_SETFL, fcntl(f, F_GETFL) | O_NONBLOCK) }
@@ -169,39 +170,12 @@ enum RawForwarder {
         }
     }
 
-    private static func address(_ path: String) -> sockaddr_un {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            raw.copyBytes(from: bytes.prefix(raw.count - 1))
-            raw[min(bytes.count, raw.count - 1)] = 0
-        }
-        return address
-    }
-
     private static func listenSocket(_ path: String) throws -> Int32 {
         unlink(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        var a = address(path)
-        let bound = withUnsafePointer(to: &a) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        let bound = try SocketAddress(unixDomainSocketPath: path).withSockAddr { bind(fd, $0, socklen_t($1)) }
         guard fd >= 0, bound == 0, Glibc.listen(fd, 512) == 0 else {
             throw ValidationError("cannot listen on \(path): \(String(cString: strerror(errno)))")
-        }
-        return fd
-    }
-
-    private static func connectSocket(_ path: String) throws -> Int32 {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        var a = address(path)
-        let rc = withUnsafePointer(to: &a) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard fd >= 0, rc == 0 else {
-            if fd >= 0 { close(fd) }
-            throw ValidationError("cannot connect to \(path): \(String(cString: strerror(errno)))")
         }
         return fd
     }
